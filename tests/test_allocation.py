@@ -1,0 +1,111 @@
+"""Exact budgets: the allocator hits the requested parameter count within one group."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from struprune_plugin.allocation import allocate_uniform, fill_evenly
+from struprune_plugin.errors import GQAConstraintError, InvalidSparsityError
+from struprune_plugin.groups import LayerGeometry, UnitSpace, unit_space
+
+SMOL = LayerGeometry(
+    hidden=576,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    intermediate=1536,
+    mlp_in_count=2,
+    mlp_in_bias=False,
+    qkv_bias=False,
+    prunable_params=0,
+)
+
+
+def _prunable(g: LayerGeometry) -> int:
+    q = o = g.hidden * g.num_heads * g.head_dim
+    kv = 2 * g.hidden * g.num_kv_heads * g.head_dim
+    return q + o + kv + 3 * g.hidden * g.intermediate
+
+
+@pytest.mark.parametrize("head_unit", ["query", "kv_group"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.2, 0.3, 0.5, 0.7])
+def test_budget_within_one_group(head_unit, sparsity):
+    layers = [SMOL] * 30
+    spaces = {k: [unit_space(k, g, head_unit) for g in layers] for k in ("heads", "mlp")}
+    total = sum(_prunable(g) for g in layers)
+    counts = allocate_uniform(spaces, total, sparsity)
+    removed = sum(c * s.cost for k in counts for c, s in zip(counts[k], spaces[k]))
+    assert abs(removed - sparsity * total) <= SMOL.mlp_channel_cost / 2 + 1e-9
+    # uniform: every layer gets the same head count and MLP counts differ by at most one channel
+    assert len(set(counts["heads"])) == 1
+    assert max(counts["mlp"]) - min(counts["mlp"]) <= 1
+    # GQA rule for query heads: multiples of the number of KV heads, never all of a group
+    for c, s in zip(counts["heads"], spaces["heads"]):
+        assert c % s.step == 0 and c <= s.max_remove
+
+
+def test_fill_evenly_matches_brute_force():
+    """On small problems the greedy rounding is as close to the target as any feasible choice."""
+    spaces = [UnitSpace(n=5, cost=7), UnitSpace(n=4, cost=11, step=2, min_keep=2), UnitSpace(n=6, cost=3)]
+    for target in range(0, 80, 3):
+        counts = fill_evenly(spaces, target)
+        got = sum(c * s.cost for c, s in zip(counts, spaces))
+        best = min(
+            abs(target - sum(c * s.cost for c, s in zip(choice, spaces)))
+            for choice in itertools.product(*[range(0, s.max_remove + 1, s.step) for s in spaces])
+        )
+        largest = max(s.cost * s.step for s in spaces)
+        assert abs(got - target) <= max(best, largest / 2)
+
+
+def test_heads_only_and_mlp_only():
+    layers = [SMOL] * 4
+    total = sum(_prunable(g) for g in layers)
+    for kinds in (("heads",), ("mlp",)):
+        spaces = {k: [unit_space(k, g, "query") for g in layers] for k in kinds}
+        counts = allocate_uniform(spaces, total, 0.1)
+        removed = sum(c * s.cost for k in counts for c, s in zip(counts[k], spaces[k]))
+        step_cost = max(s.cost * s.step for s in spaces[kinds[0]])
+        assert abs(removed - 0.1 * total) <= step_cost / 2
+
+
+def test_layers_never_emptied():
+    layers = [SMOL] * 3
+    spaces = {k: [unit_space(k, g, "query") for g in layers] for k in ("heads", "mlp")}
+    counts = allocate_uniform(spaces, sum(_prunable(g) for g in layers), 0.99)
+    assert all(c <= SMOL.num_heads - SMOL.num_kv_heads for c in counts["heads"])
+    assert all(c <= SMOL.intermediate - 1 for c in counts["mlp"])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
+def test_sparsity_out_of_range(bad):
+    spaces = {"mlp": [unit_space("mlp", SMOL, "query")]}
+    with pytest.raises(InvalidSparsityError, match=r"\[0, 1\)"):
+        allocate_uniform(spaces, _prunable(SMOL), bad)
+
+
+def test_infeasible_head_ratio_under_gqa():
+    spaces = {k: [unit_space(k, SMOL, "query")] for k in ("heads", "mlp")}
+    with pytest.raises(GQAConstraintError, match=r"multiples of 3.*0\.3333"):
+        allocate_uniform(spaces, _prunable(SMOL), 0.3, head_sparsity=0.25)
+    counts = allocate_uniform(spaces, _prunable(SMOL), 0.3, head_sparsity=1 / 3)
+    assert counts["heads"] == [3]
+
+
+def test_query_unit_impossible_under_mha():
+    mha = LayerGeometry(
+        hidden=64,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=16,
+        intermediate=96,
+        mlp_in_count=2,
+        mlp_in_bias=False,
+        qkv_bias=False,
+        prunable_params=0,
+    )
+    with pytest.raises(GQAConstraintError, match="kv_group"):
+        unit_space("heads", mha, "query")
+    assert unit_space("heads", mha, "auto").n == 4
