@@ -37,7 +37,7 @@ def fill_evenly(spaces: Sequence[UnitSpace], target_cost: float) -> list[int]:
     if target_cost >= full:
         return [s.max_remove for s in spaces]
     steps = [ratio * s.n / s.step for s in spaces]
-    counts = [min(int(math.floor(x)) * s.step, s.max_remove) for x, s in zip(steps, spaces)]
+    counts = [min(math.floor(x) * s.step, s.max_remove) for x, s in zip(steps, spaces)]
     remaining = target_cost - sum(c * s.cost for c, s in zip(counts, spaces))
     while True:
         order = sorted(
@@ -62,7 +62,7 @@ def fixed_ratio(spaces: Sequence[UnitSpace], ratio: float, strict: bool) -> list
     counts = []
     for s in spaces:
         exact = ratio * s.n
-        count = min(int(round(exact / s.step)) * s.step, s.max_remove)
+        count = min(round(exact / s.step) * s.step, s.max_remove)
         if strict and abs(count - exact) > 1e-6:
             feasible = sorted({k / s.n for k in range(0, s.max_remove + 1, s.step)})
             raise GQAConstraintError(

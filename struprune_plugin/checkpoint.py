@@ -27,19 +27,38 @@ from .errors import LayoutMismatchError, OutputExistsError
 LAYOUT_KEY = "struprune_layout"
 
 
+def _plain_fields(layout: dict) -> dict:
+    """The stock config fields that express a uniform layout (OPT derives head_dim from hidden/heads,
+    so its head counts cannot be expressed and stay in the layout only)."""
+    if layout["family"] == "llama":
+        return {
+            "head_dim": layout["head_dim"],
+            "num_attention_heads": layout["num_attention_heads"][0],
+            "num_key_value_heads": layout["num_key_value_heads"][0],
+            "intermediate_size": layout["intermediate_sizes"][0],
+        }
+    return {"ffn_dim": layout["intermediate_sizes"][0]}
+
+
 def record_layout(model: nn.Module) -> dict:
-    """Store the per-layer layout in the config; mirror it into the plain fields when uniform."""
+    """Store the per-layer layout in the config; mirror it into the stock fields when uniform.
+
+    transformers 5 validates some fields (e.g. LlamaConfig wants hidden % heads == 0 even with an
+    explicit head_dim); a uniform layout it refuses is kept in the layout key only.
+    """
     layout = layer_layout(model)
     config = model.config
     setattr(config, LAYOUT_KEY, layout)
     if is_uniform(layout):
-        if layout["family"] == "llama":
-            config.head_dim = layout["head_dim"]
-            config.num_attention_heads = layout["num_attention_heads"][0]
-            config.num_key_value_heads = layout["num_key_value_heads"][0]
-            config.intermediate_size = layout["intermediate_sizes"][0]
-        else:  # OPT derives head_dim from hidden/heads, so head counts stay in the layout only
-            config.ffn_dim = layout["intermediate_sizes"][0]
+        fields = _plain_fields(layout)
+        saved = {k: getattr(config, k, None) for k in fields}
+        try:
+            for key, value in fields.items():
+                setattr(config, key, value)
+            config.validate()
+        except Exception:  # transformers raises several types here; restore and fall back
+            for key, value in saved.items():
+                setattr(config, key, value)
     return layout
 
 
@@ -50,9 +69,10 @@ def needs_layout_loader(config) -> bool:
         return False
     if not is_uniform(layout):
         return True
+    mismatch = any(getattr(config, k, None) != v for k, v in _plain_fields(layout).items())
     if layout["family"] == "opt":
-        return layout["num_attention_heads"][0] * layout["head_dim"] != config.hidden_size
-    return False
+        mismatch |= layout["num_attention_heads"][0] * layout["head_dim"] != config.hidden_size
+    return mismatch
 
 
 def _same_folder(a: Path, b: str | os.PathLike | None) -> bool:
@@ -129,7 +149,7 @@ def load_pruned(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> 
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype or torch.float32)
     try:
         apply_layout(model, getattr(config, LAYOUT_KEY))
-    except Exception as err:  # noqa: BLE001 - re-raised with the checkpoint named
+    except Exception as err:
         raise LayoutMismatchError(f"{folder}: the recorded layout does not fit the model: {err}") from err
     state = _read_state_dict(folder)
     target_dtype = next(model.parameters()).dtype

@@ -14,11 +14,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-import torch  # noqa: E402
+import torch
 
-from . import __version__  # noqa: E402
-from .data import cache_dir, ensure_texts, sample_calibration, tokenize  # noqa: E402
-from .errors import StructPruneError  # noqa: E402
+from . import __version__
+from .data import cache_dir, ensure_texts, sample_calibration, tokenize
+from .errors import StructPruneError
 
 EVAL_TEXTS = ("wiki_test", "news")
 
@@ -99,7 +99,7 @@ def _bos(mode: str, tokenizer) -> int | None:
 
 def _weights_key(folder: Path) -> str:
     parts = [str(folder.resolve())]
-    for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+    for f in [*sorted(folder.glob("*.safetensors")), folder / "config.json"]:
         st = f.stat()
         parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

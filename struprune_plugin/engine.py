@@ -9,6 +9,7 @@ Every later layer therefore calibrates on what the pruned prefix really produces
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -31,7 +32,7 @@ from .architectures import (
 from .checkpoint import record_layout
 from .errors import CalibrationDataError, StructPruneError
 from .groups import UNIT_KINDS, LayerPlan, choose_channels, choose_heads, resolve_head_unit, unit_space
-from .memory import peak_memory, reset_peak
+from .memory import RssSampler, peak_memory, reset_peak
 from .scoring import METHODS, NEEDS_CALIBRATION, LayerInputs, head_scores, mlp_channel_scores
 from .stats import InputRecorder
 from .surgery import build_layer_graph, prune_layer
@@ -134,10 +135,8 @@ def capture_layer_inputs(
     handle = view.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for ids in id_batches:
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=ids.to(device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
         for module, param in homes:
@@ -196,9 +195,26 @@ def prune_model(
 ) -> PruneResult:
     """Prune a causal LM layer by layer. The input model is left untouched unless `inplace`."""
     config.validate()
-    start = time.perf_counter()
     device = torch.device(config.device)
     reset_peak(device)
+    with RssSampler() as sampler:
+        result = _prune(model, calibration_ids, config, inplace, progress)
+    peak = peak_memory(device, sampler)
+    result.peak_memory_bytes, result.peak_memory_kind = peak.bytes, peak.kind
+    log.info(
+        "pruned to %.4f sparsity (requested %.4f) in %.1fs",
+        result.achieved_sparsity,
+        config.sparsity,
+        result.seconds,
+    )
+    return result
+
+
+def _prune(
+    model: nn.Module, calibration_ids: torch.Tensor | None, config: PruneConfig, inplace: bool, progress: bool
+) -> PruneResult:
+    start = time.perf_counter()
+    device = torch.device(config.device)
     view = model_view(model)  # fail on unsupported models before copying anything
     if not inplace:
         model = copy.deepcopy(model)
@@ -207,9 +223,7 @@ def prune_model(
     home = next(model.parameters()).device
     needs_calibration = NEEDS_CALIBRATION[config.method]
     vocab = getattr(model.config, "vocab_size", None)
-    if needs_calibration:
-        calibration_ids = check_calibration(calibration_ids, vocab)
-    elif calibration_ids is not None:
+    if needs_calibration or calibration_ids is not None:
         calibration_ids = check_calibration(calibration_ids, vocab)
 
     views = view.layer_views()
@@ -269,8 +283,7 @@ def prune_model(
     record_layout(model)
     model.to(home)
     prunable_after = prunable_parameter_count(model)
-    peak = peak_memory(device)
-    result = PruneResult(
+    return PruneResult(
         model=model,
         config=config,
         layers=records,
@@ -281,14 +294,7 @@ def prune_model(
         params_before=params_before,
         params_after=parameter_count(model),
         seconds=time.perf_counter() - start,
-        peak_memory_bytes=peak.bytes,
-        peak_memory_kind=peak.kind,
+        peak_memory_bytes=0,
+        peak_memory_kind="",
         plans=plans,
     )
-    log.info(
-        "pruned to %.4f sparsity (requested %.4f) in %.1fs",
-        result.achieved_sparsity,
-        config.sparsity,
-        result.seconds,
-    )
-    return result

@@ -12,7 +12,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import (  # noqa: E402
+from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     OPTConfig,
@@ -23,7 +23,7 @@ from transformers import (  # noqa: E402
     Qwen3ForCausalLM,
 )
 
-from struprune_plugin.architectures import model_view  # noqa: E402
+from struprune_plugin.architectures import model_view
 
 TINY_TRAINED = Path(__file__).parent / "fixtures" / "tiny-llama-gqa"
 VOCAB = 211

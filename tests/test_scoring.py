@@ -9,11 +9,11 @@ from struprune_plugin.groups import LayerGeometry, choose_heads, query_heads_of_
 from struprune_plugin.scoring import LayerInputs, head_scores, mlp_channel_scores
 
 torch.manual_seed(0)
-H, I, NQ, NKV, HD = 12, 10, 6, 2, 4
+H, N_MLP, NQ, NKV, HD = 12, 10, 6, 2, 4
 W = {
-    "gate": torch.randn(I, H),
-    "up": torch.randn(I, H),
-    "down": torch.randn(H, I),
+    "gate": torch.randn(N_MLP, H),
+    "up": torch.randn(N_MLP, H),
+    "down": torch.randn(H, N_MLP),
     "q": torch.randn(NQ * HD, H),
     "k": torch.randn(NKV * HD, H),
     "v": torch.randn(NKV * HD, H),
@@ -23,7 +23,7 @@ NORMS = LayerInputs(
     attn_in=torch.rand(H) + 0.1,
     o_in=torch.rand(NQ * HD) + 0.1,
     mlp_in=torch.rand(H) + 0.1,
-    mlp_hidden=torch.rand(I) + 0.1,
+    mlp_hidden=torch.rand(N_MLP) + 0.1,
 )
 
 
@@ -37,7 +37,7 @@ def _group_score(method, pieces):
 @pytest.mark.parametrize("method", ["magnitude", "wanda-sp"])
 def test_mlp_channel_scores(method):
     got = mlp_channel_scores(method, [W["gate"], W["up"]], W["down"], NORMS)
-    for j in range(I):
+    for j in range(N_MLP):
         pieces = [
             (W["gate"][j], NORMS.mlp_in),
             (W["up"][j], NORMS.mlp_in),
@@ -69,7 +69,7 @@ def test_query_heads_removed_evenly_and_lowest_first():
         num_heads=NQ,
         num_kv_heads=NKV,
         head_dim=HD,
-        intermediate=I,
+        intermediate=N_MLP,
         mlp_in_count=2,
         mlp_in_bias=False,
         qkv_bias=False,

@@ -1,0 +1,44 @@
+"""Real text from the gensim wheel, checksummed; the calibration sampler."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from struprune_plugin.data import TEXT_SHA256, ensure_texts, sample_calibration, sha256_text
+from struprune_plugin.errors import CalibrationDataError
+
+
+def test_texts_are_built_and_verified(tmp_path):
+    corpus = ensure_texts(tmp_path / "texts")
+    for split, digest in TEXT_SHA256.items():
+        text = corpus.read(split)
+        assert sha256_text(text) == digest
+    test = corpus.read("wiki_test")
+    assert " = = " in test and len(test.split()) > 40_000
+    titles = {s: set(re.findall(r"^ = ([^=].*?) = $", corpus.read(s), flags=re.M)) for s in TEXT_SHA256}
+    assert len(titles["wiki_test"]) == 9 and len(titles["wiki_train"]) > 60
+    assert not titles["wiki_train"] & titles["wiki_test"] and not titles["wiki_valid"] & titles["wiki_test"]
+    corrupted = corpus.path("news")
+    corrupted.write_text("tampered")
+    ensure_texts(tmp_path / "texts")  # detects the mismatch and rebuilds
+    assert sha256_text(corpus.read("news")) == TEXT_SHA256["news"]
+
+
+def test_calibration_sampler_is_reproducible():
+    ids = torch.arange(1000)
+    a = sample_calibration(ids, 8, 64, seed=1)
+    b = sample_calibration(ids, 8, 64, seed=1)
+    c = sample_calibration(ids, 8, 64, seed=2)
+    assert a.shape == (8, 64) and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(8, 63, dtype=torch.long))  # contiguous windows
+
+
+@pytest.mark.parametrize(
+    ("n", "length", "match"), [(0, 64, "at least 1 sample"), (4, 2000, "shorter than one window")]
+)
+def test_calibration_errors(n, length, match):
+    with pytest.raises(CalibrationDataError, match=match):
+        sample_calibration(torch.arange(1000), n, length)

@@ -1,0 +1,81 @@
+"""Bad input gets an error that names the problem and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import VOCAB, make_model
+from struprune_plugin.engine import PruneConfig, prune_model
+from struprune_plugin.errors import (
+    CalibrationDataError,
+    GQAConstraintError,
+    InvalidSparsityError,
+    NonFiniteActivationError,
+    UnsupportedArchitectureError,
+)
+
+
+def _calib(n=2, length=16):
+    return torch.randint(0, VOCAB, (n, length))
+
+
+@pytest.mark.parametrize("sparsity", [-0.01, 1.0, 2.0])
+def test_sparsity_out_of_range(sparsity):
+    with pytest.raises(InvalidSparsityError, match=r"must be in \[0, 1\).*Fix"):
+        prune_model(make_model("llama"), _calib(), PruneConfig(sparsity=sparsity), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("calib", "match"),
+    [
+        (None, "needs calibration data"),
+        (torch.empty(0, 16, dtype=torch.long), "needs calibration data"),
+        (torch.zeros(4, 1, dtype=torch.long), "length >= 2"),
+        (torch.full((2, 8), VOCAB + 5), "outside the vocabulary"),
+        (torch.rand(2, 8), "integer token ids"),
+    ],
+)
+def test_bad_calibration(calib, match):
+    with pytest.raises(CalibrationDataError, match=match):
+        prune_model(make_model("llama"), calib, PruneConfig(method="wanda-sp"), progress=False)
+
+
+def test_nan_activations_are_reported_with_their_layer():
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7] = float("nan")
+    calib = _calib()
+    calib[0, 3] = 7
+    with pytest.raises(NonFiniteActivationError, match=r"NaN/inf in the input of attn_in in decoder layer 0"):
+        prune_model(model, calib, PruneConfig(method="wanda-sp"), progress=False)
+
+
+def test_unsupported_architectures():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError, match="no decoder layers"):
+        prune_model(gpt2, None, PruneConfig(method="magnitude"), progress=False)
+
+    class FusedQKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Module()
+            layer = nn.Module()
+            layer.self_attn = nn.Module()
+            layer.self_attn.qkv_proj = nn.Linear(8, 24)
+            layer.self_attn.o_proj = nn.Linear(8, 8)
+            self.model.layers = nn.ModuleList([layer])
+
+    with pytest.raises(UnsupportedArchitectureError, match=r"lacks separate Linear modules \['q_proj'"):
+        prune_model(FusedQKV(), None, PruneConfig(method="magnitude"), progress=False)
+
+
+def test_head_ratio_impossible_under_gqa():
+    # 8 query heads over 2 KV heads: only even counts of query heads can go
+    with pytest.raises(GQAConstraintError, match=r"only multiples of 2.*Feasible ratios"):
+        prune_model(make_model("llama"), _calib(), PruneConfig(head_sparsity=0.125), progress=False)
+    with pytest.raises(GQAConstraintError, match="--head-unit kv_group"):
+        prune_model(make_model("llama_mha"), _calib(), PruneConfig(head_unit="query"), progress=False)
