@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="remove exactly this fraction of heads in every layer (must be feasible under GQA)",
     )
-    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (paper protocol: 128)")
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--calib-text", default="wiki_train", help="split to sample calibration windows from")
     p.add_argument("--seed", type=int, default=0)

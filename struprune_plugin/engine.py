@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -129,7 +130,7 @@ def capture_layer_inputs(
         captured.append(_Batch(hidden.detach(), {k: _to(v, device) for k, v in kwargs.items()}))
         raise _StopForward
 
-    homes = [(m, next(m.parameters(), None)) for m in view.pre_layer_modules]
+    homes = [(m, next(itertools.chain(m.parameters(), m.buffers()), None)) for m in view.pre_layer_modules]
     for module, _ in homes:
         module.to(device)
     handle = view.layers[0].register_forward_pre_hook(grab, with_kwargs=True)

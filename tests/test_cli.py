@@ -1,0 +1,136 @@
+"""The `struprune` command line on the committed tiny trained model, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from struprune_plugin.checkpoint import load_pruned
+from struprune_plugin.cli import main
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRUPRUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def _run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_prune_eval_report(cache, tiny_trained_dir, capsys):
+    out = cache / "pruned"
+    args = [
+        "prune",
+        "--model",
+        tiny_trained_dir,
+        "--method",
+        "wanda-sp",
+        "--sparsity",
+        0.3,
+        "--calib-samples",
+        8,
+        "--calib-len",
+        128,
+        "--eval-seq-len",
+        128,
+        "--eval-max-windows",
+        6,
+        "--output",
+        out,
+        "--no-progress",
+    ]
+    assert _run(*args) == 0
+    printed = capsys.readouterr().out
+    assert "| Wikipedia subset (test) |" in printed and "| news |" in printed
+    report = json.loads((out / "struprune_report.json").read_text())
+    assert abs(report["pruning"]["achieved_sparsity"] - 0.3) < 0.01
+    ppl = report["perplexity"]["wiki_test"]
+    assert ppl["dense"]["ppl"] < ppl["pruned"]["ppl"] < 10 * ppl["dense"]["ppl"]
+    assert (out / "layer_widths.png").stat().st_size > 1000
+    assert (out / "struprune_report.md").exists()
+    # the saved model is the one that was evaluated
+    assert (
+        _run(
+            "eval",
+            out,
+            "--texts",
+            "wiki_test",
+            "--eval-seq-len",
+            128,
+            "--eval-max-windows",
+            6,
+            "--no-progress",
+            "--output",
+            cache / "eval.json",
+        )
+        == 0
+    )
+    again = json.loads((cache / "eval.json").read_text())["perplexity"]["wiki_test"]["ppl"]
+    assert again == pytest.approx(ppl["pruned"]["ppl"], rel=1e-5)
+    # refusing to overwrite without --overwrite, with a clear message
+    assert _run(*args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # the source model folder is untouched and still loads as before
+    model = load_pruned(tiny_trained_dir)
+    assert model.model.layers[0].mlp.gate_proj.out_features == 384
+
+
+def test_magnitude_needs_no_calibration(cache, tiny_trained_dir):
+    out = cache / "mag"
+    assert (
+        _run(
+            "prune",
+            "--model",
+            tiny_trained_dir,
+            "--method",
+            "magnitude",
+            "--sparsity",
+            0.5,
+            "--units",
+            "mlp",
+            "--no-eval",
+            "--output",
+            out,
+            "--no-progress",
+        )
+        == 0
+    )
+    report = json.loads((out / "struprune_report.json").read_text())
+    assert "calibration" not in report
+    assert all(layer["heads"][0] == layer["heads"][1] for layer in report["layers"])
+    model = load_pruned(out)
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sparsity", "1.2"], "must be in [0, 1)"),
+        (["--head-sparsity", "0.3"], "Feasible ratios"),
+        (["--calib-len", "10000000"], "shorter than one window"),
+    ],
+)
+def test_bad_arguments_exit_2(cache, tiny_trained_dir, capsys, argv, message):
+    code = _run(
+        "prune",
+        "--model",
+        tiny_trained_dir,
+        "--no-eval",
+        "--calib-samples",
+        2,
+        "--output",
+        cache / "x",
+        "--no-progress",
+        *argv,
+    )
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_model_name(cache, capsys):
+    assert _run("eval", "no-such-model") == 2
+    assert "no hub downloads" in capsys.readouterr().err
