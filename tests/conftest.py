@@ -15,6 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Qwen2Config,
@@ -46,6 +48,17 @@ def make_model(family: str, layers: int = 2, seed: int = 0) -> torch.nn.Module:
         model = LlamaForCausalLM(
             LlamaConfig(num_attention_heads=4, num_key_value_heads=4, intermediate_size=96, **common)
         )
+    elif family == "mistral":
+        model = MistralForCausalLM(
+            MistralConfig(
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                intermediate_size=96,
+                head_dim=8,
+                sliding_window=8,
+                **common,
+            )
+        )
     elif family == "qwen2":
         model = Qwen2ForCausalLM(
             Qwen2Config(num_attention_heads=8, num_key_value_heads=2, intermediate_size=96, **common)
@@ -68,7 +81,7 @@ def make_model(family: str, layers: int = 2, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-FAMILIES = ["llama", "llama_mha", "qwen2", "qwen3", "opt"]
+FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "opt"]
 
 
 @pytest.fixture(params=FAMILIES)
