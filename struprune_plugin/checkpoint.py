@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -87,9 +88,9 @@ def save_pruned(
     output: str | os.PathLike,
     tokenizer=None,
     overwrite: bool = False,
-    extra_json: dict[str, dict] | None = None,
+    write_extras: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write model (+ tokenizer, + extra JSON files) to `output` atomically."""
+    """Write model (+ tokenizer, + whatever `write_extras` puts in the folder) to `output` atomically."""
     output = Path(output)
     if _same_folder(output, getattr(model.config, "_name_or_path", None)):
         raise OutputExistsError(
@@ -104,8 +105,8 @@ def save_pruned(
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, payload in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(payload, indent=2, default=str))
+        if write_extras is not None:
+            write_extras(tmp)
         if output.exists():
             old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(output, old)

@@ -106,7 +106,10 @@ def _weights_key(folder: Path) -> str:
 
 
 def evaluate_texts(model, tokenizer, args, progress: bool, cache_key: str | None = None) -> dict:
-    """Perplexity on each requested text; results of a dense model are cached by folder + protocol."""
+    """Perplexity on each requested text; results of a dense model are cached by folder + protocol.
+
+    `model` may be a callable that loads the model, so a fully cached evaluation loads nothing.
+    """
     from .evaluation import perplexity
 
     corpus = ensure_texts()
@@ -118,6 +121,8 @@ def evaluate_texts(model, tokenizer, args, progress: bool, cache_key: str | None
         if cache_key and cached.exists():
             results[text] = json.loads(cached.read_text())
             continue
+        if callable(model) and not isinstance(model, torch.nn.Module):
+            model = model()
         ids = tokenize(tokenizer, corpus.read(text))
         ppl = perplexity(
             model,
@@ -195,12 +200,6 @@ def cmd_prune(args) -> int:
             "seq_len": args.calib_len,
             "seed": args.seed,
         }
-    dense_ppl = {}
-    if not args.no_eval:
-        dense_ppl = evaluate_texts(
-            model.to(args.device), tokenizer, args, progress, cache_key=_weights_key(folder)
-        )
-        model.to("cpu")
     result = prune_model(model, calibration, config, inplace=True, progress=progress)
     pruned = result.model
     summary = result.summary()
@@ -229,18 +228,23 @@ def cmd_prune(args) -> int:
         "platform": platform.platform(),
     }
     if not args.no_eval:
+        # Pruning ran first so its memory figure is not inflated by evaluation buffers; the dense
+        # reference is cached per folder and protocol, and otherwise reloaded from disk.
         t0 = time.perf_counter()
         pruned_ppl = evaluate_texts(pruned.to(args.device), tokenizer, args, progress)
-        report["perplexity"] = {t: {"dense": dense_ppl.get(t), "pruned": pruned_ppl[t]} for t in args.texts}
         report["eval_seconds"] = time.perf_counter() - t0
         pruned.to("cpu")
-    save_pruned(pruned, output, tokenizer=tokenizer, overwrite=args.overwrite)
-    write_report(report, output)
-    plot_layer_widths(
-        report["layers"],
-        output / "layer_widths.png",
-        f"{folder.name}: {args.method} at {result.achieved_sparsity:.1%}",
-    )
+        dense_ppl = evaluate_texts(
+            lambda: _load(folder, args.device)[0], tokenizer, args, progress, cache_key=_weights_key(folder)
+        )
+        report["perplexity"] = {t: {"dense": dense_ppl[t], "pruned": pruned_ppl[t]} for t in args.texts}
+
+    def write_extras(tmp: Path) -> None:
+        write_report(report, tmp)
+        title = f"{folder.name}: {args.method} at {result.achieved_sparsity:.1%}"
+        plot_layer_widths(report["layers"], tmp / "layer_widths.png", title)
+
+    save_pruned(pruned, output, tokenizer=tokenizer, overwrite=args.overwrite, write_extras=write_extras)
     print(render_markdown(report))
     print(f"saved pruned model and report to {output}")
     return 0
