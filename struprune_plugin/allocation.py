@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
+
 from .errors import GQAConstraintError, InvalidSparsityError
 from .groups import UnitSpace
 
@@ -24,26 +26,37 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     return float(sparsity)
 
 
-def fill_evenly(spaces: Sequence[UnitSpace], target_cost: float) -> list[int]:
-    """Removal counts with the same ratio in every layer and total cost within one group of target.
+def fill_proportional(spaces: Sequence[UnitSpace], shares: Sequence[float], target_cost: float) -> list[int]:
+    """Removal counts proportional to `shares`, total cost within one group of `target_cost`.
 
-    Each layer first gets floor(ratio * n) (in whole steps); the leftover cost goes one step at a
-    time to the layers with the largest rounding remainders, as long as that brings the total closer.
+    Real-valued removals alpha * share_l are water-filled (a layer that hits its cap keeps the cap
+    and alpha is recomputed for the rest), floored to whole steps, and the leftover cost goes one
+    step at a time to the layers with the largest rounding remainders while that brings the total
+    closer to the target.
     """
     if target_cost <= 0 or not spaces:
         return [0] * len(spaces)
-    full = sum(s.max_remove * s.cost for s in spaces)
-    ratio = min(1.0, target_cost / max(1, sum(s.n * s.cost for s in spaces)))
-    if target_cost >= full:
+    if target_cost >= sum(s.max_remove * s.cost for s in spaces):
         return [s.max_remove for s in spaces]
-    steps = [ratio * s.n / s.step for s in spaces]
-    counts = [min(math.floor(x) * s.step, s.max_remove) for x, s in zip(steps, spaces)]
+    desired = [0.0] * len(spaces)
+    free = {i for i, share in enumerate(shares) if share > 0}
+    budget = target_cost
+    while free:
+        alpha = budget / sum(shares[i] * spaces[i].cost for i in free)
+        capped = {i for i in free if alpha * shares[i] >= spaces[i].max_remove}
+        if not capped:
+            for i in free:
+                desired[i] = alpha * shares[i]
+            break
+        for i in capped:
+            desired[i] = spaces[i].max_remove
+            budget -= spaces[i].max_remove * spaces[i].cost
+        free -= capped
+    steps = [x / s.step for x, s in zip(desired, spaces)]
+    counts = [min(math.floor(x + 1e-9) * s.step, s.max_remove) for x, s in zip(steps, spaces)]
     remaining = target_cost - sum(c * s.cost for c, s in zip(counts, spaces))
     while True:
-        order = sorted(
-            range(len(spaces)),
-            key=lambda i: (-(steps[i] - counts[i] / spaces[i].step), i),
-        )
+        order = sorted(range(len(spaces)), key=lambda i: (-(steps[i] - counts[i] / spaces[i].step), i))
         for i in order:
             add = spaces[i].step * spaces[i].cost
             if counts[i] + spaces[i].step <= spaces[i].max_remove and remaining - add > -add / 2:
@@ -52,6 +65,11 @@ def fill_evenly(spaces: Sequence[UnitSpace], target_cost: float) -> list[int]:
                 break
         else:
             return counts
+
+
+def fill_evenly(spaces: Sequence[UnitSpace], target_cost: float) -> list[int]:
+    """The same removal ratio in every layer (shares proportional to layer size)."""
+    return fill_proportional(spaces, [float(s.n) for s in spaces], target_cost)
 
 
 def fixed_ratio(spaces: Sequence[UnitSpace], ratio: float, strict: bool) -> list[int]:
@@ -75,37 +93,115 @@ def fixed_ratio(spaces: Sequence[UnitSpace], ratio: float, strict: bool) -> list
     return counts
 
 
+def fermi_dirac_keep(
+    energies: Sequence[float],
+    masses: Sequence[float],
+    lower: Sequence[float],
+    keep_mass: float,
+    temperature: float,
+) -> list[float]:
+    """Keep fractions r_i = clip(sigmoid(e_i / T - u), lower_i, 1) with sum m_i r_i = keep_mass.
+
+    The mean-field minimiser of the free energy under the budget (method.md section 3): a block
+    whose energy per parameter is high keeps more. `u` (lambda / T) is found by bisection, so the
+    budget holds for any temperature; T = inf gives the same fraction everywhere (local pruning),
+    T -> 0 keeps blocks greedily by energy.
+    """
+    if not temperature > 0:
+        raise InvalidSparsityError(f"temperature must be > 0 (inf for uniform); got {temperature!r}")
+    e = torch.tensor(
+        [0.0 if math.isinf(temperature) else x / temperature for x in energies], dtype=torch.float64
+    )
+    m = torch.tensor(masses, dtype=torch.float64)
+    lo = torch.tensor(lower, dtype=torch.float64)
+
+    def kept(u: float) -> torch.Tensor:
+        return torch.maximum(torch.sigmoid(e - u), lo).clamp(max=1.0)
+
+    if keep_mass <= float((m * lo).sum()):
+        return lo.tolist()
+    if keep_mass >= float(m.sum()):
+        return [1.0] * len(masses)
+    a, b = float(e.min()) - 60.0, float(e.max()) + 60.0  # sigmoid saturates beyond these
+    for _ in range(200):
+        mid = 0.5 * (a + b)
+        if float((m * kept(mid)).sum()) > keep_mass:
+            a = mid
+        else:
+            b = mid
+    return kept(0.5 * (a + b)).tolist()
+
+
+def round_to_budget(
+    spaces: dict[str, list[UnitSpace]], removal: dict[str, Sequence[float]], target_cost: float
+) -> dict[str, list[int]]:
+    """Real-valued removals -> feasible integer counts with the exact total.
+
+    Heads are the coarse part: each layer's count is rounded to the nearest feasible value (down if
+    that overshoots the budget); MLP channels, the fine part, take the rest in proportion to their
+    real-valued removals. With one kind only, that kind is filled to the budget directly.
+    """
+    counts: dict[str, list[int]] = {}
+    if "heads" in spaces and "mlp" in spaces:
+        heads = spaces["heads"]
+        counts["heads"] = [
+            min(round(x / s.step) * s.step, s.max_remove) for x, s in zip(removal["heads"], heads)
+        ]
+        if _cost(counts["heads"], heads) > target_cost:
+            counts["heads"] = [
+                min(math.floor(x / s.step) * s.step, s.max_remove) for x, s in zip(removal["heads"], heads)
+            ]
+        counts["mlp"] = fill_proportional(
+            spaces["mlp"], removal["mlp"], max(0.0, target_cost - _cost(counts["heads"], heads))
+        )
+        return counts
+    for kind, kind_spaces in spaces.items():
+        counts[kind] = fill_proportional(kind_spaces, removal[kind], target_cost)
+    return counts
+
+
+def allocate_softmax(
+    spaces: dict[str, list[UnitSpace]],
+    energies: dict[str, Sequence[float]] | None,
+    total_prunable: int,
+    sparsity: float,
+    temperature: float,
+) -> dict[str, list[int]]:
+    """Per-layer removal counts from the temperature softmax over block energies, exact budget.
+
+    `energies[kind][l]` is layer l's mean group energy per parameter for that unit kind (already
+    normalised across layers); one threshold spans every layer and kind, as in global pruning.
+    """
+    check_sparsity(sparsity)
+    target = sparsity * total_prunable
+    keys = [(kind, layer) for kind in spaces for layer in range(len(spaces[kind]))]
+    masses = [spaces[k][i].n * spaces[k][i].cost for k, i in keys]
+    lower = [spaces[k][i].min_keep / spaces[k][i].n for k, i in keys]
+    e = [0.0 if energies is None else float(energies[k][i]) for k, i in keys]
+    keep = fermi_dirac_keep(e, masses, lower, max(0.0, sum(masses) - target), temperature)
+    removal: dict[str, list[float]] = {kind: [0.0] * len(spaces[kind]) for kind in spaces}
+    for (kind, layer), r in zip(keys, keep):
+        removal[kind][layer] = (1.0 - r) * spaces[kind][layer].n
+    return round_to_budget(spaces, removal, target)
+
+
 def allocate_uniform(
     spaces: dict[str, list[UnitSpace]],
     total_prunable: int,
     sparsity: float,
     head_sparsity: float | None = None,
 ) -> dict[str, list[int]]:
-    """Uniform (local) allocation: the same ratio in every layer, exact global parameter budget.
-
-    `spaces` maps a unit kind ('heads', 'mlp') to one UnitSpace per layer. Heads get the requested
-    ratio (or `head_sparsity`, honoured exactly), rounded to whole feasible counts; MLP channels
-    take up whatever is left of the budget.
-    """
+    """Uniform (local) allocation: the T = inf limit of `allocate_softmax`, the same removal ratio
+    for every layer and unit kind, exact global parameter budget. `head_sparsity` instead fixes the
+    heads' ratio exactly (an error if GQA cannot honour it) and MLP channels take the rest."""
     check_sparsity(sparsity)
-    target = sparsity * total_prunable
-    counts: dict[str, list[int]] = {}
-    if "heads" in spaces:
-        head_spaces = spaces["heads"]
-        if head_sparsity is not None:
-            check_sparsity(head_sparsity, "head sparsity")
-            counts["heads"] = fixed_ratio(head_spaces, head_sparsity, strict=True)
-        elif "mlp" in spaces:
-            counts["heads"] = fixed_ratio(head_spaces, sparsity, strict=False)
-            if _cost(counts["heads"], head_spaces) > target:  # rounding up overshot: round down
-                counts["heads"] = [
-                    min(int(sparsity * s.n / s.step) * s.step, s.max_remove) for s in head_spaces
-                ]
-        else:
-            counts["heads"] = fill_evenly(head_spaces, target)
-        target -= _cost(counts["heads"], head_spaces)
+    if head_sparsity is None or "heads" not in spaces:
+        return allocate_softmax(spaces, None, total_prunable, sparsity, math.inf)
+    check_sparsity(head_sparsity, "head sparsity")
+    counts = {"heads": fixed_ratio(spaces["heads"], head_sparsity, strict=True)}
+    rest = sparsity * total_prunable - _cost(counts["heads"], spaces["heads"])
     if "mlp" in spaces:
-        counts["mlp"] = fill_evenly(spaces["mlp"], max(0.0, target))
+        counts["mlp"] = fill_evenly(spaces["mlp"], max(0.0, rest))
     return counts
 
 

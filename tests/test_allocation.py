@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
-from struprune_plugin.allocation import allocate_uniform, fill_evenly
+from struprune_plugin.allocation import allocate_softmax, allocate_uniform, fill_evenly
 from struprune_plugin.errors import GQAConstraintError, InvalidSparsityError
 from struprune_plugin.groups import LayerGeometry, UnitSpace, unit_space
 
@@ -109,3 +110,78 @@ def test_query_unit_impossible_under_mha():
     with pytest.raises(GQAConstraintError, match="kv_group"):
         unit_space("heads", mha, "query")
     assert unit_space("heads", mha, "auto").n == 4
+
+
+# --- temperature softmax (Fermi-Dirac) allocation ---------------------------------------------
+
+
+def _smol_spaces(layers: int, head_unit: str = "query"):
+    return {k: [unit_space(k, SMOL, head_unit) for _ in range(layers)] for k in ("heads", "mlp")}
+
+
+@pytest.mark.parametrize("temperature", [1e-3, 0.1, 0.5, 2.0, 1e3, float("inf")])
+@pytest.mark.parametrize("sparsity", [0.2, 0.3, 0.5])
+def test_softmax_budget_within_one_group(temperature, sparsity):
+    gen = torch.Generator().manual_seed(0)
+    spaces = _smol_spaces(12)
+    energies = {k: torch.randn(12, generator=gen).tolist() for k in spaces}
+    total = 12 * _prunable(SMOL)
+    counts = allocate_softmax(spaces, energies, total, sparsity, temperature)
+    removed = sum(c * s.cost for k in counts for c, s in zip(counts[k], spaces[k]))
+    assert abs(removed - sparsity * total) <= SMOL.mlp_channel_cost / 2 + 1e-6
+    for k in counts:
+        assert all(0 <= c <= s.max_remove and c % s.step == 0 for c, s in zip(counts[k], spaces[k]))
+
+
+def test_infinite_temperature_is_uniform():
+    spaces = _smol_spaces(10)
+    energies = {k: torch.linspace(-2, 2, 10).tolist() for k in spaces}
+    total = 10 * _prunable(SMOL)
+    for sparsity in (0.2, 0.3, 0.5):
+        uniform = allocate_uniform(spaces, total, sparsity)
+        assert allocate_softmax(spaces, energies, total, sparsity, 1e9) == uniform
+        assert allocate_softmax(spaces, energies, total, sparsity, float("inf")) == uniform
+
+
+def test_low_temperature_prunes_low_energy_layers_first():
+    spaces = {"mlp": [unit_space("mlp", SMOL, "query") for _ in range(8)]}
+    energies = {"mlp": [3.0, -1.0, 2.0, -3.0, 0.0, 1.0, -2.0, 4.0]}
+    total = 8 * _prunable(SMOL)
+    cold = allocate_softmax(spaces, energies, total, 0.3, 0.01)["mlp"]
+    warm = allocate_softmax(spaces, energies, total, 0.3, 1.0)["mlp"]
+    order = sorted(range(8), key=lambda i: energies["mlp"][i])  # lowest energy first
+    assert [cold[i] for i in order] == sorted(cold, reverse=True)
+    assert [warm[i] for i in order] == sorted(warm, reverse=True)
+    # cold: the two lowest-energy layers are emptied down to their minimum, the highest untouched
+    assert cold[3] == cold[6] == SMOL.intermediate - 1 and cold[7] == 0
+    assert max(warm) - min(warm) < max(cold) - min(cold)  # warmer is more even
+
+
+def test_fermi_dirac_minimises_the_free_energy():
+    """The closed form equals a direct numerical minimisation of
+    sum_i m_i (-e_i r_i + T (r_i ln r_i + (1 - r_i) ln(1 - r_i))) s.t. sum_i m_i r_i = K."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    from struprune_plugin.allocation import fermi_dirac_keep
+
+    e = np.array([0.3, -1.2, 2.0, 0.0, 0.7])
+    m = np.array([3.0, 1.0, 2.0, 5.0, 1.5])
+    lo = np.array([0.05, 0.1, 0.05, 0.2, 0.05])
+    T, K = 0.7, 0.55 * m.sum()
+
+    def free_energy(r):
+        r = np.clip(r, 1e-12, 1 - 1e-12)
+        return float(np.sum(m * (-e * r + T * (r * np.log(r) + (1 - r) * np.log(1 - r)))))
+
+    ref = minimize(
+        free_energy,
+        np.full(5, 0.55),
+        method="SLSQP",
+        bounds=list(zip(lo, [1 - 1e-9] * 5)),
+        constraints=[{"type": "eq", "fun": lambda r: float(m @ r - K)}],
+        options={"ftol": 1e-14},
+    )
+    got = np.array(fermi_dirac_keep(e.tolist(), m.tolist(), lo.tolist(), K, T))
+    assert float(m @ got) == pytest.approx(K, rel=1e-9)
+    assert np.allclose(got, ref.x, atol=1e-4)
