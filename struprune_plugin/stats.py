@@ -1,6 +1,6 @@
 """Calibration statistics of one decoder layer, accumulated over streamed batches with hooks.
 
-Only sufficient statistics are kept (per-feature sums of squares and token counts), never the
+Only sufficient statistics are kept (per-feature sums, sums of squares, token counts), never the
 activations themselves, so memory does not grow with the number of calibration tokens.
 """
 
@@ -15,21 +15,31 @@ from .errors import NonFiniteActivationError
 
 
 @dataclass
-class FeatureSquares:
-    """Running sum of x_j^2 per input feature j of one linear layer."""
+class FeatureMoments:
+    """Running per-feature sums of x_j and x_j^2 (float64) for one linear layer's input."""
 
+    sum_x: torch.Tensor | None = None
     sum_sq: torch.Tensor | None = None
     tokens: int = 0
 
     def add(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        squares = flat.pow(2).sum(0)
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        sums, squares = flat.sum(0), flat.pow(2).sum(0)
+        self.sum_x = sums if self.sum_x is None else self.sum_x + sums
         self.sum_sq = squares if self.sum_sq is None else self.sum_sq + squares
         self.tokens += flat.shape[0]
 
     def norms(self) -> torch.Tensor:
         """||X_j||_2 over all calibration tokens (Wanda's activation norm)."""
-        return self.sum_sq.sqrt()
+        return self.sum_sq.sqrt().float()
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum_x / self.tokens).float()
+
+    def variance(self) -> torch.Tensor:
+        """Population variance per feature (FLAP's fluctuation), clamped at 0 against round-off."""
+        mean = self.sum_x / self.tokens
+        return (self.sum_sq / self.tokens - mean.pow(2)).clamp(min=0).float()
 
 
 @dataclass
@@ -38,12 +48,12 @@ class InputRecorder:
 
     modules: dict[str, nn.Module]
     layer_index: int
-    stats: dict[str, FeatureSquares] = field(default_factory=dict)
+    stats: dict[str, FeatureMoments] = field(default_factory=dict)
     _handles: list = field(default_factory=list)
 
     def __enter__(self) -> InputRecorder:
         for name, module in self.modules.items():
-            self.stats[name] = FeatureSquares()
+            self.stats[name] = FeatureMoments()
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
 
