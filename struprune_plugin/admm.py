@@ -1,0 +1,228 @@
+"""ADMM block solver for one decoder layer's MLP chain, and least-squares refits (method.md section 4).
+
+Row convention: tokens are rows. X (n x d) is the MLP input, W_gate/W_up (I x d), W_down (d x I),
+z = X W_up^T, s = X W_gate^T, p = SiLU(s) * z, Y = p W_down^T (the dense output, the target).
+
+Objective (SparseLLM's auxiliary variables decouple the chain):
+    a||z - X W_up^T||^2 + a||s - X W_gate^T||^2 + b||Y - p W_down^T||^2 + g||p - SiLU(s) * z||^2
+with the weights split as W = Q, Q constrained to keep k channels (gate/up rows and the down column
+chosen together), scaled dual L and penalty rho:
+    W <- ridge least squares towards the targets and Q - L     (closed form, Cholesky)
+    Q <- keep the k best channels of W + L                     (projection)
+    L <- L + W - Q                                             (dual update)
+    p, z <- closed forms, s <- a few gradient steps            (auxiliary variables)
+and finally the mask is fixed and the kept weights are refitted by least squares.
+
+All solves run in float64 with damping = `damping` x mean diagonal, added afresh each time (never
+accumulated across iterations, a known SparseLLM bug). Data terms are divided by the token count so
+that a, b, g and rho mean the same for any calibration size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ADMMConfig:
+    iterations: int = 4
+    alpha: float = 1.0  # a: fit of the gate/up outputs
+    beta: float = 1.0  # b: fit of the block output
+    gamma: float = 1.0  # g: coupling p = SiLU(s) * z
+    rho: float = 0.3  # penalty (inputs are preconditioned to unit second moment, so scale-free)
+    rho_growth: float = 1.3
+    rho_max: float = 10.0
+    damping: float = 0.01
+    use_aux: bool = True  # SparseLLM auxiliary variables; False: fixed dense targets (Gram-only)
+    s_steps: int = 5  # gradient steps for s (no closed form through SiLU)
+    refit: bool = True
+
+
+def ridge_solve(rhs: torch.Tensor, gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """rhs @ (gram + damping * mean(diag) * I)^-1 by Cholesky, in float64."""
+    g = gram.double()
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    reg = damping * float(g.diagonal().mean().clamp(min=1e-12))
+    chol = torch.linalg.cholesky(g + reg * eye)
+    return torch.cholesky_solve(rhs.double().T, chol).T
+
+
+def weight_update(
+    cross: torch.Tensor, gram: torch.Tensor, anchor: torch.Tensor, weight: float, rho: float
+) -> torch.Tensor:
+    """argmin_W  weight * ||T - A W^T||^2 / n + rho/2 ||W - anchor||^2,
+    given cross = T^T A / n and gram = A^T A / n:  W = (weight*cross + rho/2 anchor)(weight*gram + rho/2 I)^-1."""
+    g = weight * gram.double()
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    chol = torch.linalg.cholesky(g + 0.5 * rho * eye)
+    rhs = weight * cross.double() + 0.5 * rho * anchor.double()
+    return torch.cholesky_solve(rhs.T, chol).T
+
+
+def p_update(
+    y: torch.Tensor, w_down: torch.Tensor, act: torch.Tensor, beta: float, gamma: float
+) -> torch.Tensor:
+    """argmin_p  b||Y - p W_down^T||^2 + g||p - act||^2  =  (b Y W_down + g act)(b W_down^T W_down + g I)^-1."""
+    w = w_down.double()
+    eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
+    chol = torch.linalg.cholesky(beta * w.T @ w + gamma * eye)
+    rhs = beta * y.double() @ w + gamma * act.double()
+    return torch.cholesky_solve(rhs.T, chol).T
+
+
+def z_update(
+    m: torch.Tensor, sigma: torch.Tensor, p: torch.Tensor, alpha: float, gamma: float
+) -> torch.Tensor:
+    """Element-wise argmin_z  a (z - m)^2 + g (p - sigma z)^2  =  (a m + g sigma p) / (a + g sigma^2)."""
+    return (alpha * m + gamma * sigma * p) / (alpha + gamma * sigma.pow(2))
+
+
+def s_update(
+    s: torch.Tensor,
+    target: torch.Tensor,
+    z: torch.Tensor,
+    p: torch.Tensor,
+    alpha: float,
+    gamma: float,
+    steps: int,
+) -> torch.Tensor:
+    """A few gradient steps on a (s - target)^2 + g (p - SiLU(s) z)^2, step size from a curvature bound."""
+    s = s.clone()
+    for _ in range(steps):
+        sig = torch.sigmoid(s)
+        silu = s * sig
+        dsilu = sig * (1 + s * (1 - sig))
+        grad = 2 * alpha * (s - target) - 2 * gamma * (p - silu * z) * dsilu * z
+        curvature = 2 * alpha + 2 * gamma * (z * 1.1).pow(2)  # |SiLU'| <= 1.1
+        s = s - grad / curvature
+    return s
+
+
+def channel_scores(w_down: torch.Tensor, gram_p_diag: torch.Tensor) -> torch.Tensor:
+    """Output error of removing channel j alone: ||W_down[:, j]||^2 * E[p_j^2] (OBS-diagonal)."""
+    return w_down.double().pow(2).sum(0) * gram_p_diag.double()
+
+
+def top_channels(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    return torch.argsort(scores, descending=True, stable=True)[:keep].sort().values
+
+
+@dataclass
+class MLPSolution:
+    keep: list[int]
+    w_gate: torch.Tensor  # kept rows
+    w_up: torch.Tensor
+    w_down: torch.Tensor  # kept columns
+    history: list[float] = field(default_factory=list)  # calibration loss of the projected solution
+
+
+def _silu_chain(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    return F.silu(x @ w_gate.T) * (x @ w_up.T)
+
+
+def block_loss(x, y, w_gate, w_up, w_down) -> float:
+    """Mean squared output error of a (pruned) gated MLP on the calibration tokens."""
+    return float((y - _silu_chain(x, w_gate, w_up) @ w_down.T).pow(2).sum() / x.shape[0])
+
+
+def refit_down(x, y, w_gate, w_up, damping: float) -> torch.Tensor:
+    """Least-squares W_down for given (kept) gate/up rows: argmin ||Y - p W^T||^2."""
+    p = _silu_chain(x, w_gate, w_up).double()
+    return ridge_solve(y.double().T @ p, p.T @ p, damping)
+
+
+def solve_gated_mlp(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    keep: int,
+    cfg: ADMMConfig | None = None,
+) -> MLPSolution:
+    """Choose `keep` MLP channels and updated weights for one gated (SiLU) MLP.
+
+    `x` holds the calibration inputs of the MLP (tokens x d). The ADMM runs in a preconditioned
+    space where every input feature (of X and of the dense p) has unit second moment, so the
+    Euclidean projection onto "keep k channels" ranks channels by activation-weighted norms (the
+    Wanda/OBS insight) and rho is scale-free. With `keep` equal to the width the layer comes back
+    unchanged.
+    """
+    cfg = cfg or ADMMConfig()
+    x = x.double()
+    n = x.shape[0]
+    wg, wu, wd = w_gate.double(), w_up.double(), w_down.double()
+    width = wd.shape[1]
+    s = x @ wg.T
+    z = x @ wu.T
+    p = F.silu(s) * z
+    y = p @ wd.T  # the dense output is the target throughout
+    if keep >= width:
+        return MLPSolution(list(range(width)), w_gate, w_up, w_down, [0.0])
+    s_target, z_target = s.clone(), z.clone()
+    dx = (x.pow(2).mean(0)).sqrt().clamp(min=1e-8)  # preconditioners, fixed for the whole solve
+    dp = (p.pow(2).mean(0)).sqrt().clamp(min=1e-8)
+    xs = x / dx
+    gram_x = xs.T @ xs / n
+    tg, tu, td = wg * dx, wu * dx, wd * dp  # weights in the preconditioned space
+
+    def project(vg, vu, vd):
+        score = cfg.alpha * (vg.pow(2).sum(1) + vu.pow(2).sum(1)) + cfg.beta * vd.pow(2).sum(0)
+        idx = top_channels(score, keep)
+        mask = torch.zeros(width, dtype=torch.bool, device=x.device)
+        mask[idx] = True
+        return idx, vg * mask[:, None], vu * mask[:, None], vd * mask[None, :]
+
+    def loss(vg, vu, vd):
+        return block_loss(x, y, vg / dx, vu / dx, vd / dp)
+
+    idx, qg, qu, qd = project(tg, tu, td)
+    lg, lu, ld = torch.zeros_like(tg), torch.zeros_like(tu), torch.zeros_like(td)
+    history = [loss(qg, qu, qd)]
+    rho = cfg.rho
+    for _ in range(cfg.iterations):
+        ps = p / dp
+        gram_p = ps.T @ ps / n
+        tu = weight_update(z.T @ xs / n, gram_x, qu - lu, cfg.alpha, rho * cfg.alpha)
+        tg = weight_update(s.T @ xs / n, gram_x, qg - lg, cfg.alpha, rho * cfg.alpha)
+        td = weight_update(y.T @ ps / n, gram_p, qd - ld, cfg.beta, rho * cfg.beta)
+        idx, qg, qu, qd = project(tg + lg, tu + lu, td + ld)
+        lg, lu, ld = lg + tg - qg, lu + tu - qu, ld + td - qd
+        if cfg.use_aux:
+            sigma = F.silu(s)
+            p = p_update(y, qd / dp, sigma * z, cfg.beta, cfg.gamma)
+            z = z_update(xs @ qu.T, sigma, p, cfg.alpha, cfg.gamma)
+            s = s_update(s, xs @ qg.T, z, p, cfg.alpha, cfg.gamma, cfg.s_steps)
+        else:
+            s, z = s_target, z_target
+            p = F.silu(s) * z
+        history.append(loss(qg, qu, qd))
+        rho = min(rho * cfg.rho_growth, cfg.rho_max)
+    kg, ku = qg[idx] / dx, qu[idx] / dx
+    if cfg.refit:
+        if cfg.use_aux:  # gate/up rows towards their auxiliary targets, then down against Y
+            kg = ridge_solve(s[:, idx].T @ x / n, x.T @ x / n, cfg.damping)
+            ku = ridge_solve(z[:, idx].T @ x / n, x.T @ x / n, cfg.damping)
+        kd = refit_down(x, y, kg, ku, cfg.damping)
+    else:
+        kd = qd[:, idx] / dp[idx]
+    history.append(block_loss(x, y, kg, ku, kd))
+    dtype = w_down.dtype
+    return MLPSolution(idx.tolist(), kg.to(dtype), ku.to(dtype), kd.to(dtype), history)
+
+
+def refit_output_columns(
+    w_out: torch.Tensor, gram_in: torch.Tensor, keep: list[int], damping: float
+) -> torch.Tensor:
+    """Refit an output projection on its kept input columns so it best reproduces the dense output.
+
+    With Y = A W^T the dense output, argmin_V ||Y - A_k V^T||^2 needs only the input Gram:
+    V = W G[:, k] (G[k, k] + damping)^-1. Used for o_proj after head removal (and down_proj when
+    the gate/up rows are kept as they are).
+    """
+    g = gram_in.double()
+    k = torch.as_tensor(keep, device=g.device)
+    rhs = w_out.double() @ g[:, k]
+    return ridge_solve(rhs, g[k][:, k], damping).to(w_out.dtype)
