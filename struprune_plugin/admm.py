@@ -39,6 +39,7 @@ class ADMMConfig:
     use_aux: bool = True  # SparseLLM auxiliary variables; False: fixed dense targets (Gram-only)
     s_steps: int = 5  # gradient steps for s (no closed form through SiLU)
     refit: bool = True
+    token_dtype: torch.dtype = torch.float32  # per-token work; the small solves always run in float64
 
 
 def ridge_solve(rhs: torch.Tensor, gram: torch.Tensor, damping: float) -> torch.Tensor:
@@ -68,8 +69,8 @@ def p_update(
     """argmin_p  b||Y - p W_down^T||^2 + g||p - act||^2  =  (b Y W_down + g act)(b W_down^T W_down + g I)^-1."""
     w = w_down.double()
     eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
-    chol = torch.linalg.cholesky(beta * w.T @ w + gamma * eye)
-    rhs = beta * y.double() @ w + gamma * act.double()
+    chol = torch.linalg.cholesky(beta * w.T @ w + gamma * eye).to(y.dtype)  # small solve in float64
+    rhs = beta * y @ w.to(y.dtype) + gamma * act.to(y.dtype)  # token-sized work in the tokens' dtype
     return torch.cholesky_solve(rhs.T, chol).T
 
 
@@ -125,13 +126,15 @@ def _silu_chain(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> to
 
 def block_loss(x, y, w_gate, w_up, w_down) -> float:
     """Mean squared output error of a (pruned) gated MLP on the calibration tokens."""
-    return float((y - _silu_chain(x, w_gate, w_up) @ w_down.T).pow(2).sum() / x.shape[0])
+    t = x.dtype
+    out = _silu_chain(x, w_gate.to(t), w_up.to(t)) @ w_down.to(t).T
+    return float((y - out).double().pow(2).sum() / x.shape[0])
 
 
 def refit_down(x, y, w_gate, w_up, damping: float) -> torch.Tensor:
     """Least-squares W_down for given (kept) gate/up rows: argmin ||Y - p W^T||^2."""
-    p = _silu_chain(x, w_gate, w_up).double()
-    return ridge_solve(y.double().T @ p, p.T @ p, damping)
+    p = _silu_chain(x, w_gate.to(x.dtype), w_up.to(x.dtype))
+    return ridge_solve((y.T @ p).double(), (p.T @ p).double(), damping)
 
 
 def solve_gated_mlp(
@@ -151,22 +154,26 @@ def solve_gated_mlp(
     unchanged.
     """
     cfg = cfg or ADMMConfig()
-    x = x.double()
+    t = cfg.token_dtype
+    x = x.to(t)
     n = x.shape[0]
     wg, wu, wd = w_gate.double(), w_up.double(), w_down.double()
     width = wd.shape[1]
-    s = x @ wg.T
-    z = x @ wu.T
+    s = x @ wg.T.to(t)
+    z = x @ wu.T.to(t)
     p = F.silu(s) * z
-    y = p @ wd.T  # the dense output is the target throughout
+    y = p @ wd.T.to(t)  # the dense output is the target throughout
     if keep >= width:
         return MLPSolution(list(range(width)), w_gate, w_up, w_down, [0.0])
     s_target, z_target = s.clone(), z.clone()
-    dx = (x.pow(2).mean(0)).sqrt().clamp(min=1e-8)  # preconditioners, fixed for the whole solve
-    dp = (p.pow(2).mean(0)).sqrt().clamp(min=1e-8)
-    xs = x / dx
-    gram_x = xs.T @ xs / n
-    tg, tu, td = wg * dx, wu * dx, wd * dp  # weights in the preconditioned space
+    dx = x.double().pow(2).mean(0).sqrt().clamp(min=1e-8)  # preconditioners, fixed for the whole solve
+    dp = p.double().pow(2).mean(0).sqrt().clamp(min=1e-8)
+    xs = x / dx.to(t)
+    gram_x = (xs.T @ xs).double() / n
+    tg, tu, td = wg * dx, wu * dx, wd * dp  # weights in the preconditioned space (float64)
+
+    def cross(target, inputs):
+        return (target.T @ inputs).double() / n
 
     def project(vg, vu, vd):
         score = cfg.alpha * (vg.pow(2).sum(1) + vu.pow(2).sum(1)) + cfg.beta * vd.pow(2).sum(0)
@@ -183,18 +190,18 @@ def solve_gated_mlp(
     history = [loss(qg, qu, qd)]
     rho = cfg.rho
     for _ in range(cfg.iterations):
-        ps = p / dp
-        gram_p = ps.T @ ps / n
-        tu = weight_update(z.T @ xs / n, gram_x, qu - lu, cfg.alpha, rho * cfg.alpha)
-        tg = weight_update(s.T @ xs / n, gram_x, qg - lg, cfg.alpha, rho * cfg.alpha)
-        td = weight_update(y.T @ ps / n, gram_p, qd - ld, cfg.beta, rho * cfg.beta)
+        ps = p / dp.to(t)
+        gram_p = (ps.T @ ps).double() / n
+        tu = weight_update(cross(z, xs), gram_x, qu - lu, cfg.alpha, rho * cfg.alpha)
+        tg = weight_update(cross(s, xs), gram_x, qg - lg, cfg.alpha, rho * cfg.alpha)
+        td = weight_update(cross(y, ps), gram_p, qd - ld, cfg.beta, rho * cfg.beta)
         idx, qg, qu, qd = project(tg + lg, tu + lu, td + ld)
         lg, lu, ld = lg + tg - qg, lu + tu - qu, ld + td - qd
         if cfg.use_aux:
             sigma = F.silu(s)
             p = p_update(y, qd / dp, sigma * z, cfg.beta, cfg.gamma)
-            z = z_update(xs @ qu.T, sigma, p, cfg.alpha, cfg.gamma)
-            s = s_update(s, xs @ qg.T, z, p, cfg.alpha, cfg.gamma, cfg.s_steps)
+            z = z_update(xs @ qu.T.to(t), sigma, p, cfg.alpha, cfg.gamma)
+            s = s_update(s, xs @ qg.T.to(t), z, p, cfg.alpha, cfg.gamma, cfg.s_steps)
         else:
             s, z = s_target, z_target
             p = F.silu(s) * z
@@ -203,8 +210,9 @@ def solve_gated_mlp(
     kg, ku = qg[idx] / dx, qu[idx] / dx
     if cfg.refit:
         if cfg.use_aux:  # gate/up rows towards their auxiliary targets, then down against Y
-            kg = ridge_solve(s[:, idx].T @ x / n, x.T @ x / n, cfg.damping)
-            ku = ridge_solve(z[:, idx].T @ x / n, x.T @ x / n, cfg.damping)
+            gram = (x.T @ x).double() / n
+            kg = ridge_solve(cross(s[:, idx], x), gram, cfg.damping)
+            ku = ridge_solve(cross(z[:, idx], x), gram, cfg.damping)
         kd = refit_down(x, y, kg, ku, cfg.damping)
     else:
         kd = qd[:, idx] / dp[idx]

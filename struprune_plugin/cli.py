@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model layer by layer, save it, evaluate, report")
     p.add_argument("--model", default="smollm2", help="'smollm2' (default), 'tiny', or a local HF folder")
-    p.add_argument("--method", default="wanda-sp", choices=("magnitude", "wanda-sp"))
+    p.add_argument("--method", default="wanda-sp", choices=("magnitude", "wanda-sp", "structprune"))
     p.add_argument("--sparsity", type=float, default=0.3, help="fraction of prunable parameters to remove")
     p.add_argument("--units", type=_units, default=("mlp", "heads"), help="mlp,heads | mlp | heads")
     p.add_argument("--head-unit", default="auto", choices=("auto", "query", "kv_group"))
@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="remove exactly this fraction of heads in every layer (must be feasible under GQA)",
     )
+    sp = p.add_argument_group("structprune (method=structprune)")
+    sp.add_argument("--temperature", type=float, default=1.0, help="allocation temperature; inf = uniform")
+    sp.add_argument("--energy", default="obs", choices=("obs", "wanda", "flap"), help="group energy")
+    sp.add_argument("--admm-iterations", type=int, default=4)
+    sp.add_argument("--no-aux", action="store_true", help="MLP solver without SparseLLM auxiliary variables")
+    sp.add_argument("--no-refit", action="store_true", help="no least-squares refit of kept weights")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (paper protocol: 128)")
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--calib-text", default="wiki_train", help="split to sample calibration windows from")
@@ -179,6 +185,11 @@ def cmd_prune(args) -> int:
         head_sparsity=args.head_sparsity,
         batch_size=args.batch_size,
         device=args.device,
+        temperature=args.temperature,
+        energy=args.energy,
+        admm_iterations=args.admm_iterations,
+        use_aux=not args.no_aux,
+        refit=not args.no_refit,
     )
     config.validate()
     folder = resolve_model(args.model)
@@ -189,7 +200,7 @@ def cmd_prune(args) -> int:
     model_view(model)  # unsupported architectures fail here, before any work
     report: dict = {"struprune_version": __version__, "model": {"name": folder.name, "path": str(folder)}}
     calibration = None
-    if NEEDS_CALIBRATION[args.method]:
+    if args.method == "structprune" or NEEDS_CALIBRATION[args.method]:
         corpus = ensure_texts()
         calibration = sample_calibration(
             tokenize(tokenizer, corpus.read(args.calib_text)), args.calib_samples, args.calib_len, args.seed
@@ -205,6 +216,8 @@ def cmd_prune(args) -> int:
     summary = result.summary()
     report["pruning"] = {
         "method": args.method,
+        "settings": {k: v for k, v in vars(config).items() if k not in ("method", "device")},
+        "layer_energies": result.layer_energies,
         "units": list(args.units),
         "head_unit": args.head_unit,
         "requested_sparsity": result.requested_sparsity,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import allocate_uniform, check_sparsity
+from .allocation import allocate_softmax, allocate_uniform, check_sparsity
 from .architectures import (
     LayerView,
     ModelView,
@@ -31,14 +31,18 @@ from .architectures import (
     prunable_parameter_count,
 )
 from .checkpoint import record_layout
+from .energies import ENERGIES, normalise
 from .errors import CalibrationDataError, StructPruneError
 from .groups import UNIT_KINDS, LayerPlan, choose_channels, choose_heads, resolve_head_unit, unit_space
 from .memory import RssSampler, peak_memory, reset_peak
 from .scoring import METHODS, NEEDS_CALIBRATION, LayerInputs, head_scores, mlp_channel_scores
 from .stats import InputRecorder
+from .structprune import energy_pass, prune_layer_structprune
 from .surgery import build_layer_graph, prune_layer
 
 log = logging.getLogger(__name__)
+
+ALL_METHODS = (*METHODS, "structprune")
 
 
 @dataclass
@@ -53,11 +57,22 @@ class PruneConfig:
     batch_size: int = 8
     device: str = "cpu"
     trace_tokens: int = 16
+    # StructPrune only (method="structprune"):
+    temperature: float = 1.0  # softmax allocation over normalised layer energies; inf = uniform
+    energy: str = "obs"  # group energy: "obs", "wanda" or "flap"
+    normalisation: str = "log-z"
+    admm_iterations: int = 4
+    use_aux: bool = True  # SparseLLM auxiliary variables in the MLP solver
+    refit: bool = True  # least-squares refit of the kept weights (o_proj, MLP)
 
     def validate(self) -> None:
         check_sparsity(self.sparsity)
-        if self.method not in METHODS:
-            raise StructPruneError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.method not in ALL_METHODS:
+            raise StructPruneError(f"unknown method {self.method!r}; choose one of {ALL_METHODS}")
+        if self.energy not in ENERGIES:
+            raise StructPruneError(f"unknown energy {self.energy!r}; choose one of {ENERGIES}")
+        if not self.temperature > 0:
+            raise StructPruneError(f"temperature must be > 0 (inf for uniform); got {self.temperature}")
         bad = [u for u in self.units if u not in UNIT_KINDS]
         if bad or not self.units:
             raise StructPruneError(f"units must be a non-empty subset of {UNIT_KINDS}; got {self.units}")
@@ -90,6 +105,7 @@ class PruneResult:
     peak_memory_bytes: int
     peak_memory_kind: str
     plans: list[LayerPlan] = field(default_factory=list)  # kept indices per layer, in dense numbering
+    layer_energies: dict[str, list[float]] | None = None  # StructPrune's first pass (raw, per kind)
 
     def summary(self) -> dict:
         data = asdict(self)
@@ -222,7 +238,7 @@ def _prune(
         view = model_view(model)
     model.eval()
     home = next(model.parameters()).device
-    needs_calibration = NEEDS_CALIBRATION[config.method]
+    needs_calibration = config.method == "structprune" or NEEDS_CALIBRATION[config.method]
     vocab = getattr(model.config, "vocab_size", None)
     if needs_calibration or calibration_ids is not None:
         calibration_ids = check_calibration(calibration_ids, vocab)
@@ -232,7 +248,6 @@ def _prune(
     spaces = {kind: [unit_space(kind, g, config.head_unit) for g in geometries] for kind in config.units}
     prunable_before = prunable_parameter_count(model)
     params_before = parameter_count(model)
-    counts = allocate_uniform(spaces, prunable_before, config.sparsity, config.head_sparsity)
 
     with torch.no_grad():
         trace_ids = (
@@ -244,6 +259,15 @@ def _prune(
         batches = []
         if needs_calibration:
             batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
+    energies = None
+    if config.method == "structprune":
+        energies = energy_pass(view, batches, _layer_forward, config, device, progress)
+        normalised = {kind: normalise(values, config.normalisation) for kind, values in energies.items()}
+        counts = allocate_softmax(spaces, normalised, prunable_before, config.sparsity, config.temperature)
+        with torch.no_grad():  # the energy pass consumed the batches: capture layer 0's inputs again
+            batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
+    else:
+        counts = allocate_uniform(spaces, prunable_before, config.sparsity, config.head_sparsity)
 
     records, plans = [], []
     for i, lv in enumerate(
@@ -252,23 +276,17 @@ def _prune(
         t0 = time.perf_counter()
         layer_home = next(lv.layer.parameters()).device
         lv.layer.to(device)
-        norms = LayerInputs()
-        with torch.no_grad():
-            if needs_calibration:
-                watched = {"attn_in": lv.q, "o_in": lv.o, "mlp_in": lv.mlp_in[0], "mlp_hidden": lv.mlp_out}
-                with InputRecorder(watched, i) as recorder:
-                    for batch in batches:
-                        _layer_forward(lv.layer, batch)
-                norms = LayerInputs(**{k: s.norms() for k, s in recorder.stats.items()})
-            plan = _plan_layer(lv, config, {k: counts[k][i] for k in counts}, norms)
-        plans.append(plan)
         before = (lv.num_heads, lv.num_kv_heads, lv.intermediate_size)
-        graph = build_layer_graph(lv, trace.hidden, trace.kwargs)
-        pruned = prune_layer(lv, plan, graph)
-        del graph
+        remove = {k: counts[k][i] for k in counts}
+        if config.method == "structprune":
+            pruned, plan = prune_layer_structprune(lv, i, batches, _layer_forward, remove, config, trace)
+        else:
+            pruned, plan = _prune_layer_by_score(lv, i, batches, remove, config, trace)
+        plans.append(plan)
         with torch.no_grad():
             if needs_calibration and i + 1 < len(views):
-                batches = [_Batch(_layer_forward(lv.layer, b), b.kwargs) for b in batches]
+                for b in batches:
+                    b.hidden = _layer_forward(lv.layer, b)
         lv.layer.to(layer_home)
         records.append(
             LayerRecord(
@@ -298,4 +316,21 @@ def _prune(
         peak_memory_bytes=0,
         peak_memory_kind="",
         plans=plans,
+        layer_energies=energies,
     )
+
+
+def _prune_layer_by_score(lv: LayerView, index: int, batches: list, remove: dict, config: PruneConfig, trace):
+    """One-shot baselines: score groups from the layer's own statistics, keep the best, remove the rest."""
+    norms = LayerInputs()
+    with torch.no_grad():
+        if batches:
+            watched = {"attn_in": lv.q, "o_in": lv.o, "mlp_in": lv.mlp_in[0], "mlp_hidden": lv.mlp_out}
+            with InputRecorder(watched, index) as recorder:
+                for batch in batches:
+                    _layer_forward(lv.layer, batch)
+            norms = LayerInputs(**{k: s.norms() for k, s in recorder.stats.items()})
+        plan = _plan_layer(lv, config, remove, norms)
+    graph = build_layer_graph(lv, trace.hidden, trace.kwargs)
+    pruned = prune_layer(lv, plan, graph)
+    return pruned, plan

@@ -21,13 +21,23 @@ class FeatureMoments:
     sum_x: torch.Tensor | None = None
     sum_sq: torch.Tensor | None = None
     tokens: int = 0
+    with_gram: bool = False  # also accumulate X^T X (features x features), for least-squares refits
+    gram: torch.Tensor | None = None
+    keep_inputs: bool = False  # also keep the inputs themselves (the ADMM solver needs the tokens)
+    inputs: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).double()
-        sums, squares = flat.sum(0), flat.pow(2).sum(0)
+        flat = x.detach().reshape(-1, x.shape[-1])
+        wide = flat.double()
+        sums, squares = wide.sum(0), wide.pow(2).sum(0)
         self.sum_x = sums if self.sum_x is None else self.sum_x + sums
         self.sum_sq = squares if self.sum_sq is None else self.sum_sq + squares
         self.tokens += flat.shape[0]
+        if self.with_gram:
+            g = wide.T @ wide
+            self.gram = g if self.gram is None else self.gram + g
+        if self.keep_inputs:
+            self.inputs.append(flat.float().clone())
 
     def norms(self) -> torch.Tensor:
         """||X_j||_2 over all calibration tokens (Wanda's activation norm)."""
@@ -48,12 +58,16 @@ class InputRecorder:
 
     modules: dict[str, nn.Module]
     layer_index: int
+    grams: tuple[str, ...] = ()
+    keep_inputs: tuple[str, ...] = ()
     stats: dict[str, FeatureMoments] = field(default_factory=dict)
     _handles: list = field(default_factory=list)
 
     def __enter__(self) -> InputRecorder:
         for name, module in self.modules.items():
-            self.stats[name] = FeatureMoments()
+            self.stats[name] = FeatureMoments(
+                with_gram=name in self.grams, keep_inputs=name in self.keep_inputs
+            )
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
 
@@ -63,8 +77,8 @@ class InputRecorder:
             if not torch.isfinite(x).all():
                 raise NonFiniteActivationError(
                     f"NaN/inf in the input of {name} in decoder layer {self.layer_index}. "
-                    "Fix: check the calibration data and model weights (fp16 overflow? run in "
-                    "float32 with --dtype float32)"
+                    "Fix: check the calibration data and the model weights (an fp16 overflow? load "
+                    "the model in float32)"
                 )
             self.stats[name].add(x)
 

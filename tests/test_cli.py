@@ -134,3 +134,36 @@ def test_bad_arguments_exit_2(cache, tiny_trained_dir, capsys, argv, message):
 def test_unknown_model_name(cache, capsys):
     assert _run("eval", "no-such-model") == 2
     assert "no hub downloads" in capsys.readouterr().err
+
+
+def test_structprune_method_records_energies(cache, tiny_trained_dir):
+    out = cache / "sp"
+    assert (
+        _run(
+            "prune",
+            "--model",
+            tiny_trained_dir,
+            "--method",
+            "structprune",
+            "--sparsity",
+            0.4,
+            "--temperature",
+            0.5,
+            "--admm-iterations",
+            1,
+            "--calib-samples",
+            4,
+            "--calib-len",
+            64,
+            "--no-eval",
+            "--output",
+            out,
+            "--no-progress",
+        )
+        == 0
+    )
+    report = json.loads((out / "struprune_report.json").read_text())
+    assert report["pruning"]["settings"]["temperature"] == 0.5
+    assert len(report["pruning"]["layer_energies"]["mlp"]) == 4
+    assert abs(report["pruning"]["achieved_sparsity"] - 0.4) < 0.01
+    assert load_pruned(out)(input_ids=torch.tensor([[5, 6, 7]])).logits.isfinite().all()

@@ -1,0 +1,149 @@
+"""StructPrune's two passes over the decoder layers, one layer resident in each.
+
+Pass 1 (energies): the dense model's calibration activations stream through each layer once; the
+group energies are reduced to one number per layer and unit kind, so the global allocation needs
+O(layers) memory, not the scores of every group at once.
+
+Pass 2 (pruning), per layer: heads are chosen by energy and o_proj is refitted by least squares
+from the Gram of its input; the MLP then sees the *pruned* attention's output, and the ADMM block
+solver chooses its channels and updated weights (OPT's ReLU MLP: energy choice + fc2 refit).
+Torch-Pruning removes the groups; the solver's weights are copied into the smaller modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .admm import ADMMConfig, refit_output_columns, solve_gated_mlp
+from .architectures import LayerView, ModelView, geometry_of
+from .energies import LayerMoments, head_energy, layer_energy, mlp_channel_energy
+from .groups import LayerPlan, choose_channels, choose_heads, head_channels, resolve_head_unit, unit_space
+from .stats import InputRecorder
+from .surgery import build_layer_graph, prune_layer
+
+WATCHED = ("attn_in", "o_in", "mlp_in", "mlp_hidden")
+
+
+def _watch(lv: LayerView) -> dict:
+    return {"attn_in": lv.q, "o_in": lv.o, "mlp_in": lv.mlp_in[0], "mlp_hidden": lv.mlp_out}
+
+
+def group_energies(
+    lv: LayerView, moments: LayerMoments, energy: str, head_unit: str
+) -> dict[str, torch.Tensor]:
+    unit = resolve_head_unit(head_unit, geometry_of(lv))
+    return {
+        "mlp": mlp_channel_energy(energy, [w.weight for w in lv.mlp_in], lv.mlp_out.weight, moments),
+        "heads": head_energy(
+            energy, unit, lv.q.weight, lv.k.weight, lv.v.weight, lv.o.weight, lv.head_dim, moments
+        ),
+    }
+
+
+def energy_pass(
+    view: ModelView,
+    batches: list,
+    forward: Callable,
+    config,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, list[float]]:
+    """Layer energies of the dense model (mean energy per parameter, per unit kind)."""
+    energies: dict[str, list[float]] = {kind: [] for kind in config.units}
+    for i, lv in enumerate(tqdm(view.layer_views(), desc="energies", disable=not progress, unit="layer")):
+        home = next(lv.layer.parameters()).device
+        lv.layer.to(device)
+        with torch.no_grad(), InputRecorder(_watch(lv), i) as rec:
+            outputs = [forward(lv.layer, b) for b in batches]
+        moments = LayerMoments.from_stats(rec.stats)
+        per_group = group_energies(lv, moments, config.energy, config.head_unit)
+        geometry = geometry_of(lv)
+        for kind in config.units:
+            energies[kind].append(
+                layer_energy(per_group[kind], unit_space(kind, geometry, config.head_unit).cost)
+            )
+        for batch, out in zip(batches, outputs):
+            batch.hidden = out
+        lv.layer.to(home)
+    return energies
+
+
+def admm_config(config) -> ADMMConfig:
+    return ADMMConfig(iterations=config.admm_iterations, use_aux=config.use_aux, refit=config.refit)
+
+
+def prune_layer_structprune(
+    lv: LayerView, index: int, batches: list, forward: Callable, remove: dict[str, int], config, trace
+) -> tuple[LayerView, LayerPlan]:
+    """Prune one resident layer (heads, then MLP) with weight updates; returns the new view and plan."""
+    geometry = geometry_of(lv)
+    plan = LayerPlan.dense(geometry)
+    graph = build_layer_graph(lv, trace.hidden, trace.kwargs)
+    if remove.get("heads"):
+        with torch.no_grad(), InputRecorder(_watch(lv), index, grams=("o_in",)) as rec:
+            for b in batches:
+                forward(lv.layer, b)
+        moments = LayerMoments.from_stats(rec.stats)
+        unit = resolve_head_unit(config.head_unit, geometry)
+        scores = group_energies(lv, moments, config.energy, config.head_unit)["heads"]
+        plan.keep_heads, plan.keep_kv_heads = choose_heads(unit, scores, remove["heads"], geometry)
+        new_o = None
+        if config.refit:
+            kept = head_channels(plan.keep_heads, lv.head_dim)
+            new_o = refit_output_columns(lv.o.weight.detach(), rec.stats["o_in"].gram, kept, 0.01)
+        heads_only = LayerPlan(list(range(geometry.intermediate)), plan.keep_heads, plan.keep_kv_heads)
+        heads_only.validate(geometry)
+        lv = prune_layer(lv, heads_only, graph)
+        if new_o is not None:
+            with torch.no_grad():
+                lv.o.weight.copy_(new_o)
+    if remove.get("mlp"):
+        keep_count = geometry.intermediate - remove["mlp"]
+        gated = lv.family == "llama"
+        with (
+            torch.no_grad(),
+            InputRecorder(
+                _watch(lv),
+                index,
+                grams=() if gated else ("mlp_hidden",),
+                keep_inputs=("mlp_in",) if gated else (),
+            ) as rec,
+        ):
+            for b in batches:
+                forward(lv.layer, b)
+        new_weights = None
+        if gated:
+            x = torch.cat(rec.stats["mlp_in"].inputs)
+            sol = solve_gated_mlp(
+                x,
+                lv.mlp_in[0].weight.detach(),
+                lv.mlp_in[1].weight.detach(),
+                lv.mlp_out.weight.detach(),
+                keep_count,
+                admm_config(config),
+            )
+            plan.keep_mlp = sol.keep
+            new_weights = (sol.w_gate, sol.w_up, sol.w_down)
+        else:
+            moments = LayerMoments.from_stats(rec.stats)
+            scores = mlp_channel_energy(
+                config.energy, [w.weight for w in lv.mlp_in], lv.mlp_out.weight, moments
+            )
+            plan.keep_mlp = choose_channels(scores, remove["mlp"])
+            if config.refit:
+                refit = refit_output_columns(
+                    lv.mlp_out.weight.detach(), rec.stats["mlp_hidden"].gram, plan.keep_mlp, 0.01
+                )
+                new_weights = (None, refit)
+        mlp_only = LayerPlan(plan.keep_mlp, list(range(lv.num_heads)), list(range(lv.num_kv_heads)))
+        lv = prune_layer(lv, mlp_only, graph)
+        if new_weights is not None:
+            with torch.no_grad():
+                for module, weight in zip((*lv.mlp_in, lv.mlp_out)[-len(new_weights) :], new_weights):
+                    if weight is not None:
+                        module.weight.copy_(weight)
+    del graph
+    return lv, plan
