@@ -171,9 +171,8 @@ def cmd_prepare(_args) -> int:
 def cmd_prune(args) -> int:
     from .architectures import model_view
     from .checkpoint import save_pruned
-    from .engine import PruneConfig, prune_model
+    from .engine import METHOD_NEEDS_CALIBRATION, PruneConfig, prune_model
     from .report import plot_layer_widths, render_markdown, write_report
-    from .scoring import NEEDS_CALIBRATION
     from .zoo import resolve_model
 
     progress = not args.no_progress
@@ -200,7 +199,7 @@ def cmd_prune(args) -> int:
     model_view(model)  # unsupported architectures fail here, before any work
     report: dict = {"struprune_version": __version__, "model": {"name": folder.name, "path": str(folder)}}
     calibration = None
-    if args.method == "structprune" or NEEDS_CALIBRATION[args.method]:
+    if METHOD_NEEDS_CALIBRATION[args.method]:
         corpus = ensure_texts()
         calibration = sample_calibration(
             tokenize(tokenizer, corpus.read(args.calib_text)), args.calib_samples, args.calib_len, args.seed

@@ -35,14 +35,16 @@ from .energies import ENERGIES, normalise
 from .errors import CalibrationDataError, StructPruneError
 from .groups import UNIT_KINDS, LayerPlan, choose_channels, choose_heads, resolve_head_unit, unit_space
 from .memory import RssSampler, peak_memory, reset_peak
-from .scoring import METHODS, NEEDS_CALIBRATION, LayerInputs, head_scores, mlp_channel_scores
+from .scoring import NEEDS_CALIBRATION, LayerInputs, head_scores, mlp_channel_scores
 from .stats import InputRecorder
 from .structprune import energy_pass, prune_layer_structprune
 from .surgery import build_layer_graph, prune_layer
 
 log = logging.getLogger(__name__)
 
-ALL_METHODS = (*METHODS, "structprune")
+#: Every method the engine runs, and whether it needs calibration data.
+METHOD_NEEDS_CALIBRATION = {**NEEDS_CALIBRATION, "structprune": True}
+ALL_METHODS = tuple(METHOD_NEEDS_CALIBRATION)
 
 
 @dataclass
@@ -238,7 +240,7 @@ def _prune(
         view = model_view(model)
     model.eval()
     home = next(model.parameters()).device
-    needs_calibration = config.method == "structprune" or NEEDS_CALIBRATION[config.method]
+    needs_calibration = METHOD_NEEDS_CALIBRATION[config.method]
     vocab = getattr(model.config, "vocab_size", None)
     if needs_calibration or calibration_ids is not None:
         calibration_ids = check_calibration(calibration_ids, vocab)

@@ -114,7 +114,7 @@ def prune_layer_structprune(
         ):
             for b in batches:
                 forward(lv.layer, b)
-        new_weights = None
+        updates: list[tuple[torch.nn.Linear, torch.Tensor]] = []  # (module, weight after surgery)
         if gated:
             x = torch.cat(rec.stats["mlp_in"].inputs)
             sol = solve_gated_mlp(
@@ -126,7 +126,7 @@ def prune_layer_structprune(
                 admm_config(config),
             )
             plan.keep_mlp = sol.keep
-            new_weights = (sol.w_gate, sol.w_up, sol.w_down)
+            updates = list(zip((*lv.mlp_in, lv.mlp_out), (sol.w_gate, sol.w_up, sol.w_down)))
         else:
             moments = LayerMoments.from_stats(rec.stats)
             scores = mlp_channel_energy(
@@ -134,16 +134,14 @@ def prune_layer_structprune(
             )
             plan.keep_mlp = choose_channels(scores, remove["mlp"])
             if config.refit:
-                refit = refit_output_columns(
-                    lv.mlp_out.weight.detach(), rec.stats["mlp_hidden"].gram, plan.keep_mlp, 0.01
-                )
-                new_weights = (None, refit)
+                gram = rec.stats["mlp_hidden"].gram
+                updates = [
+                    (lv.mlp_out, refit_output_columns(lv.mlp_out.weight.detach(), gram, plan.keep_mlp, 0.01))
+                ]
         mlp_only = LayerPlan(plan.keep_mlp, list(range(lv.num_heads)), list(range(lv.num_kv_heads)))
         lv = prune_layer(lv, mlp_only, graph)
-        if new_weights is not None:
-            with torch.no_grad():
-                for module, weight in zip((*lv.mlp_in, lv.mlp_out)[-len(new_weights) :], new_weights):
-                    if weight is not None:
-                        module.weight.copy_(weight)
+        with torch.no_grad():  # Torch-Pruning edits modules in place, so these are the pruned ones
+            for module, weight in updates:
+                module.weight.copy_(weight)
     del graph
     return lv, plan
