@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
@@ -274,7 +273,3 @@ def prunable_parameter_count(model: nn.Module) -> int:
         for lv in model_view(model).layer_views()
         for lin in lv.linears
     )
-
-
-def first_parameter(module: nn.Module) -> torch.Tensor:
-    return next(module.parameters())

@@ -12,7 +12,7 @@ Units:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -122,7 +122,6 @@ class LayerPlan:
     keep_mlp: list[int]
     keep_heads: list[int]  # query heads
     keep_kv_heads: list[int]
-    notes: dict = field(default_factory=dict)
 
     @classmethod
     def dense(cls, geometry: LayerGeometry) -> LayerPlan:

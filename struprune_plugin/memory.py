@@ -15,10 +15,6 @@ class PeakMemory:
     bytes: int
     kind: str  # "cuda_max_allocated" or "cpu_peak_rss" (sampled over the pruning run)
 
-    @property
-    def mib(self) -> float:
-        return self.bytes / 2**20
-
 
 def reset_peak(device: torch.device | str) -> None:
     device = torch.device(device)

@@ -24,8 +24,6 @@ from .groups import LayerPlan, choose_channels, choose_heads, head_channels, res
 from .stats import InputRecorder
 from .surgery import build_layer_graph, prune_layer
 
-WATCHED = ("attn_in", "o_in", "mlp_in", "mlp_hidden")
-
 
 def _watch(lv: LayerView) -> dict:
     return {"attn_in": lv.q, "o_in": lv.o, "mlp_in": lv.mlp_in[0], "mlp_hidden": lv.mlp_out}
