@@ -185,6 +185,51 @@ def allocate_softmax(
     return round_to_budget(spaces, removal, target)
 
 
+def allocate_global_threshold(
+    spaces: dict[str, list[UnitSpace]],
+    group_energies: dict[str, Sequence[torch.Tensor]],
+    total_prunable: int,
+    sparsity: float,
+) -> dict[str, list[int]]:
+    """The global structured reference: one threshold on energy per parameter over every group of
+    every layer (method.md section 2), which needs all groups' energies at once (O(N) memory).
+
+    Removal happens in feasible steps (query heads: the lowest head of every KV group at once, so
+    a step's energy is their sum); steps are taken cheapest-first across the whole model while they
+    bring the removed parameter count closer to the budget, never below a layer's minimum.
+    """
+    check_sparsity(sparsity)
+    target = sparsity * total_prunable
+    steps = []  # (energy per parameter, kind, layer, step cost)
+    for kind, kind_spaces in spaces.items():
+        for layer, (space, energies) in enumerate(zip(kind_spaces, group_energies[kind])):
+            ordered = torch.sort(torch.as_tensor(energies, dtype=torch.float64)).values
+            for j in range(space.max_remove // space.step):
+                chunk = ordered[j * space.step : (j + 1) * space.step]
+                cost = space.cost * space.step
+                steps.append((float(chunk.sum()) / cost, kind, layer, cost))
+    steps.sort(key=lambda item: item[0])
+    counts = {kind: [0] * len(kind_spaces) for kind, kind_spaces in spaces.items()}
+    removed = 0.0
+    taken = []
+    for step in steps:
+        _energy, kind, layer, cost = step
+        if removed + cost / 2 >= target:
+            if removed >= target - 1e-9:
+                break
+            continue  # this step overshoots by more than half; a smaller one may still fit
+        counts[kind][layer] += spaces[kind][layer].step
+        removed += cost
+        taken.append(step)
+    # A coarse step (a head) may have overshot: give back the dearest small steps taken while
+    # that brings the total closer, so the budget holds to within one MLP channel.
+    for _energy, kind, layer, cost in reversed(taken):
+        if abs(removed - cost - target) < abs(removed - target):
+            counts[kind][layer] -= spaces[kind][layer].step
+            removed -= cost
+    return counts
+
+
 def allocate_uniform(
     spaces: dict[str, list[UnitSpace]],
     total_prunable: int,

@@ -52,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model layer by layer, save it, evaluate, report")
     p.add_argument("--model", default="smollm2", help="'smollm2' (default), 'tiny', or a local HF folder")
-    p.add_argument("--method", default="wanda-sp", choices=("magnitude", "wanda-sp", "structprune"))
+    p.add_argument(
+        "--method",
+        default="wanda-sp",
+        choices=("magnitude", "wanda-sp", "structprune", "global"),
+        help="global: the O(N) reference, one energy threshold over all groups, same solver",
+    )
     p.add_argument("--sparsity", type=float, default=0.3, help="fraction of prunable parameters to remove")
     p.add_argument("--units", type=_units, default=("mlp", "heads"), help="mlp,heads | mlp | heads")
     p.add_argument("--head-unit", default="auto", choices=("auto", "query", "kv_group"))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import allocate_softmax, allocate_uniform, check_sparsity
+from .allocation import allocate_global_threshold, allocate_softmax, allocate_uniform, check_sparsity
 from .architectures import (
     LayerView,
     ModelView,
@@ -43,8 +43,11 @@ from .surgery import build_layer_graph, prune_layer
 log = logging.getLogger(__name__)
 
 #: Every method the engine runs, and whether it needs calibration data.
-METHOD_NEEDS_CALIBRATION = {**NEEDS_CALIBRATION, "structprune": True}
+METHOD_NEEDS_CALIBRATION = {**NEEDS_CALIBRATION, "structprune": True, "global": True}
 ALL_METHODS = tuple(METHOD_NEEDS_CALIBRATION)
+#: Methods that run the energy pass and the per-layer solver; "global" allocates by one threshold
+#: over all groups' energies (the O(N) reference) instead of StructPrune's per-layer softmax.
+SOLVER_METHODS = ("structprune", "global")
 
 
 @dataclass
@@ -262,10 +265,17 @@ def _prune(
         if needs_calibration:
             batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
     energies = None
-    if config.method == "structprune":
-        energies = energy_pass(view, batches, _layer_forward, config, device, progress)
-        normalised = {kind: normalise(values, config.normalisation) for kind, values in energies.items()}
-        counts = allocate_softmax(spaces, normalised, prunable_before, config.sparsity, config.temperature)
+    if config.method in SOLVER_METHODS:
+        keep_groups = config.method == "global"
+        energies, groups = energy_pass(view, batches, _layer_forward, config, device, progress, keep_groups)
+        if keep_groups:
+            counts = allocate_global_threshold(spaces, groups, prunable_before, config.sparsity)
+        else:
+            normalised = {kind: normalise(values, config.normalisation) for kind, values in energies.items()}
+            counts = allocate_softmax(
+                spaces, normalised, prunable_before, config.sparsity, config.temperature
+            )
+        del groups
         with torch.no_grad():  # the energy pass consumed the batches: capture layer 0's inputs again
             batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
     else:
@@ -280,7 +290,7 @@ def _prune(
         lv.layer.to(device)
         before = (lv.num_heads, lv.num_kv_heads, lv.intermediate_size)
         remove = {k: counts[k][i] for k in counts}
-        if config.method == "structprune":
+        if config.method in SOLVER_METHODS:
             pruned, plan = prune_layer_structprune(lv, i, batches, _layer_forward, remove, config, trace)
         else:
             pruned, plan = _prune_layer_by_score(lv, i, batches, remove, config, trace)

@@ -48,9 +48,17 @@ def energy_pass(
     config,
     device: torch.device,
     progress: bool,
-) -> dict[str, list[float]]:
-    """Layer energies of the dense model (mean energy per parameter, per unit kind)."""
+    keep_groups: bool = False,
+) -> tuple[dict[str, list[float]], dict[str, list[torch.Tensor]] | None]:
+    """Layer energies of the dense model (mean energy per parameter, per unit kind).
+
+    With `keep_groups` every group's energy is kept as well: the O(N) global-threshold reference
+    needs them all at once; StructPrune itself needs only the per-layer means.
+    """
     energies: dict[str, list[float]] = {kind: [] for kind in config.units}
+    groups: dict[str, list[torch.Tensor]] | None = (
+        {kind: [] for kind in config.units} if keep_groups else None
+    )
     for i, lv in enumerate(tqdm(view.layer_views(), desc="energies", disable=not progress, unit="layer")):
         home = next(lv.layer.parameters()).device
         lv.layer.to(device)
@@ -63,10 +71,12 @@ def energy_pass(
             energies[kind].append(
                 layer_energy(per_group[kind], unit_space(kind, geometry, config.head_unit).cost)
             )
+            if groups is not None:
+                groups[kind].append(per_group[kind].detach().double().cpu())
         for batch, out in zip(batches, outputs):
             batch.hidden = out
         lv.layer.to(home)
-    return energies
+    return energies, groups
 
 
 def admm_config(config) -> ADMMConfig:

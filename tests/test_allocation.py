@@ -185,3 +185,34 @@ def test_fermi_dirac_minimises_the_free_energy():
     got = np.array(fermi_dirac_keep(e.tolist(), m.tolist(), lo.tolist(), K, T))
     assert float(m @ got) == pytest.approx(K, rel=1e-9)
     assert np.allclose(got, ref.x, atol=1e-4)
+
+
+# --- global structured threshold (the O(N) reference) ---------------------------------------------
+
+
+def test_global_threshold_removes_the_globally_cheapest_groups():
+    from struprune_plugin.allocation import allocate_global_threshold
+
+    gen = torch.Generator().manual_seed(0)
+    spaces = {"mlp": [UnitSpace(n=50, cost=10) for _ in range(4)]}
+    energies = {"mlp": [torch.rand(50, generator=gen) * (layer + 1) for layer in range(4)]}
+    counts = allocate_global_threshold(spaces, energies, 4 * 50 * 10, 0.3)["mlp"]
+    assert sum(counts) == 60  # exactly 30 % of 200 equal-cost groups
+    everything = sorted((float(e), layer) for layer in range(4) for e in energies["mlp"][layer])
+    expected = [sum(1 for _, layer in everything[:60] if layer == i) for i in range(4)]
+    assert counts == expected
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.6])
+def test_global_threshold_budget_with_heads_and_channels(sparsity):
+    from struprune_plugin.allocation import allocate_global_threshold
+
+    gen = torch.Generator().manual_seed(1)
+    spaces = _smol_spaces(6)
+    energies = {k: [torch.rand(s.n, generator=gen) * s.cost for s in spaces[k]] for k in spaces}
+    total = 6 * _prunable(SMOL)
+    counts = allocate_global_threshold(spaces, energies, total, sparsity)
+    removed = sum(c * s.cost for k in counts for c, s in zip(counts[k], spaces[k]))
+    assert abs(removed - sparsity * total) <= SMOL.mlp_channel_cost / 2 + 1e-6
+    for k in counts:
+        assert all(0 <= c <= s.max_remove and c % s.step == 0 for c, s in zip(counts[k], spaces[k]))

@@ -23,6 +23,17 @@ def test_budget_and_shapes_on_every_family(family, temperature):
     assert out.isfinite().all()
 
 
+def test_global_reference_runs_to_budget(family):
+    model = make_model(family, layers=3)
+    calib = torch.randint(0, VOCAB, (4, 16))
+    result = prune_model(
+        model, calib, PruneConfig(method="global", sparsity=0.4, admm_iterations=1), progress=False
+    )
+    tolerance = geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
+    assert abs(result.achieved_sparsity - 0.4) <= tolerance
+    assert logits(result.model, torch.randint(0, VOCAB, (1, 7))).isfinite().all()
+
+
 def test_infinite_temperature_allocates_like_the_uniform_baselines():
     model = make_model("qwen2", layers=3)
     calib = torch.randint(0, VOCAB, (4, 16))
