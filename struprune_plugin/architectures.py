@@ -55,6 +55,10 @@ class LayerView:
     def linears(self) -> tuple[nn.Linear, ...]:
         return (*self.attention_linears, *self.mlp_in, self.mlp_out)
 
+    def input_taps(self) -> dict[str, nn.Linear]:
+        """One linear per distinct input the layer's linears see (q/k/v share one, gate/up another)."""
+        return {"attn_in": self.q, "o_in": self.o, "mlp_in": self.mlp_in[0], "mlp_hidden": self.mlp_out}
+
     def refresh_bookkeeping(self) -> None:
         """Set the attributes HF attention reads at run time after heads or channels were removed."""
         if self.num_heads % self.num_kv_heads:

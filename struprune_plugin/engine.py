@@ -337,8 +337,7 @@ def _prune_layer_by_score(lv: LayerView, index: int, batches: list, remove: dict
     norms = LayerInputs()
     with torch.no_grad():
         if batches:
-            watched = {"attn_in": lv.q, "o_in": lv.o, "mlp_in": lv.mlp_in[0], "mlp_hidden": lv.mlp_out}
-            with InputRecorder(watched, index) as recorder:
+            with InputRecorder(lv.input_taps(), index) as recorder:
                 for batch in batches:
                     _layer_forward(lv.layer, batch)
             norms = LayerInputs(**{k: s.norms() for k, s in recorder.stats.items()})

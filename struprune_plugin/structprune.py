@@ -25,10 +25,6 @@ from .stats import InputRecorder
 from .surgery import build_layer_graph, prune_layer
 
 
-def _watch(lv: LayerView) -> dict:
-    return {"attn_in": lv.q, "o_in": lv.o, "mlp_in": lv.mlp_in[0], "mlp_hidden": lv.mlp_out}
-
-
 def group_energies(
     lv: LayerView, moments: LayerMoments, energy: str, head_unit: str
 ) -> dict[str, torch.Tensor]:
@@ -62,7 +58,7 @@ def energy_pass(
     for i, lv in enumerate(tqdm(view.layer_views(), desc="energies", disable=not progress, unit="layer")):
         home = next(lv.layer.parameters()).device
         lv.layer.to(device)
-        with torch.no_grad(), InputRecorder(_watch(lv), i) as rec:
+        with torch.no_grad(), InputRecorder(lv.input_taps(), i) as rec:
             outputs = [forward(lv.layer, b) for b in batches]
         moments = LayerMoments.from_stats(rec.stats)
         per_group = group_energies(lv, moments, config.energy, config.head_unit)
@@ -91,7 +87,7 @@ def prune_layer_structprune(
     plan = LayerPlan.dense(geometry)
     graph = build_layer_graph(lv, trace.hidden, trace.kwargs)
     if remove.get("heads"):
-        with torch.no_grad(), InputRecorder(_watch(lv), index, grams=("o_in",)) as rec:
+        with torch.no_grad(), InputRecorder(lv.input_taps(), index, grams=("o_in",)) as rec:
             for b in batches:
                 forward(lv.layer, b)
         moments = LayerMoments.from_stats(rec.stats)
@@ -114,7 +110,7 @@ def prune_layer_structprune(
         with (
             torch.no_grad(),
             InputRecorder(
-                _watch(lv),
+                lv.input_taps(),
                 index,
                 grams=() if gated else ("mlp_hidden",),
                 keep_inputs=("mlp_in",) if gated else (),
