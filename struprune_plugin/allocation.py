@@ -173,7 +173,17 @@ def allocate_softmax(
     normalised across layers); one threshold spans every layer and kind, as in global pruning.
     """
     check_sparsity(sparsity)
-    target = sparsity * total_prunable
+    return allocate_softmax_budget(spaces, energies, sparsity * total_prunable, temperature)
+
+
+def allocate_softmax_budget(
+    spaces: dict[str, list[UnitSpace]],
+    energies: dict[str, Sequence[float]] | None,
+    target: float,
+    temperature: float,
+) -> dict[str, list[int]]:
+    """`allocate_softmax` for an explicit number of parameters to remove: refreshing energies
+    re-allocates what is left of the budget over the layers not pruned yet."""
     keys = [(kind, layer) for kind in spaces for layer in range(len(spaces[kind]))]
     masses = [spaces[k][i].n * spaces[k][i].cost for k, i in keys]
     lower = [spaces[k][i].min_keep / spaces[k][i].n for k, i in keys]

@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="wanda-sp",
-        choices=("magnitude", "wanda-sp", "structprune", "global"),
-        help="global: the O(N) reference, one energy threshold over all groups, same solver",
+        choices=("magnitude", "wanda-sp", "flap", "structprune", "global"),
+        help="flap: FLAP reference (fluctuation, global standardised ranking, bias compensation); "
+        "global: the O(N) reference, one energy threshold over all groups, same solver",
     )
     p.add_argument("--sparsity", type=float, default=0.3, help="fraction of prunable parameters to remove")
     p.add_argument("--units", type=_units, default=("mlp", "heads"), help="mlp,heads | mlp | heads")
@@ -73,6 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--admm-iterations", type=int, default=4)
     sp.add_argument("--no-aux", action="store_true", help="MLP solver without SparseLLM auxiliary variables")
     sp.add_argument("--no-refit", action="store_true", help="no least-squares refit of kept weights")
+    sp.add_argument(
+        "--energy-samples",
+        type=int,
+        default=32,
+        help="calibration windows for the energy pass (0 = all); one mean per layer needs few",
+    )
+    sp.add_argument(
+        "--refresh-energies",
+        action="store_true",
+        help="re-measure each layer's energy on the pruned prefix and re-allocate the rest of the budget",
+    )
+    fp = p.add_argument_group("flap (method=flap)")
+    fp.add_argument(
+        "--no-bias-compensation", action="store_true", help="FLAP without folding removed means into biases"
+    )
     p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (paper protocol: 128)")
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--calib-text", default="wiki_train", help="split to sample calibration windows from")
@@ -194,6 +210,9 @@ def cmd_prune(args) -> int:
         admm_iterations=args.admm_iterations,
         use_aux=not args.no_aux,
         refit=not args.no_refit,
+        energy_samples=args.energy_samples or None,
+        refresh_energies=args.refresh_energies,
+        bias_compensation=not args.no_bias_compensation,
     )
     config.validate()
     folder = resolve_model(args.model)

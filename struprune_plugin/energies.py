@@ -30,34 +30,41 @@ NORMALISATIONS = ("log-z", "z", "log", "none")
 
 @dataclass
 class LayerMoments:
-    """Second moments and variances of the four inputs of a decoder layer's linears."""
+    """Second moments and variances of the inputs of a decoder layer's linears.
 
-    attn_in_norm: torch.Tensor
-    o_in_sq: torch.Tensor  # sum over tokens of a_c^2
-    o_in_var: torch.Tensor  # per-token variance of a_c (times tokens = centred sum of squares)
-    mlp_in_norm: torch.Tensor
-    mlp_hidden_sq: torch.Tensor
-    mlp_hidden_var: torch.Tensor
+    A pass that records only some inputs (the heads pass needs no MLP statistics) leaves the
+    others None; the energies of the unit kind it serves never read them.
+    """
+
     tokens: int
+    attn_in_norm: torch.Tensor | None = None
+    o_in_sq: torch.Tensor | None = None  # sum over tokens of a_c^2
+    o_in_var: torch.Tensor | None = None  # per-token variance of a_c (times tokens = centred sum of squares)
+    mlp_in_norm: torch.Tensor | None = None
+    mlp_hidden_sq: torch.Tensor | None = None
+    mlp_hidden_var: torch.Tensor | None = None
 
     @classmethod
     def from_stats(cls, stats: dict) -> LayerMoments:
+        def get(name, what):
+            return what(stats[name]) if name in stats else None
+
         return cls(
-            attn_in_norm=stats["attn_in"].norms(),
-            o_in_sq=stats["o_in"].sum_sq.float(),
-            o_in_var=stats["o_in"].variance(),
-            mlp_in_norm=stats["mlp_in"].norms(),
-            mlp_hidden_sq=stats["mlp_hidden"].sum_sq.float(),
-            mlp_hidden_var=stats["mlp_hidden"].variance(),
-            tokens=stats["mlp_in"].tokens,
+            tokens=next(iter(stats.values())).tokens,
+            attn_in_norm=get("attn_in", lambda m: m.norms()),
+            o_in_sq=get("o_in", lambda m: m.sum_sq.float()),
+            o_in_var=get("o_in", lambda m: m.variance()),
+            mlp_in_norm=get("mlp_in", lambda m: m.norms()),
+            mlp_hidden_sq=get("mlp_hidden", lambda m: m.sum_sq.float()),
+            mlp_hidden_var=get("mlp_hidden", lambda m: m.variance()),
         )
 
     def wanda_inputs(self) -> LayerInputs:
         return LayerInputs(
             attn_in=self.attn_in_norm,
-            o_in=self.o_in_sq.sqrt(),
+            o_in=None if self.o_in_sq is None else self.o_in_sq.sqrt(),
             mlp_in=self.mlp_in_norm,
-            mlp_hidden=self.mlp_hidden_sq.sqrt(),
+            mlp_hidden=None if self.mlp_hidden_sq is None else self.mlp_hidden_sq.sqrt(),
         )
 
 

@@ -21,7 +21,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import allocate_global_threshold, allocate_softmax, allocate_uniform, check_sparsity
+from . import flap
+from .allocation import (
+    allocate_global_threshold,
+    allocate_softmax,
+    allocate_softmax_budget,
+    allocate_uniform,
+    check_sparsity,
+)
 from .architectures import (
     LayerView,
     ModelView,
@@ -33,7 +40,15 @@ from .architectures import (
 from .checkpoint import record_layout
 from .energies import ENERGIES, normalise
 from .errors import CalibrationDataError, StructPruneError
-from .groups import UNIT_KINDS, LayerPlan, choose_channels, choose_heads, resolve_head_unit, unit_space
+from .groups import (
+    UNIT_KINDS,
+    LayerPlan,
+    choose_channels,
+    choose_heads,
+    head_channels,
+    resolve_head_unit,
+    unit_space,
+)
 from .memory import RssSampler, peak_memory, reset_peak
 from .scoring import NEEDS_CALIBRATION, LayerInputs, head_scores, mlp_channel_scores
 from .stats import InputRecorder
@@ -43,7 +58,7 @@ from .surgery import build_layer_graph, prune_layer
 log = logging.getLogger(__name__)
 
 #: Every method the engine runs, and whether it needs calibration data.
-METHOD_NEEDS_CALIBRATION = {**NEEDS_CALIBRATION, "structprune": True, "global": True}
+METHOD_NEEDS_CALIBRATION = {**NEEDS_CALIBRATION, "flap": True, "structprune": True, "global": True}
 ALL_METHODS = tuple(METHOD_NEEDS_CALIBRATION)
 #: Methods that run the energy pass and the per-layer solver; "global" allocates by one threshold
 #: over all groups' energies (the O(N) reference) instead of StructPrune's per-layer softmax.
@@ -66,9 +81,13 @@ class PruneConfig:
     temperature: float = 1.0  # softmax allocation over normalised layer energies; inf = uniform
     energy: str = "obs"  # group energy: "obs", "wanda" or "flap"
     normalisation: str = "log-z"
+    energy_samples: int | None = 32  # calibration windows for the energy pass (None: all)
+    refresh_energies: bool = False  # re-measure each layer's energy on the pruned prefix, re-allocate
     admm_iterations: int = 4
     use_aux: bool = True  # SparseLLM auxiliary variables in the MLP solver
     refit: bool = True  # least-squares refit of the kept weights (o_proj, MLP)
+    # FLAP only (method="flap"):
+    bias_compensation: bool = True  # fold removed channels' mean output into o_proj/down_proj biases
 
     def validate(self) -> None:
         check_sparsity(self.sparsity)
@@ -81,6 +100,13 @@ class PruneConfig:
         bad = [u for u in self.units if u not in UNIT_KINDS]
         if bad or not self.units:
             raise StructPruneError(f"units must be a non-empty subset of {UNIT_KINDS}; got {self.units}")
+        if self.refresh_energies and self.method != "structprune":
+            raise StructPruneError(
+                "refresh_energies re-allocates StructPrune's softmax budget; it applies to "
+                f"method='structprune' only, not {self.method!r}"
+            )
+        if self.energy_samples is not None and self.energy_samples < 1:
+            raise CalibrationDataError("energy_samples must be >= 1 (or None for every window)")
         if self.batch_size < 1:
             raise CalibrationDataError("batch_size must be >= 1")
 
@@ -267,7 +293,17 @@ def _prune(
     energies = None
     if config.method in SOLVER_METHODS:
         keep_groups = config.method == "global"
-        energies, groups = energy_pass(view, batches, _layer_forward, config, device, progress, keep_groups)
+        subsample = config.energy_samples is not None and config.energy_samples < len(calibration_ids)
+        energy_batches = batches
+        if subsample:
+            with torch.no_grad():
+                energy_batches = capture_layer_inputs(
+                    model, view, calibration_ids[: config.energy_samples].split(config.batch_size), device
+                )
+        energies, groups = energy_pass(
+            view, energy_batches, _layer_forward, config, device, progress, keep_groups
+        )
+        del energy_batches
         if keep_groups:
             counts = allocate_global_threshold(spaces, groups, prunable_before, config.sparsity)
         else:
@@ -276,10 +312,23 @@ def _prune(
                 spaces, normalised, prunable_before, config.sparsity, config.temperature
             )
         del groups
-        with torch.no_grad():  # the energy pass consumed the batches: capture layer 0's inputs again
-            batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
+        if not subsample:  # the energy pass consumed the batches: capture layer 0's inputs again
+            with torch.no_grad():
+                batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
+    elif config.method == "flap":
+        flap_stats = flap.dense_pass(view, batches, _layer_forward, config.head_unit, device, progress)
+        counts = allocate_global_threshold(
+            spaces, flap.threshold_energies(flap_stats, spaces), prunable_before, config.sparsity
+        )
+        if config.bias_compensation:
+            flap.enable_output_biases(model, view)
+        batches = []  # FLAP decides from the dense pass alone: no per-layer forward follows
     else:
         counts = allocate_uniform(spaces, prunable_before, config.sparsity, config.head_sparsity)
+
+    reallocate = None
+    if config.refresh_energies:
+        reallocate = _reallocator(spaces, energies, counts, prunable_before * config.sparsity, config)
 
     records, plans = [], []
     for i, lv in enumerate(
@@ -290,8 +339,12 @@ def _prune(
         lv.layer.to(device)
         before = (lv.num_heads, lv.num_kv_heads, lv.intermediate_size)
         remove = {k: counts[k][i] for k in counts}
-        if config.method in SOLVER_METHODS:
-            pruned, plan = prune_layer_structprune(lv, i, batches, _layer_forward, remove, config, trace)
+        if config.method == "flap":
+            pruned, plan = _prune_layer_flap(lv, remove, flap_stats[i], config, trace)
+        elif config.method in SOLVER_METHODS:
+            pruned, plan = prune_layer_structprune(
+                lv, i, batches, _layer_forward, remove, config, trace, reallocate
+            )
         else:
             pruned, plan = _prune_layer_by_score(lv, i, batches, remove, config, trace)
         plans.append(plan)
@@ -330,6 +383,46 @@ def _prune(
         plans=plans,
         layer_energies=energies,
     )
+
+
+def _reallocator(spaces, energies, counts, target: float, config: PruneConfig):
+    """Energy refresh: layer i's first-pass energies are replaced by ones measured on the pruned
+    prefix's outputs, and what is left of the budget is re-allocated over layers i..L-1 (earlier
+    layers are final). Only one scalar per layer and kind is kept, so memory stays at one layer."""
+
+    def reallocate(i: int, fresh: dict[str, float]) -> dict[str, int]:
+        for kind, value in fresh.items():
+            energies[kind][i] = value
+        done = sum(counts[k][j] * spaces[k][j].cost for k in spaces for j in range(i))
+        normalised = {k: normalise(v, config.normalisation)[i:] for k, v in energies.items()}
+        rest = allocate_softmax_budget(
+            {k: s[i:] for k, s in spaces.items()}, normalised, max(0.0, target - done), config.temperature
+        )
+        for kind in counts:
+            counts[kind][i:] = rest[kind]
+        return {kind: counts[kind][i] for kind in counts}
+
+    return reallocate
+
+
+def _prune_layer_flap(lv: LayerView, remove: dict, stats: flap.FlapLayerStats, config: PruneConfig, trace):
+    """FLAP's choice in one layer: lowest standardised scores go, their mean output moves to the bias."""
+    geometry = geometry_of(lv)
+    plan = LayerPlan.dense(geometry)
+    if remove.get("mlp"):
+        plan.keep_mlp = choose_channels(stats.mlp, remove["mlp"])
+    if remove.get("heads"):
+        unit = resolve_head_unit(config.head_unit, geometry)
+        plan.keep_heads, plan.keep_kv_heads = choose_heads(unit, stats.heads, remove["heads"], geometry)
+    plan.validate(geometry)
+    if config.bias_compensation:
+        kept_o = set(head_channels(plan.keep_heads, lv.head_dim))
+        flap.compensate(lv.o, [c for c in range(lv.o.in_features) if c not in kept_o], stats.o_in_mean)
+        kept_mlp = set(plan.keep_mlp)
+        dropped = [c for c in range(geometry.intermediate) if c not in kept_mlp]
+        flap.compensate(lv.mlp_out, dropped, stats.mlp_hidden_mean)
+    graph = build_layer_graph(lv, trace.hidden, trace.kwargs)
+    return prune_layer(lv, plan, graph), plan
 
 
 def _prune_layer_by_score(lv: LayerView, index: int, batches: list, remove: dict, config: PruneConfig, trace):

@@ -28,12 +28,13 @@ class FeatureMoments:
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1])
-        wide = flat.double()
-        sums, squares = wide.sum(0), wide.pow(2).sum(0)
+        # One batch sums in float32 (pairwise summation keeps it accurate); batches add up in float64.
+        sums, squares = flat.float().sum(0).double(), flat.float().pow(2).sum(0).double()
         self.sum_x = sums if self.sum_x is None else self.sum_x + sums
         self.sum_sq = squares if self.sum_sq is None else self.sum_sq + squares
         self.tokens += flat.shape[0]
         if self.with_gram:
+            wide = flat.double()
             g = wide.T @ wide
             self.gram = g if self.gram is None else self.gram + g
         if self.keep_inputs:
@@ -74,7 +75,10 @@ class InputRecorder:
     def _hook(self, name: str):
         def record(_module, args):
             x = args[0]
-            if not torch.isfinite(x).all():
+            self.stats[name].add(x)
+            # A NaN/inf anywhere in x makes its feature's running sum of squares non-finite, so
+            # checking that small vector replaces a full pass over the activations.
+            if not torch.isfinite(self.stats[name].sum_sq).all():
                 raise NonFiniteActivationError(
                     f"NaN/inf in the input of {name} in decoder layer {self.layer_index}. "
                     "Fix: check the calibration data and the model weights (an fp16 overflow? load "

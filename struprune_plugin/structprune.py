@@ -24,17 +24,27 @@ from .groups import LayerPlan, choose_channels, choose_heads, head_channels, res
 from .stats import InputRecorder
 from .surgery import build_layer_graph, prune_layer
 
+#: The inputs each unit kind's energies read (see energies.py).
+ENERGY_TAPS = {"mlp": ("mlp_in", "mlp_hidden"), "heads": ("attn_in", "o_in")}
+
+
+def taps_for(lv: LayerView, kinds) -> dict[str, torch.nn.Module]:
+    wanted = {name for kind in kinds for name in ENERGY_TAPS[kind]}
+    return {name: module for name, module in lv.input_taps().items() if name in wanted}
+
 
 def group_energies(
-    lv: LayerView, moments: LayerMoments, energy: str, head_unit: str
+    lv: LayerView, moments: LayerMoments, energy: str, head_unit: str, kinds=("mlp", "heads")
 ) -> dict[str, torch.Tensor]:
     unit = resolve_head_unit(head_unit, geometry_of(lv))
-    return {
-        "mlp": mlp_channel_energy(energy, [w.weight for w in lv.mlp_in], lv.mlp_out.weight, moments),
-        "heads": head_energy(
+    out = {}
+    if "mlp" in kinds:
+        out["mlp"] = mlp_channel_energy(energy, [w.weight for w in lv.mlp_in], lv.mlp_out.weight, moments)
+    if "heads" in kinds:
+        out["heads"] = head_energy(
             energy, unit, lv.q.weight, lv.k.weight, lv.v.weight, lv.o.weight, lv.head_dim, moments
-        ),
-    }
+        )
+    return out
 
 
 def energy_pass(
@@ -49,7 +59,9 @@ def energy_pass(
     """Layer energies of the dense model (mean energy per parameter, per unit kind).
 
     With `keep_groups` every group's energy is kept as well: the O(N) global-threshold reference
-    needs them all at once; StructPrune itself needs only the per-layer means.
+    needs them all at once; StructPrune itself needs only the per-layer means. The pass streams
+    the batches it is given through every layer and overwrites their hidden states; callers hand
+    it a subsample (`PruneConfig.energy_samples`) because one mean per layer needs few tokens.
     """
     energies: dict[str, list[float]] = {kind: [] for kind in config.units}
     groups: dict[str, list[torch.Tensor]] | None = (
@@ -58,15 +70,13 @@ def energy_pass(
     for i, lv in enumerate(tqdm(view.layer_views(), desc="energies", disable=not progress, unit="layer")):
         home = next(lv.layer.parameters()).device
         lv.layer.to(device)
-        with torch.no_grad(), InputRecorder(lv.input_taps(), i) as rec:
+        with torch.no_grad(), InputRecorder(taps_for(lv, config.units), i) as rec:
             outputs = [forward(lv.layer, b) for b in batches]
         moments = LayerMoments.from_stats(rec.stats)
-        per_group = group_energies(lv, moments, config.energy, config.head_unit)
-        geometry = geometry_of(lv)
+        per_group = group_energies(lv, moments, config.energy, config.head_unit, config.units)
+        for kind, value in layer_energies_of(lv, per_group, config.head_unit).items():
+            energies[kind].append(value)
         for kind in config.units:
-            energies[kind].append(
-                layer_energy(per_group[kind], unit_space(kind, geometry, config.head_unit).cost)
-            )
             if groups is not None:
                 groups[kind].append(per_group[kind].detach().double().cpu())
         for batch, out in zip(batches, outputs):
@@ -79,21 +89,48 @@ def admm_config(config) -> ADMMConfig:
     return ADMMConfig(iterations=config.admm_iterations, use_aux=config.use_aux, refit=config.refit)
 
 
+def layer_energies_of(lv: LayerView, per_group: dict[str, torch.Tensor], head_unit: str) -> dict[str, float]:
+    geometry = geometry_of(lv)
+    return {
+        kind: layer_energy(values, unit_space(kind, geometry, head_unit).cost)
+        for kind, values in per_group.items()
+    }
+
+
 def prune_layer_structprune(
-    lv: LayerView, index: int, batches: list, forward: Callable, remove: dict[str, int], config, trace
+    lv: LayerView,
+    index: int,
+    batches: list,
+    forward: Callable,
+    remove: dict[str, int],
+    config,
+    trace,
+    reallocate: Callable[[int, dict[str, float]], dict[str, int]] | None = None,
 ) -> tuple[LayerView, LayerPlan]:
-    """Prune one resident layer (heads, then MLP) with weight updates; returns the new view and plan."""
+    """Prune one resident layer (heads, then MLP) with weight updates; returns the new view and plan.
+
+    With `reallocate` (energy refresh) the layer's energies are measured again on the inputs the
+    pruned prefix really produces, in the same pass that gathers the heads' statistics, and
+    `reallocate(index, energies)` returns this layer's counts under the re-allocated budget.
+    """
     geometry = geometry_of(lv)
     plan = LayerPlan.dense(geometry)
     graph = build_layer_graph(lv, trace.hidden, trace.kwargs)
-    if remove.get("heads"):
-        with torch.no_grad(), InputRecorder(lv.input_taps(), index, grams=("o_in",)) as rec:
+    rec = None
+    if remove.get("heads") or reallocate is not None:
+        kinds = config.units if reallocate is not None else ["heads"]
+        with torch.no_grad(), InputRecorder(taps_for(lv, kinds), index, grams=("o_in",)) as rec:
             for b in batches:
                 forward(lv.layer, b)
         moments = LayerMoments.from_stats(rec.stats)
+        per_group = group_energies(lv, moments, config.energy, config.head_unit, kinds)
+        if reallocate is not None:
+            remove = reallocate(index, layer_energies_of(lv, per_group, config.head_unit))
+    if remove.get("heads"):
         unit = resolve_head_unit(config.head_unit, geometry)
-        scores = group_energies(lv, moments, config.energy, config.head_unit)["heads"]
-        plan.keep_heads, plan.keep_kv_heads = choose_heads(unit, scores, remove["heads"], geometry)
+        plan.keep_heads, plan.keep_kv_heads = choose_heads(
+            unit, per_group["heads"], remove["heads"], geometry
+        )
         new_o = None
         if config.refit:
             kept = head_channels(plan.keep_heads, lv.head_dim)
@@ -104,13 +141,14 @@ def prune_layer_structprune(
         if new_o is not None:
             with torch.no_grad():
                 lv.o.weight.copy_(new_o)
+    del rec
     if remove.get("mlp"):
         keep_count = geometry.intermediate - remove["mlp"]
         gated = lv.family == "llama"
         with (
             torch.no_grad(),
             InputRecorder(
-                lv.input_taps(),
+                {"mlp_in": lv.input_taps()["mlp_in"]} if gated else taps_for(lv, ["mlp"]),
                 index,
                 grams=() if gated else ("mlp_hidden",),
                 keep_inputs=("mlp_in",) if gated else (),

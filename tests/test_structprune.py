@@ -78,3 +78,34 @@ def test_tiny_trained_model_beats_wanda_and_stays_finite_at_70(tiny_trained_dir)
         ppl[name] = perplexity(result.model, test_ids, seq_len=128, progress=False).ppl
     assert ppl["structprune"] < ppl["wanda-sp"], ppl
     assert ppl["structprune-70"] < 3 * ppl["wanda-sp"], ppl
+
+
+def test_refreshed_energies_keep_the_budget_and_follow_the_pruned_prefix(family):
+    model = make_model(family, layers=3)
+    calib = torch.randint(0, VOCAB, (6, 24))
+    base = dict(method="structprune", sparsity=0.4, temperature=0.5, admm_iterations=1, energy_samples=None)
+    plain = prune_model(model, calib, PruneConfig(**base), progress=False)
+    fresh = prune_model(model, calib, PruneConfig(**base, refresh_energies=True), progress=False)
+    tolerance = geometry_of(model_view(model).layer(0)).mlp_channel_cost / fresh.prunable_before
+    assert abs(fresh.achieved_sparsity - 0.4) <= tolerance
+    for kind, values in fresh.layer_energies.items():
+        # Layer 0 sees the same (dense) inputs in both passes; later layers see the pruned prefix.
+        assert values[0] == pytest.approx(plain.layer_energies[kind][0], rel=1e-5)
+        assert values[1:] != pytest.approx(plain.layer_energies[kind][1:], rel=1e-5)
+
+
+def test_energy_pass_subsample_is_the_first_windows():
+    model = make_model("llama", layers=2)
+    calib = torch.randint(0, VOCAB, (6, 16))
+    config = dict(method="structprune", sparsity=0.3, admm_iterations=0)
+    sub = prune_model(model, calib, PruneConfig(**config, energy_samples=2), progress=False)
+    first = prune_model(model, calib[:2], PruneConfig(**config, energy_samples=None), progress=False)
+    for kind in sub.layer_energies:
+        assert sub.layer_energies[kind] == pytest.approx(first.layer_energies[kind], rel=1e-5)
+
+
+def test_refresh_is_rejected_for_the_global_reference():
+    from struprune_plugin.errors import StructPruneError
+
+    with pytest.raises(StructPruneError, match="structprune"):
+        PruneConfig(method="global", refresh_energies=True).validate()
