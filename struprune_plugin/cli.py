@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="remove exactly this fraction of heads in every layer (must be feasible under GQA)",
     )
+    p.add_argument(
+        "--mlp-round-to", type=int, default=1, help="keep every MLP width a multiple of this (e.g. 8 or 64)"
+    )
     sp = p.add_argument_group("structprune (method=structprune)")
     sp.add_argument("--temperature", type=float, default=1.0, help="allocation temperature; inf = uniform")
     sp.add_argument("--energy", default="obs", choices=("obs", "wanda", "flap"), help="group energy")
@@ -203,6 +206,7 @@ def cmd_prune(args) -> int:
         units=args.units,
         head_unit=args.head_unit,
         head_sparsity=args.head_sparsity,
+        mlp_round_to=args.mlp_round_to,
         batch_size=args.batch_size,
         device=args.device,
         temperature=args.temperature,

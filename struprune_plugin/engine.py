@@ -74,6 +74,7 @@ class PruneConfig:
     units: tuple[str, ...] = ("mlp", "heads")
     head_unit: str = "auto"  # "query" (even within KV groups), "kv_group", or auto by GQA
     head_sparsity: float | None = None  # honoured exactly per layer when given
+    mlp_round_to: int = 1  # keep every MLP width a multiple of this (8, 64: GEMM-friendly)
     batch_size: int = 8
     device: str = "cpu"
     trace_tokens: int = 16
@@ -276,7 +277,10 @@ def _prune(
 
     views = view.layer_views()
     geometries = [geometry_of(lv) for lv in views]
-    spaces = {kind: [unit_space(kind, g, config.head_unit) for g in geometries] for kind in config.units}
+    spaces = {
+        kind: [unit_space(kind, g, config.head_unit, config.mlp_round_to) for g in geometries]
+        for kind in config.units
+    }
     prunable_before = prunable_parameter_count(model)
     params_before = parameter_count(model)
 

@@ -27,6 +27,10 @@ class GQAConstraintError(StructPruneError):
     """A head-pruning request that grouped-query attention cannot honour."""
 
 
+class WidthConstraintError(StructPruneError):
+    """A width rounding (MLP widths as multiples of N) that the model's widths cannot honour."""
+
+
 class OutputExistsError(StructPruneError):
     """The output folder exists and overwriting was not asked for."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import GQAConstraintError
+from .errors import GQAConstraintError, WidthConstraintError
 
 HEAD_UNITS = ("query", "kv_group")
 UNIT_KINDS = ("mlp", "heads")
@@ -90,9 +90,19 @@ def resolve_head_unit(head_unit: str, geometry: LayerGeometry) -> str:
     return head_unit
 
 
-def unit_space(kind: str, geometry: LayerGeometry, head_unit: str) -> UnitSpace:
+def unit_space(kind: str, geometry: LayerGeometry, head_unit: str, mlp_round_to: int = 1) -> UnitSpace:
+    """`mlp_round_to` keeps every MLP width a multiple of it (8 or 64 suit GEMM kernels): channels
+    are then removed in steps of that many, and the width must already be such a multiple."""
     if kind == "mlp":
-        return UnitSpace(n=geometry.intermediate, cost=geometry.mlp_channel_cost)
+        if mlp_round_to < 1 or geometry.intermediate % mlp_round_to:
+            raise WidthConstraintError(
+                f"MLP width {geometry.intermediate} is not a multiple of mlp_round_to={mlp_round_to}, "
+                "so the pruned widths cannot be either. Fix: choose a divisor of the width (e.g. 8) "
+                "or 1 for no rounding"
+            )
+        return UnitSpace(
+            n=geometry.intermediate, cost=geometry.mlp_channel_cost, step=mlp_round_to, min_keep=mlp_round_to
+        )
     if kind != "heads":
         raise ValueError(f"unknown unit kind {kind!r}; choose from {UNIT_KINDS}")
     if resolve_head_unit(head_unit, geometry) == "kv_group":

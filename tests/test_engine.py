@@ -128,3 +128,29 @@ def test_tiny_trained_model_keeps_quality_better_with_wanda(tiny_trained_dir):
         pruned = prune_model(model, calib, PruneConfig(method=method, sparsity=0.3), progress=False).model
         ppl[method] = perplexity(pruned, test_ids, seq_len=128, progress=False).ppl
     assert ppl["dense"] < ppl["wanda-sp"] < ppl["magnitude"], ppl
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "structprune", "global", "flap"])
+def test_mlp_widths_round_to_multiples(method):
+    model = make_model("llama", layers=3)
+    calib = torch.randint(0, VOCAB, (4, 16))
+    config = PruneConfig(
+        method=method, sparsity=0.35, mlp_round_to=8, admm_iterations=1, bias_compensation=False
+    )
+    result = prune_model(model, calib, config, progress=False)
+    assert all(r.mlp[1] % 8 == 0 for r in result.layers), [r.mlp for r in result.layers]
+    tolerance = 8 * geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
+    assert abs(result.achieved_sparsity - 0.35) <= tolerance
+    ids = torch.randint(0, VOCAB, (1, 9))
+    if method in ("wanda-sp", "flap"):  # no weight updates: the masked original is the reference
+        diff = (logits(result.model, ids) - logits(masked_reference(model, result.plans), ids)).abs().max()
+        assert diff <= 1e-5
+
+
+def test_mlp_round_to_must_divide_the_width():
+    from struprune_plugin.errors import WidthConstraintError
+
+    with pytest.raises(WidthConstraintError, match="not a multiple of mlp_round_to=7"):
+        prune_model(
+            make_model("llama"), torch.randint(0, VOCAB, (2, 8)), PruneConfig(mlp_round_to=7), progress=False
+        )

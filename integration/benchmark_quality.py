@@ -1,0 +1,277 @@
+"""Quality benchmark: every method at 20/30/50 % structured sparsity, plus StructPrune ablations at 30 %.
+
+Protocol (fixed, stated in the table): SmolLM2-135M-Instruct in float32; calibration 128 windows of
+512 tokens sampled from the Wikipedia train split (seed 0); perplexity over the full Wikipedia test
+split and the full news text in non-overlapping 512-token windows without BOS. Ablation rows are
+evaluated on the Wikipedia test split only (an evaluation costs minutes on two CPU cores).
+
+Every row runs `struprune prune` in its own process, so wall time and peak memory do not mix. The
+results accumulate in integration/results/quality.json: a row already there is skipped unless
+--rerun names it, so the benchmark can be run in pieces. Usage:
+
+    .venv/bin/python integration/benchmark_quality.py                # everything still missing
+    .venv/bin/python integration/benchmark_quality.py --rows structprune-30 flap-30
+    .venv/bin/python integration/benchmark_quality.py --list         # row names
+    .venv/bin/python integration/benchmark_quality.py --report-only  # table and plots from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+METHODS = ("magnitude", "wanda-sp", "flap", "global", "structprune")
+SPARSITIES = (0.3, 0.2, 0.5)  # 30 % first: the ablations compare against it
+FULL_TEXTS = "wiki_test,news"
+
+
+@dataclass
+class Row:
+    name: str
+    method: str
+    sparsity: float
+    flags: list[str] = field(default_factory=list)
+    texts: str = FULL_TEXTS
+    group: str = "main"
+    note: str = ""
+
+
+def planned_rows() -> list[Row]:
+    rows = [
+        Row(f"{m}-{round(s * 100)}", m, s)
+        for s in SPARSITIES
+        for m in ("structprune", "global", "flap", "wanda-sp", "magnitude")
+    ]
+    wiki = "wiki_test"
+
+    def ablation(name: str, flags: list[str], note: str) -> Row:
+        return Row(f"ablation-{name}", "structprune", 0.3, flags, wiki, "ablation", note)
+
+    rows += [
+        ablation("T-0.5", ["--temperature", "0.5"], "temperature 0.5"),
+        ablation("T-2", ["--temperature", "2"], "temperature 2"),
+        ablation("T-inf", ["--temperature", "inf"], "temperature inf (uniform allocation)"),
+        ablation("admm-0", ["--admm-iterations", "0"], "ADMM 0 iterations (projection + refit)"),
+        ablation("admm-1", ["--admm-iterations", "1"], "ADMM 1 iteration"),
+        ablation("admm-8", ["--admm-iterations", "8"], "ADMM 8 iterations"),
+        ablation("no-aux", ["--no-aux"], "no SparseLLM auxiliary variables"),
+        ablation("energy-wanda", ["--energy", "wanda"], "Wanda-group energy"),
+        ablation("energy-flap", ["--energy", "flap"], "FLAP-fluctuation energy"),
+        ablation("refresh", ["--refresh-energies"], "energies refreshed on the pruned prefix"),
+    ]
+    return rows
+
+
+def run_row(row: Row, args) -> dict:
+    folder = args.runs / row.name
+    cmd = [
+        sys.executable,
+        "-m",
+        "struprune_plugin.cli",
+        "prune",
+        "--model",
+        args.model,
+        "--method",
+        row.method,
+        "--sparsity",
+        str(row.sparsity),
+        "--calib-samples",
+        str(args.calib_samples),
+        "--calib-len",
+        "512",
+        "--texts",
+        row.texts,
+        "--device",
+        args.device,
+        "--output",
+        str(folder),
+        "--overwrite",
+        "--no-progress",
+        *row.flags,
+    ]
+    print("$", " ".join(cmd[2:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    report = json.loads((folder / "struprune_report.json").read_text())
+    ppl = report.get("perplexity", {})
+
+    def get(text, which):
+        return ppl.get(text, {}).get(which, {}).get("ppl")
+
+    return {
+        **asdict(row),
+        "achieved": report["pruning"]["achieved_sparsity"],
+        "params": report["params"]["total_after"],
+        "params_dense": report["params"]["total_before"],
+        "ppl_wiki": get("wiki_test", "pruned"),
+        "ppl_news": get("news", "pruned"),
+        "ppl_wiki_dense": get("wiki_test", "dense"),
+        "ppl_news_dense": get("news", "dense"),
+        "prune_seconds": report["pruning"]["seconds"],
+        "eval_seconds": report.get("eval_seconds"),
+        "wall_seconds": time.perf_counter() - start,
+        "peak_mib": report["pruning"]["peak_memory_bytes"] / 2**20,
+        "peak_kind": report["pruning"]["peak_memory_kind"],
+        "layers": report["layers"],
+        "settings": report["pruning"]["settings"],
+        "calibration": report.get("calibration"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": args.device},
+    }
+
+
+def _fmt(value, digits=2) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3g}" if value >= 1e4 else f"{value:.{digits}f}"
+
+
+def render(results: dict[str, dict], rows: list[Row], calib_samples: int) -> str:
+    done = [results[r.name] for r in rows if r.name in results]
+    main = [r for r in done if r["group"] == "main"]
+    ablations = [r for r in done if r["group"] == "ablation"]
+    dense = next((r for r in done if r["ppl_wiki_dense"]), None)
+    machine = done[0]["machine"] if done else {}
+    lines = [
+        "# Quality benchmark (`integration/benchmark_quality.py`)",
+        "",
+        f"SmolLM2-135M-Instruct (float32) on {machine.get('device', 'cpu')}, {machine.get('cpus')} CPU cores. "
+        f"Calibration: {calib_samples} x 512 tokens from the Wikipedia train split (seed 0). Perplexity: "
+        "full Wikipedia test split (58,254 tokens) and news text (75,117 tokens), non-overlapping "
+        "512-token windows, no BOS. Sparsity = removed share of the attention and MLP linears' "
+        "parameters. Peak = peak RSS of the pruning process on CPU (model included), CUDA max "
+        "allocated on a GPU.",
+        "",
+        "| method | sparsity (req / achieved) | params | ppl wiki | ppl news | prune s | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    if dense:
+        lines.append(
+            f"| dense | 0 | {dense['params_dense']:,} | {_fmt(dense['ppl_wiki_dense'])} | "
+            f"{_fmt(dense['ppl_news_dense'])} | | |"
+        )
+    for s in SPARSITIES:
+        for r in sorted((r for r in main if r["sparsity"] == s), key=lambda r: METHODS.index(r["method"])):
+            lines.append(
+                f"| {r['method']} | {r['sparsity']:.2f} / {r['achieved']:.4f} | {r['params']:,} | "
+                f"{_fmt(r['ppl_wiki'])} | {_fmt(r['ppl_news'])} | {r['prune_seconds']:.0f} | "
+                f"{r['peak_mib']:.0f} |"
+            )
+    if ablations:
+        base = results.get("structprune-30")
+        lines += [
+            "",
+            "## StructPrune ablations at 30 % (Wikipedia test ppl)",
+            "",
+            "Default: temperature 1, OBS energy, 4 ADMM iterations with auxiliary variables, refit, "
+            "energies from the dense first pass (32 windows).",
+            "",
+            "| variant | ppl wiki | vs default | prune s |",
+            "|---|---:|---:|---:|",
+        ]
+        if base:
+            lines.append(f"| default | {_fmt(base['ppl_wiki'])} | | {base['prune_seconds']:.0f} |")
+        for r in ablations:
+            rel = f"{r['ppl_wiki'] / base['ppl_wiki'] - 1:+.1%}" if base else ""
+            lines.append(f"| {r['note']} | {_fmt(r['ppl_wiki'])} | {rel} | {r['prune_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    main = [r for r in results.values() if r["group"] == "main"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in METHODS:
+        pts = sorted((r["sparsity"], r["ppl_wiki"]) for r in main if r["method"] == method and r["ppl_wiki"])
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=method)
+    dense = next((r["ppl_wiki_dense"] for r in main if r["ppl_wiki_dense"]), None)
+    if dense:
+        ax.axhline(dense, color="grey", ls="--", lw=1, label="dense")
+    ax.set(xlabel="structured sparsity", ylabel="Wikipedia test ppl (log)", yscale="log")
+    ax.set_title("SmolLM2-135M: perplexity vs sparsity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out.with_name(out.name + "_ppl_vs_sparsity.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    at30 = [r for r in main if r["sparsity"] == 0.3]
+    if at30:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
+        for r in sorted(at30, key=lambda r: METHODS.index(r["method"])):
+            idx = [layer["index"] for layer in r["layers"]]
+            for ax, unit in zip(axes, ("mlp", "heads")):
+                kept = [layer[unit][1] / layer[unit][0] for layer in r["layers"]]
+                ax.plot(idx, kept, marker=".", label=r["method"])
+        axes[0].set(xlabel="layer", ylabel="MLP channels kept", ylim=(0, 1.05))
+        axes[1].set(xlabel="layer", ylabel="query heads kept", ylim=(0, 1.05))
+        axes[0].legend(fontsize=8)
+        fig.suptitle("Per-layer keep ratios at 30 % sparsity")
+        fig.tight_layout()
+        paths.append(out.with_name(out.name + "_keep_ratios_30.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", nargs="+", default=None, help="only these rows (see --list)")
+    parser.add_argument("--group", choices=("main", "ablation"), default=None)
+    parser.add_argument("--rerun", action="store_true", help="run the selected rows even if already stored")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "quality", help="stem of .json/.md/.png")
+    args = parser.parse_args()
+    rows = planned_rows()
+    if args.list:
+        for r in rows:
+            print(f"{r.name:24s} {r.method:12s} {r.sparsity:.2f} {' '.join(r.flags)}")
+        return
+    json_path = args.out.with_suffix(".json")
+    results = {r["name"]: r for r in json.loads(json_path.read_text())} if json_path.exists() else {}
+    selected = [
+        r
+        for r in rows
+        if (args.rows is None or r.name in args.rows) and (args.group is None or r.group == args.group)
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for row in [] if args.report_only else selected:
+        if row.name in results and not args.rerun:
+            continue
+        results[row.name] = run_row(row, args)
+        write_atomic(json_path, json.dumps(list(results.values()), indent=1))
+        write_atomic(args.out.with_suffix(".md"), render(results, rows, args.calib_samples))
+    table = render(results, rows, args.calib_samples)
+    write_atomic(args.out.with_suffix(".md"), table)
+    for path in plot(results, args.out):
+        print("plot:", path)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
