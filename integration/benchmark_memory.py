@@ -8,6 +8,7 @@ itself is resident before and is pruned in place, so this is the working set the
 one resident layer's activations, statistics and solver state, plus whatever it keeps across
 layers). On a GPU it is CUDA max allocated during the run (the model stays on the CPU, layers
 visit the device one at a time). The fitted log-log slope against total parameters is reported.
+Workers run with MALLOC_MMAP_THRESHOLD_=65536 so that freed buffers leave the RSS at once.
 
     .venv/bin/python integration/benchmark_memory.py [--device cuda] [--methods structprune global]
 """
@@ -18,6 +19,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +103,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker is not None:
         return worker(args)
+    # glibc otherwise serves allocations up to 32 MiB from its heap and keeps them after free, so
+    # RSS would report the history of freed buffers instead of what is alive at the peak.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     rows = []
     for method in args.methods:
         for i in range(len(CONFIGS)):
@@ -113,7 +118,7 @@ def main() -> None:
                 "--vocab",
                 str(args.vocab),
             ]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             r = rows[-1]
             print(

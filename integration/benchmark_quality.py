@@ -57,6 +57,7 @@ def planned_rows() -> list[Row]:
         return Row(f"ablation-{name}", "structprune", 0.3, flags, wiki, "ablation", note)
 
     rows += [
+        ablation("bias-refit", ["--bias-refit"], "refits also fit o_proj/down_proj biases"),
         ablation("T-0.5", ["--temperature", "0.5"], "temperature 0.5"),
         ablation("T-2", ["--temperature", "2"], "temperature 2"),
         ablation("T-inf", ["--temperature", "inf"], "temperature inf (uniform allocation)"),

@@ -39,6 +39,7 @@ class ADMMConfig:
     use_aux: bool = True  # SparseLLM auxiliary variables; False: fixed dense targets (Gram-only)
     s_steps: int = 5  # gradient steps for s (no closed form through SiLU)
     refit: bool = True
+    intercept: bool = False  # the final refit also fits a bias on down_proj (mean compensation, exact LS)
     token_dtype: torch.dtype = torch.float32  # per-token work; the small solves always run in float64
     max_tokens: int = 8192  # calibration tokens the solver uses (a seeded subsample beyond that)
     track_history: bool = False  # record the projected loss after every iteration (costs a forward)
@@ -132,6 +133,7 @@ class MLPSolution:
     w_gate: torch.Tensor  # kept rows
     w_up: torch.Tensor
     w_down: torch.Tensor  # kept columns
+    down_bias_shift: torch.Tensor | None = None  # with `intercept`: add to down_proj's bias
     history: list[float] = field(default_factory=list)  # losses: [projected start, iterations,] final
 
 
@@ -139,17 +141,29 @@ def _silu_chain(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> to
     return F.silu(x @ w_gate.T) * (x @ w_up.T)
 
 
-def block_loss(x, y, w_gate, w_up, w_down) -> float:
+def block_loss(x, y, w_gate, w_up, w_down, bias=None) -> float:
     """Mean squared output error of a (pruned) gated MLP on the calibration tokens."""
     t = x.dtype
     out = _silu_chain(x, w_gate.to(t), w_up.to(t)) @ w_down.to(t).T
+    if bias is not None:
+        out = out + bias.to(t)
     return float((y - out).double().pow(2).sum() / x.shape[0])
 
 
-def refit_down(x, y, w_gate, w_up, damping: float) -> torch.Tensor:
-    """Least-squares W_down for given (kept) gate/up rows: argmin ||Y - p W^T||^2."""
+def refit_down(x, y, w_gate, w_up, damping: float, intercept: bool = False):
+    """Least-squares W_down for given (kept) gate/up rows: argmin ||Y - p W^T (- c)||^2.
+
+    Returns (W, c); with `intercept` the bias shift c is fitted too (centred normal equations),
+    else c is None."""
     p = _silu_chain(x, w_gate.to(x.dtype), w_up.to(x.dtype))
-    return ridge_solve((y.T @ p).double(), (p.T @ p).double(), damping)
+    if not intercept:
+        return ridge_solve((y.T @ p).double(), (p.T @ p).double(), damping), None
+    n = p.shape[0]
+    mp, my = p.double().mean(0), y.double().mean(0)
+    gram = (p.T @ p).double() / n - torch.outer(mp, mp)
+    cross = (y.T @ p).double() / n - torch.outer(my, mp)
+    w = ridge_solve(cross, gram, damping)
+    return w, my - w @ mp
 
 
 def solve_gated_mlp(
@@ -182,10 +196,11 @@ def solve_gated_mlp(
     p = F.silu(s) * z
     y = p @ wd.T.to(t)  # the dense output is the target throughout
     if keep >= width:
-        return MLPSolution(list(range(width)), w_gate, w_up, w_down, [0.0])
-    s_target, z_target = s.clone(), z.clone()
-    dx = x.double().pow(2).mean(0).sqrt().clamp(min=1e-8)  # preconditioners, fixed for the whole solve
-    dp = p.double().pow(2).mean(0).sqrt().clamp(min=1e-8)
+        return MLPSolution(list(range(width)), w_gate, w_up, w_down, history=[0.0])
+    s_target, z_target = (None, None) if cfg.use_aux else (s.clone(), z.clone())
+    # Preconditioners, fixed for the whole solve (float32 means of squares: no token-sized float64 copy).
+    dx = x.pow(2).mean(0).double().sqrt().clamp(min=1e-8)
+    dp = p.pow(2).mean(0).double().sqrt().clamp(min=1e-8)
     xs = x / dx.to(t)
     gram_x = (xs.T @ xs).double() / n
     tg, tu, td = wg * dx, wu * dx, wd * dp  # weights in the preconditioned space (float64)
@@ -234,24 +249,42 @@ def solve_gated_mlp(
             gram = (x.T @ x).double() / n
             kg = ridge_solve(cross(s[:, idx], x), gram, cfg.damping)
             ku = ridge_solve(cross(z[:, idx], x), gram, cfg.damping)
-        kd = refit_down(x, y, kg, ku, cfg.damping)
+        kd, shift = refit_down(x, y, kg, ku, cfg.damping, cfg.intercept)
     else:
-        kd = qd[:, idx] / dp[idx]
-    history.append(block_loss(x, y, kg, ku, kd))
+        kd, shift = qd[:, idx] / dp[idx], None
+    history.append(block_loss(x, y, kg, ku, kd, shift))
     dtype = w_down.dtype
-    return MLPSolution(idx.tolist(), kg.to(dtype), ku.to(dtype), kd.to(dtype), history)
+    return MLPSolution(
+        idx.tolist(),
+        kg.to(dtype),
+        ku.to(dtype),
+        kd.to(dtype),
+        None if shift is None else shift.to(dtype),
+        history,
+    )
 
 
 def refit_output_columns(
-    w_out: torch.Tensor, gram_in: torch.Tensor, keep: list[int], damping: float
-) -> torch.Tensor:
+    w_out: torch.Tensor,
+    gram_in: torch.Tensor,
+    keep: list[int],
+    damping: float,
+    mean_in: torch.Tensor | None = None,
+):
     """Refit an output projection on its kept input columns so it best reproduces the dense output.
 
     With Y = A W^T the dense output, argmin_V ||Y - A_k V^T||^2 needs only the input Gram:
     V = W G[:, k] (G[k, k] + damping)^-1. Used for o_proj after head removal (and down_proj when
-    the gate/up rows are kept as they are).
+    the gate/up rows are kept as they are). Given `mean_in` (and `gram_in` = E[a a^T]) an intercept
+    is fitted too: the same formula on the covariance, and the bias shift W mu - V mu_k, which
+    generalises FLAP's bias compensation to the least-squares optimum. Returns (V, shift or None).
     """
     g = gram_in.double()
     k = torch.as_tensor(keep, device=g.device)
+    if mean_in is not None:
+        mu = mean_in.double().to(g.device)
+        g = g - torch.outer(mu, mu)
     rhs = w_out.double() @ g[:, k]
-    return ridge_solve(rhs, g[k][:, k], damping).to(w_out.dtype)
+    v = ridge_solve(rhs, g[k][:, k], damping)
+    shift = None if mean_in is None else w_out.double() @ mu - v @ mu[k]
+    return v.to(w_out.dtype), None if shift is None else shift.to(w_out.dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
@@ -277,3 +278,31 @@ def prunable_parameter_count(model: nn.Module) -> int:
         for lv in model_view(model).layer_views()
         for lin in lv.linears
     )
+
+
+def enable_output_biases(model: nn.Module, view: ModelView) -> None:
+    """Give o_proj and down_proj (fc2) a bias, where the checkpoint format can carry one.
+
+    Bias compensation (FLAP, StructPrune's intercept refit) needs it. OPT has the biases already.
+    Llama switches them on through the config's own flags (`attention_bias`, `mlp_bias`), so
+    q/k/v/gate/up get zero biases too and the checkpoint still loads with the stock classes.
+    Mistral and Qwen2/3 have no such flags for o_proj and down_proj: a clear error.
+    """
+    if view.family == "opt":
+        return  # OPT's out_proj and fc2 have biases already
+    model_type = getattr(model.config, "model_type", "")
+    if model_type != "llama":
+        raise UnsupportedArchitectureError(
+            f"bias compensation needs a bias on o_proj and down_proj, which transformers' "
+            f"{model_type!r} models cannot carry (only Llama has attention_bias/mlp_bias flags, and "
+            "OPT has the biases). Fix: FLAP with bias_compensation=False (--no-bias-compensation), "
+            "StructPrune with bias_refit=False (no --bias-refit)"
+        )
+    for lv in view.layer_views():
+        for linear in (lv.q, lv.k, lv.v, lv.o, *lv.mlp_in, lv.mlp_out):
+            if linear.bias is None:
+                linear.bias = nn.Parameter(
+                    torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
+                )
+    model.config.attention_bias = True
+    model.config.mlp_bias = True

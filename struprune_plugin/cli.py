@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-aux", action="store_true", help="MLP solver without SparseLLM auxiliary variables")
     sp.add_argument("--no-refit", action="store_true", help="no least-squares refit of kept weights")
     sp.add_argument(
+        "--bias-refit",
+        action="store_true",
+        help="the least-squares refits also fit o_proj/down_proj biases (Llama and OPT)",
+    )
+    sp.add_argument(
         "--energy-samples",
         type=int,
         default=32,
@@ -216,6 +221,7 @@ def cmd_prune(args) -> int:
         refit=not args.no_refit,
         energy_samples=args.energy_samples or None,
         refresh_energies=args.refresh_energies,
+        bias_refit=args.bias_refit,
         bias_compensation=not args.no_bias_compensation,
     )
     config.validate()

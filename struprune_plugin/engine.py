@@ -32,6 +32,7 @@ from .allocation import (
 from .architectures import (
     LayerView,
     ModelView,
+    enable_output_biases,
     geometry_of,
     model_view,
     parameter_count,
@@ -87,6 +88,7 @@ class PruneConfig:
     admm_iterations: int = 4
     use_aux: bool = True  # SparseLLM auxiliary variables in the MLP solver
     refit: bool = True  # least-squares refit of the kept weights (o_proj, MLP)
+    bias_refit: bool = False  # the refits also fit o_proj/down_proj biases (mean compensation)
     # FLAP only (method="flap"):
     bias_compensation: bool = True  # fold removed channels' mean output into o_proj/down_proj biases
 
@@ -105,6 +107,11 @@ class PruneConfig:
             raise StructPruneError(
                 "refresh_energies re-allocates StructPrune's softmax budget; it applies to "
                 f"method='structprune' only, not {self.method!r}"
+            )
+        if self.bias_refit and (self.method not in SOLVER_METHODS or not self.refit):
+            raise StructPruneError(
+                "bias_refit fits biases in the solver's least-squares refits: it needs "
+                f"method='structprune' or 'global' with refit=True (got {self.method!r}, refit={self.refit})"
             )
         if self.energy_samples is not None and self.energy_samples < 1:
             raise CalibrationDataError("energy_samples must be >= 1 (or None for every window)")
@@ -316,6 +323,8 @@ def _prune(
                 spaces, normalised, prunable_before, config.sparsity, config.temperature
             )
         del groups
+        if config.bias_refit:
+            enable_output_biases(model, view)
         if not subsample:  # the energy pass consumed the batches: capture layer 0's inputs again
             with torch.no_grad():
                 batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
@@ -325,7 +334,7 @@ def _prune(
             spaces, flap.threshold_energies(flap_stats, spaces), prunable_before, config.sparsity
         )
         if config.bias_compensation:
-            flap.enable_output_biases(model, view)
+            enable_output_biases(model, view)
         batches = []  # FLAP decides from the dense pass alone: no per-layer forward follows
     else:
         counts = allocate_uniform(spaces, prunable_before, config.sparsity, config.head_sparsity)

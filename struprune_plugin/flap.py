@@ -8,10 +8,8 @@ threshold with parameter costs as weights (FLAP's "AL-AM" structure), and compen
 removed channel by folding its mean contribution ``W[:, c] * E[x_c]`` into the projection's bias.
 No weights are refitted. Like the global reference, it holds every group's score at once.
 
-LLaMA projections carry no bias, so for Llama the biases are switched on through the config's own
-flags (``attention_bias``, ``mlp_bias``): q/k/v/gate/up get zero biases and the checkpoint loads with
-the stock classes. Mistral and Qwen2/3 have no such flags for o_proj and down_proj; there FLAP runs
-only without compensation, and says so.
+LLaMA projections carry no bias: `architectures.enable_output_biases` switches them on where the
+checkpoint format allows it (see there); elsewhere FLAP runs only without compensation.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import LayerView, ModelView, geometry_of
-from .errors import UnsupportedArchitectureError
 from .groups import resolve_head_unit
 from .stats import InputRecorder
 
@@ -89,27 +86,6 @@ def threshold_energies(scores: list[FlapLayerStats], spaces: dict) -> dict[str, 
     for kind, kind_spaces in spaces.items():
         out[kind] = [getattr(s, kind) * space.cost for s, space in zip(scores, kind_spaces)]
     return out
-
-
-def enable_output_biases(model: nn.Module, view: ModelView) -> None:
-    """Give o_proj and down_proj (fc2) a bias to hold the compensation, where the format allows it."""
-    if view.family == "opt":
-        return  # OPT's out_proj and fc2 have biases already
-    model_type = getattr(model.config, "model_type", "")
-    if model_type != "llama":
-        raise UnsupportedArchitectureError(
-            f"FLAP's bias compensation needs a bias on o_proj and down_proj, which transformers' "
-            f"{model_type!r} models cannot carry (only Llama has attention_bias/mlp_bias flags, and "
-            "OPT has the biases). Fix: use bias_compensation=False (--no-bias-compensation)"
-        )
-    for lv in view.layer_views():
-        for linear in (lv.q, lv.k, lv.v, lv.o, *lv.mlp_in, lv.mlp_out):
-            if linear.bias is None:
-                linear.bias = nn.Parameter(
-                    torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
-                )
-    model.config.attention_bias = True
-    model.config.mlp_bias = True
 
 
 def compensate(linear: nn.Linear, removed: list[int], mean: torch.Tensor) -> None:

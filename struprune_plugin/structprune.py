@@ -86,7 +86,12 @@ def energy_pass(
 
 
 def admm_config(config) -> ADMMConfig:
-    return ADMMConfig(iterations=config.admm_iterations, use_aux=config.use_aux, refit=config.refit)
+    return ADMMConfig(
+        iterations=config.admm_iterations,
+        use_aux=config.use_aux,
+        refit=config.refit,
+        intercept=config.bias_refit,
+    )
 
 
 def layer_energies_of(lv: LayerView, per_group: dict[str, torch.Tensor], head_unit: str) -> dict[str, float]:
@@ -131,16 +136,15 @@ def prune_layer_structprune(
         plan.keep_heads, plan.keep_kv_heads = choose_heads(
             unit, per_group["heads"], remove["heads"], geometry
         )
-        new_o = None
+        new_o = shift = None
         if config.refit:
             kept = head_channels(plan.keep_heads, lv.head_dim)
-            new_o = refit_output_columns(lv.o.weight.detach(), rec.stats["o_in"].gram, kept, 0.01)
+            new_o, shift = _refit(lv.o, rec.stats["o_in"], kept, config.bias_refit)
         heads_only = LayerPlan(list(range(geometry.intermediate)), plan.keep_heads, plan.keep_kv_heads)
         heads_only.validate(geometry)
         lv = prune_layer(lv, heads_only, graph)
         if new_o is not None:
-            with torch.no_grad():
-                lv.o.weight.copy_(new_o)
+            _assign(lv.o, new_o, shift)
     del rec
     if remove.get("mlp"):
         keep_count = geometry.intermediate - remove["mlp"]
@@ -156,7 +160,8 @@ def prune_layer_structprune(
         ):
             for b in batches:
                 forward(lv.layer, b)
-        updates: list[tuple[torch.nn.Linear, torch.Tensor]] = []  # (module, weight after surgery)
+        # (module, weight after surgery, bias shift or None)
+        updates: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor | None]] = []
         if gated:
             x = torch.cat(rec.stats["mlp_in"].inputs)
             sol = solve_gated_mlp(
@@ -168,7 +173,11 @@ def prune_layer_structprune(
                 admm_config(config),
             )
             plan.keep_mlp = sol.keep
-            updates = list(zip((*lv.mlp_in, lv.mlp_out), (sol.w_gate, sol.w_up, sol.w_down)))
+            updates = [
+                (lv.mlp_in[0], sol.w_gate, None),
+                (lv.mlp_in[1], sol.w_up, None),
+                (lv.mlp_out, sol.w_down, sol.down_bias_shift),
+            ]
         else:
             moments = LayerMoments.from_stats(rec.stats)
             scores = mlp_channel_energy(
@@ -176,14 +185,29 @@ def prune_layer_structprune(
             )
             plan.keep_mlp = choose_channels(scores, remove["mlp"])
             if config.refit:
-                gram = rec.stats["mlp_hidden"].gram
-                updates = [
-                    (lv.mlp_out, refit_output_columns(lv.mlp_out.weight.detach(), gram, plan.keep_mlp, 0.01))
-                ]
+                w, shift = _refit(lv.mlp_out, rec.stats["mlp_hidden"], plan.keep_mlp, config.bias_refit)
+                updates = [(lv.mlp_out, w, shift)]
         mlp_only = LayerPlan(plan.keep_mlp, list(range(lv.num_heads)), list(range(lv.num_kv_heads)))
         lv = prune_layer(lv, mlp_only, graph)
-        with torch.no_grad():  # Torch-Pruning edits modules in place, so these are the pruned ones
-            for module, weight in updates:
-                module.weight.copy_(weight)
+        for (
+            module,
+            weight,
+            shift,
+        ) in updates:  # Torch-Pruning edits modules in place: these are the pruned ones
+            _assign(module, weight, shift)
     del graph
     return lv, plan
+
+
+def _refit(linear: torch.nn.Linear, moments, keep: list[int], intercept: bool):
+    """Least-squares refit of an output projection on its kept inputs (with a bias if asked)."""
+    gram = moments.gram / moments.tokens
+    mean = moments.mean() if intercept else None
+    return refit_output_columns(linear.weight.detach(), gram, keep, 0.01, mean)
+
+
+def _assign(linear: torch.nn.Linear, weight: torch.Tensor, shift: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if shift is not None:
+            linear.bias.add_(shift.to(linear.bias.dtype))

@@ -98,7 +98,8 @@ def test_s_update_decreases_its_objective():
 def test_refit_output_columns_is_least_squares_on_kept_inputs():
     a, w = torch.randn(300, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
     keep = [0, 2, 3, 7]
-    got = refit_output_columns(w, a.T @ a, keep, damping=0.0)
+    got, shift = refit_output_columns(w, a.T @ a, keep, damping=0.0)
+    assert shift is None
     ref = torch.linalg.lstsq(a[:, keep], a @ w.T).solution.T
     assert torch.allclose(got, ref, atol=1e-8)
 
@@ -141,3 +142,30 @@ def test_high_sparsity_stays_finite():
     x, wg, wu, wd = _problem(3)
     sol = solve_gated_mlp(x * 50, wg, wu, wd, keep=4, cfg=ADMMConfig(iterations=8))
     assert all(torch.isfinite(t).all() for t in (sol.w_gate, sol.w_up, sol.w_down))
+
+
+def test_refit_with_intercept_is_least_squares_with_a_ones_column():
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(300, 10, generator=gen, dtype=torch.float64) + torch.linspace(
+        -1, 2, 10, dtype=torch.float64
+    )
+    w = torch.randn(6, 10, generator=gen, dtype=torch.float64)
+    keep = [1, 2, 5, 8]
+    n = a.shape[0]
+    got, shift = refit_output_columns(w, a.T @ a / n, keep, damping=0.0, mean_in=a.mean(0))
+    design = torch.cat([a[:, keep], torch.ones(n, 1, dtype=a.dtype)], 1)
+    ref = torch.linalg.lstsq(design, a @ w.T).solution.T
+    assert torch.allclose(got, ref[:, :-1], atol=1e-8)
+    assert torch.allclose(shift, ref[:, -1], atol=1e-8)
+
+
+def test_gated_mlp_intercept_refit_never_loses_to_the_plain_one():
+    x, wg, wu, wd = _problem(5)
+    x = x + 0.7  # non-centred inputs: a bias has something to absorb
+    y = F.silu(x @ wg.T) * (x @ wu.T) @ wd.T
+    plain = solve_gated_mlp(x, wg, wu, wd, keep=24, cfg=ADMMConfig(iterations=2))
+    fitted = solve_gated_mlp(x, wg, wu, wd, keep=24, cfg=ADMMConfig(iterations=2, intercept=True))
+    assert plain.keep == fitted.keep and plain.down_bias_shift is None
+    loss = block_loss(x, y, fitted.w_gate, fitted.w_up, fitted.w_down, fitted.down_bias_shift)
+    assert loss == pytest.approx(fitted.history[-1], rel=1e-5)
+    assert loss < plain.history[-1]

@@ -109,3 +109,25 @@ def test_refresh_is_rejected_for_the_global_reference():
 
     with pytest.raises(StructPruneError, match="structprune"):
         PruneConfig(method="global", refresh_energies=True).validate()
+
+
+def test_bias_refit_gives_biases_that_survive_a_reload(tmp_path):
+    from struprune_plugin.checkpoint import load_pruned, save_pruned
+
+    model = make_model("llama", layers=2)
+    calib = torch.randint(0, VOCAB, (4, 20))
+    config = PruneConfig(method="structprune", sparsity=0.4, admm_iterations=1, bias_refit=True)
+    result = prune_model(model, calib, config, progress=False)
+    lv = model_view(result.model).layer(0)
+    assert lv.o.bias is not None and lv.o.bias.abs().sum() > 0
+    assert lv.mlp_out.bias is not None and lv.mlp_out.bias.abs().sum() > 0
+    reloaded = load_pruned(save_pruned(result.model, tmp_path / "b"))
+    ids = torch.randint(0, VOCAB, (1, 9))
+    assert torch.equal(logits(reloaded, ids), logits(result.model, ids))
+
+
+def test_bias_refit_needs_a_solver_method():
+    from struprune_plugin.errors import StructPruneError
+
+    with pytest.raises(StructPruneError, match="bias_refit"):
+        PruneConfig(method="wanda-sp", bias_refit=True).validate()
