@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help="'smollm2' (default), 'tiny', or a local HF folder")
     p.add_argument(
         "--method",
-        default="wanda-sp",
+        default="structprune",
         choices=("magnitude", "wanda-sp", "flap", "structprune", "global"),
         help="flap: FLAP reference (fluctuation, global standardised ranking, bias compensation); "
         "global: the O(N) reference, one energy threshold over all groups, same solver",
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument(
         "--no-bias-compensation", action="store_true", help="FLAP without folding removed means into biases"
     )
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (paper protocol: 128)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--calib-text", default="wiki_train", help="split to sample calibration windows from")
     p.add_argument("--seed", type=int, default=0)

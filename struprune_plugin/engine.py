@@ -70,7 +70,7 @@ SOLVER_METHODS = ("structprune", "global")
 class PruneConfig:
     """What to prune and how. Sparsity counts removed parameters of the attention and MLP linears."""
 
-    method: str = "wanda-sp"
+    method: str = "structprune"
     sparsity: float = 0.3
     units: tuple[str, ...] = ("mlp", "heads")
     head_unit: str = "auto"  # "query" (even within KV groups), "kv_group", or auto by GQA
@@ -107,6 +107,12 @@ class PruneConfig:
             raise StructPruneError(
                 "refresh_energies re-allocates StructPrune's softmax budget; it applies to "
                 f"method='structprune' only, not {self.method!r}"
+            )
+        if self.head_sparsity is not None and self.method not in NEEDS_CALIBRATION:
+            raise StructPruneError(
+                f"head_sparsity fixes the same head ratio in every layer, which only the uniform "
+                f"methods {tuple(NEEDS_CALIBRATION)} do; {self.method!r} allocates per layer. Fix: drop "
+                "head_sparsity, or use units=('mlp',) to keep every head"
             )
         if self.bias_refit and (self.method not in SOLVER_METHODS or not self.refit):
             raise StructPruneError(

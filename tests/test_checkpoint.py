@@ -27,7 +27,9 @@ def _tree_digest(folder: Path) -> str:
 def _pruned(family: str, **kw):
     model = make_model(family, layers=3)
     calib = torch.randint(0, VOCAB, (4, 16))
-    return prune_model(model, calib, PruneConfig(**{"sparsity": 0.4, **kw}), progress=False).model
+    return prune_model(
+        model, calib, PruneConfig(**{"method": "wanda-sp", "sparsity": 0.4, **kw}), progress=False
+    ).model
 
 
 def test_roundtrip_identical_logits(family, tmp_path):
@@ -73,7 +75,9 @@ def test_source_folder_is_never_modified(tmp_path):
     make_model("llama", layers=2).save_pretrained(source)
     digest = _tree_digest(source)
     model = load_pruned(source)
-    result = prune_model(model, torch.randint(0, VOCAB, (2, 16)), PruneConfig(sparsity=0.3), progress=False)
+    result = prune_model(
+        model, torch.randint(0, VOCAB, (2, 16)), PruneConfig(method="wanda-sp", sparsity=0.3), progress=False
+    )
     with pytest.raises(OutputExistsError, match="loaded from"):
         save_pruned(result.model, source, overwrite=True)
     save_pruned(result.model, tmp_path / "out")

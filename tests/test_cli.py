@@ -110,7 +110,8 @@ def test_magnitude_needs_no_calibration(cache, tiny_trained_dir):
     ("argv", "message"),
     [
         (["--sparsity", "1.2"], "must be in [0, 1)"),
-        (["--head-sparsity", "0.3"], "Feasible ratios"),
+        (["--method", "wanda-sp", "--head-sparsity", "0.3"], "Feasible ratios"),
+        (["--head-sparsity", "0.5"], "only the uniform methods"),
         (["--calib-len", "10000000"], "shorter than one window"),
     ],
 )

@@ -93,10 +93,15 @@ def test_later_layers_calibrate_on_pruned_outputs(tiny_trained_dir):
 def test_units_and_head_unit_choices():
     model = make_model("qwen2", layers=2)
     calib = torch.randint(0, VOCAB, (4, 16))
-    mlp_only = prune_model(model, calib, PruneConfig(sparsity=0.3, units=("mlp",)), progress=False)
+    mlp_only = prune_model(
+        model, calib, PruneConfig(method="wanda-sp", sparsity=0.3, units=("mlp",)), progress=False
+    )
     assert all(r.heads[0] == r.heads[1] for r in mlp_only.layers)
     groups = prune_model(
-        model, calib, PruneConfig(sparsity=0.4, units=("heads",), head_unit="kv_group"), progress=False
+        model,
+        calib,
+        PruneConfig(method="wanda-sp", sparsity=0.4, units=("heads",), head_unit="kv_group"),
+        progress=False,
     )
     assert all(r.kv_heads[1] < r.kv_heads[0] for r in groups.layers)
     assert all(r.mlp[0] == r.mlp[1] for r in groups.layers)
@@ -105,7 +110,7 @@ def test_units_and_head_unit_choices():
 def test_zero_sparsity_is_identity():
     model = make_model("llama", layers=2)
     calib = torch.randint(0, VOCAB, (2, 16))
-    result = prune_model(model, calib, PruneConfig(sparsity=0.0), progress=False)
+    result = prune_model(model, calib, PruneConfig(method="wanda-sp", sparsity=0.0), progress=False)
     ids = torch.randint(0, VOCAB, (1, 10))
     assert torch.equal(logits(result.model, ids), logits(model, ids))
     assert result.achieved_sparsity == 0.0

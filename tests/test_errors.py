@@ -13,6 +13,7 @@ from struprune_plugin.errors import (
     GQAConstraintError,
     InvalidSparsityError,
     NonFiniteActivationError,
+    StructPruneError,
     UnsupportedArchitectureError,
 )
 
@@ -76,6 +77,18 @@ def test_unsupported_architectures():
 def test_head_ratio_impossible_under_gqa():
     # 8 query heads over 2 KV heads: only even counts of query heads can go
     with pytest.raises(GQAConstraintError, match=r"only multiples of 2.*Feasible ratios"):
-        prune_model(make_model("llama"), _calib(), PruneConfig(head_sparsity=0.125), progress=False)
+        prune_model(
+            make_model("llama"), _calib(), PruneConfig(method="wanda-sp", head_sparsity=0.125), progress=False
+        )
     with pytest.raises(GQAConstraintError, match="--head-unit kv_group"):
-        prune_model(make_model("llama_mha"), _calib(), PruneConfig(head_unit="query"), progress=False)
+        prune_model(
+            make_model("llama_mha"),
+            _calib(),
+            PruneConfig(method="wanda-sp", head_unit="query"),
+            progress=False,
+        )
+
+
+def test_head_sparsity_with_a_per_layer_allocator_is_rejected():
+    with pytest.raises(StructPruneError, match="head_sparsity"):
+        PruneConfig(method="structprune", head_sparsity=0.5).validate()
