@@ -76,6 +76,7 @@ class PruneConfig:
     head_unit: str = "auto"  # "query" (even within KV groups), "kv_group", or auto by GQA
     head_sparsity: float | None = None  # honoured exactly per layer when given
     mlp_round_to: int = 1  # keep every MLP width a multiple of this (8, 64: GEMM-friendly)
+    min_query_per_kv: int = 1  # query unit: query heads every K/V head keeps at least
     batch_size: int = 8
     device: str = "cpu"
     trace_tokens: int = 16
@@ -291,7 +292,10 @@ def _prune(
     views = view.layer_views()
     geometries = [geometry_of(lv) for lv in views]
     spaces = {
-        kind: [unit_space(kind, g, config.head_unit, config.mlp_round_to) for g in geometries]
+        kind: [
+            unit_space(kind, g, config.head_unit, config.mlp_round_to, config.min_query_per_kv)
+            for g in geometries
+        ]
         for kind in config.units
     }
     prunable_before = prunable_parameter_count(model)
@@ -309,29 +313,12 @@ def _prune(
             batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
     energies = None
     if config.method in SOLVER_METHODS:
-        keep_groups = config.method == "global"
-        subsample = config.energy_samples is not None and config.energy_samples < len(calibration_ids)
-        energy_batches = batches
-        if subsample:
-            with torch.no_grad():
-                energy_batches = capture_layer_inputs(
-                    model, view, calibration_ids[: config.energy_samples].split(config.batch_size), device
-                )
-        energies, groups = energy_pass(
-            view, energy_batches, _layer_forward, config, device, progress, keep_groups
+        counts, energies, consumed = _energy_allocation(
+            model, view, batches, calibration_ids, config, spaces, prunable_before, progress
         )
-        del energy_batches
-        if keep_groups:
-            counts = allocate_global_threshold(spaces, groups, prunable_before, config.sparsity)
-        else:
-            normalised = {kind: normalise(values, config.normalisation) for kind, values in energies.items()}
-            counts = allocate_softmax(
-                spaces, normalised, prunable_before, config.sparsity, config.temperature
-            )
-        del groups
         if config.bias_refit:
             enable_output_biases(model, view)
-        if not subsample:  # the energy pass consumed the batches: capture layer 0's inputs again
+        if consumed:  # the energy pass consumed the batches: capture layer 0's inputs again
             with torch.no_grad():
                 batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
     elif config.method == "flap":
@@ -402,6 +389,60 @@ def _prune(
         plans=plans,
         layer_energies=energies,
     )
+
+
+def _energy_allocation(model, view, batches, calibration_ids, config, spaces, prunable, progress):
+    """Energy pass over the dense model, then StructPrune's softmax (or the global threshold).
+
+    Returns (removal counts, layer energies, whether `batches` were consumed by the pass)."""
+    device = torch.device(config.device)
+    keep_groups = config.method == "global"
+    subsample = config.energy_samples is not None and config.energy_samples < len(calibration_ids)
+    energy_batches = batches
+    if subsample or not batches:
+        with torch.no_grad():
+            ids = calibration_ids[: config.energy_samples] if subsample else calibration_ids
+            energy_batches = capture_layer_inputs(model, view, ids.split(config.batch_size), device)
+    energies, groups = energy_pass(
+        view, energy_batches, _layer_forward, config, device, progress, keep_groups
+    )
+    if keep_groups:
+        counts = allocate_global_threshold(spaces, groups, prunable, config.sparsity)
+    else:
+        normalised = {kind: normalise(values, config.normalisation) for kind, values in energies.items()}
+        counts = allocate_softmax(spaces, normalised, prunable, config.sparsity, config.temperature)
+    return counts, energies, energy_batches is batches
+
+
+def allocate_layers(
+    model: nn.Module, calibration_ids: torch.Tensor, config: PruneConfig, progress: bool = False
+) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    """StructPrune's allocation alone: per-layer removal counts (and the layer energies) for the
+    model as it is, nothing pruned. One layer is resident at a time, as in `prune_model`; the
+    Torch-Pruning adapter turns the counts into a BasePruner's per-layer ratios."""
+    config.validate()
+    if config.method not in SOLVER_METHODS:
+        raise StructPruneError(
+            f"allocate_layers needs method 'structprune' or 'global', not {config.method!r}"
+        )
+    view = model_view(model)
+    calibration_ids = check_calibration(calibration_ids, getattr(model.config, "vocab_size", None))
+    spaces = {
+        kind: [
+            unit_space(kind, geometry_of(lv), config.head_unit, config.mlp_round_to, config.min_query_per_kv)
+            for lv in view.layer_views()
+        ]
+        for kind in config.units
+    }
+    was_training = model.training
+    model.eval()
+    try:
+        counts, energies, _ = _energy_allocation(
+            model, view, [], calibration_ids, config, spaces, prunable_parameter_count(model), progress
+        )
+    finally:
+        model.train(was_training)
+    return counts, energies
 
 
 def _reallocator(spaces, energies, counts, target: float, config: PruneConfig):

@@ -90,9 +90,12 @@ def resolve_head_unit(head_unit: str, geometry: LayerGeometry) -> str:
     return head_unit
 
 
-def unit_space(kind: str, geometry: LayerGeometry, head_unit: str, mlp_round_to: int = 1) -> UnitSpace:
+def unit_space(
+    kind: str, geometry: LayerGeometry, head_unit: str, mlp_round_to: int = 1, min_query_per_kv: int = 1
+) -> UnitSpace:
     """`mlp_round_to` keeps every MLP width a multiple of it (8 or 64 suit GEMM kernels): channels
-    are then removed in steps of that many, and the width must already be such a multiple."""
+    are then removed in steps of that many, and the width must already be such a multiple.
+    `min_query_per_kv` keeps at least that many query heads on every K/V head (query unit)."""
     if kind == "mlp":
         if mlp_round_to < 1 or geometry.intermediate % mlp_round_to:
             raise WidthConstraintError(
@@ -111,7 +114,7 @@ def unit_space(kind: str, geometry: LayerGeometry, head_unit: str, mlp_round_to:
         n=geometry.num_heads,
         cost=geometry.query_head_cost,
         step=geometry.num_kv_heads,
-        min_keep=geometry.num_kv_heads,
+        min_keep=geometry.num_kv_heads * min(min_query_per_kv, geometry.group_size),
     )
 
 
