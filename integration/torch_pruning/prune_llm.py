@@ -1,0 +1,154 @@
+"""Prune a Hugging Face causal LM with Torch-Pruning's BasePruner, in the style of Torch-Pruning's
+own `examples/LLMs/prune_llm.py`, with either its stock importance or StructPrune's.
+
+* `--importance magnitude`: Torch-Pruning's `GroupMagnitudeImportance(p=2, group_reduction="mean")`
+  with the uniform LLM recipe (the same ratio for every layer's MLP and heads, hidden size kept).
+* `--importance structprune`: `StructPruneImportance` (Wanda-group scores from recorded
+  calibration statistics) with StructPrune's per-layer allocation (`pruner_kwargs`).
+
+Both prune the same share of the attention and MLP parameters through the same BasePruner;
+the script evaluates perplexity, saves the model (`save_pruned`) and writes a JSON report.
+
+    .venv/bin/python integration/torch_pruning/prune_llm.py --importance structprune --sparsity 0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch_pruning as tp
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from struprune_plugin.allocation import allocate_uniform
+from struprune_plugin.architectures import geometry_of, model_view, prunable_parameter_count
+from struprune_plugin.checkpoint import save_pruned
+from struprune_plugin.cli import evaluate_texts
+from struprune_plugin.data import ensure_texts, sample_calibration, tokenize
+from struprune_plugin.groups import unit_space
+from struprune_plugin.memory import RssSampler
+from struprune_plugin.tp_adapter import (
+    StructPruneImportance,
+    finish,
+    head_ratio_for,
+    pruner_kwargs,
+    ratio_for,
+    traceable,
+)
+from struprune_plugin.zoo import resolve_model
+
+
+def uniform_kwargs(model, sparsity: float) -> dict:
+    """Torch-Pruning's uniform LLM recipe, with the ratios set so the budget matches StructPrune's."""
+    views = model_view(model).layer_views()
+    spaces = {
+        k: [unit_space(k, geometry_of(lv), "auto", min_query_per_kv=2) for lv in views]
+        for k in ("mlp", "heads")
+    }
+    counts = allocate_uniform(spaces, prunable_parameter_count(model), sparsity)
+    ratio_dict, head_dict, num_heads = {}, {}, {}
+    for i, lv in enumerate(views):
+        ratio_dict[lv.mlp_in[0]] = ratio_for(counts["mlp"][i], lv.intermediate_size)
+        num_heads.update({lv.q: lv.num_heads, lv.k: lv.num_kv_heads, lv.v: lv.num_kv_heads})
+        if counts["heads"][i]:
+            head_dict[lv.attn] = head_ratio_for(counts["heads"][i], lv.num_heads, lv.num_kv_heads)
+            ratio_dict[lv.q] = 0.5
+    return {
+        "pruning_ratio": 0.0,
+        "pruning_ratio_dict": ratio_dict,
+        "head_pruning_ratio_dict": head_dict,
+        "num_heads": num_heads,
+        "prune_num_heads": True,
+        "prune_head_dims": False,
+        "ignored_layers": [model.lm_head],
+        "forward_fn": lambda m, x: m(x, use_cache=False),
+        "output_transform": lambda out: out.logits,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--importance", choices=("magnitude", "structprune"), default="structprune")
+    parser.add_argument("--sparsity", type=float, default=0.3)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-len", type=int, default=512)
+    parser.add_argument("--texts", default="wiki_test,news")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    folder = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    corpus = ensure_texts()
+    calib = sample_calibration(
+        tokenize(tokenizer, corpus.read("wiki_train")), args.calib_samples, args.calib_len
+    )
+    example = calib[:1, :16]
+    prunable_before = prunable_parameter_count(model)
+    start = time.perf_counter()
+    with RssSampler() as rss:
+        if args.importance == "magnitude":
+            importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
+            kwargs, allocation = uniform_kwargs(model, args.sparsity), None
+        else:
+            kwargs = pruner_kwargs(model, calib, args.sparsity, progress=True)
+            allocation = kwargs.pop("allocation")
+            importance = StructPruneImportance()
+            with torch.no_grad(), importance.record(model):  # full model resident: Torch-Pruning's way
+                for batch in calib.split(8):
+                    model(input_ids=batch, use_cache=False)
+        with traceable(model):
+            pruner = tp.pruner.BasePruner(model, example, importance, **kwargs)
+        for group in pruner.step(interactive=True):
+            group.prune()
+        finish(model)
+    seconds = time.perf_counter() - start
+    achieved = 1 - prunable_parameter_count(model) / prunable_before
+    print(f"pruned {achieved:.4f} of the prunable parameters in {seconds:.0f} s", file=sys.stderr)
+    output = (
+        args.output
+        or Path("runs/torch_pruning") / f"{folder.name}-tp-{args.importance}-{round(args.sparsity * 100)}"
+    )
+    save_pruned(model, output, tokenizer=tokenizer, overwrite=True)
+    eval_args = argparse.Namespace(
+        texts=args.texts.split(","),
+        bos="auto",
+        eval_seq_len=512,
+        eval_stride=None,
+        eval_max_windows=None,
+        eval_batch_size=4,
+        device="cpu",
+    )
+    ppl = evaluate_texts(model, tokenizer, eval_args, progress=False)
+    views = model_view(model).layer_views()
+    report = {
+        "importance": args.importance,
+        "requested_sparsity": args.sparsity,
+        "achieved_sparsity": achieved,
+        "params": sum(p.numel() for p in model.parameters()),
+        "prune_seconds": seconds,
+        "peak_rss_mib": rss.peak / 2**20,
+        "perplexity": {k: v["ppl"] for k, v in ppl.items()},
+        "layers": [(lv.num_heads, lv.intermediate_size) for lv in views],
+        "allocation": allocation["counts"] if allocation else None,
+        "calibration": {
+            "split": "wiki_train",
+            "samples": args.calib_samples,
+            "seq_len": args.calib_len,
+            "seed": 0,
+        },
+    }
+    (output / "tp_report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("layers", "allocation")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
