@@ -242,3 +242,24 @@ def test_vit_global_pruning_with_heads():
     assert min(heads) < 4  # heads went, ranked globally
     assert sum(p.numel() for p in model.parameters()) < before
     assert model(x).logits.shape == (2, 5)
+
+
+def test_llm_path_keeps_round_to_and_ignored_layers_working():
+    model = make_model("llama", layers=3)
+    ids = torch.randint(0, VOCAB, (4, 16))
+    kwargs = pruner_kwargs(model, ids, 0.35, PruneConfig(mlp_round_to=8, energy_samples=None))
+    counts = kwargs.pop("allocation")["counts"]
+    views = model_view(model).layer_views()
+    kwargs["ignored_layers"].append(views[0].mlp_in[0])  # keep layer 0's MLP as it is
+    imp = StructPruneImportance()
+    _record(model, imp, ids)
+    with traceable(model):
+        pruner = tp.pruner.BasePruner(model, ids, imp, round_to=8, **kwargs)
+    for group in pruner.step(interactive=True):
+        group.prune()
+    finish(model)
+    widths = [lv.intermediate_size for lv in model_view(model).layer_views()]
+    assert widths[0] == 96
+    assert widths[1:] == [96 - c for c in counts["mlp"][1:]]
+    assert all(w % 8 == 0 for w in widths)
+    assert logits(model, torch.randint(0, VOCAB, (1, 7))).isfinite().all()
