@@ -73,6 +73,40 @@ def uniform_kwargs(model, sparsity: float) -> dict:
     }
 
 
+def update_results(stem: Path, report: dict, model: str) -> None:
+    """One row per (importance, sparsity) in a JSON list, and the Markdown table made from it."""
+    path = stem.with_suffix(".json")
+    rows = json.loads(path.read_text()) if path.exists() else []
+    key = (report["importance"], report["requested_sparsity"])
+    rows = [r for r in rows if (r["importance"], r["requested_sparsity"]) != key] + [report]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
+    label = {
+        "magnitude": "Torch-Pruning GroupMagnitudeImportance, uniform ratios",
+        "structprune": "StructPruneImportance + StructPrune allocation",
+    }
+    lines = [
+        "# Torch-Pruning BasePruner: stock importance vs StructPrune (`integration/torch_pruning/prune_llm.py`)",
+        "",
+        f"Model {model}; both rows go through the same `tp.pruner.BasePruner` (hidden size kept, query "
+        "heads evenly within KV groups, at least two per K/V head); calibration for StructPrune "
+        "128 x 512 tokens of the Wikipedia train split (seed 0); perplexity protocol as in quality.md. "
+        "Time and peak RSS cover allocation, recording, graph building and pruning, on 2 CPU cores "
+        "shared with another benchmark, one thread.",
+        "",
+        "| importance + allocation | sparsity (req / achieved) | params | ppl wiki | ppl news | prune s | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["requested_sparsity"], r["importance"])):
+        ppl = r["perplexity"]
+        lines.append(
+            f"| {label[r['importance']]} | {r['requested_sparsity']:.2f} / {r['achieved_sparsity']:.4f} | "
+            f"{r['params']:,} | {ppl.get('wiki_test', float('nan')):.2f} | {ppl.get('news', float('nan')):.2f} | "
+            f"{r['prune_seconds']:.0f} | {r['peak_rss_mib']:.0f} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
@@ -82,6 +116,12 @@ def main() -> int:
     parser.add_argument("--calib-len", type=int, default=512)
     parser.add_argument("--texts", default="wiki_test,news")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "results" / "torch_pruning",
+        help="stem of the shared results table (.json/.md); '' to skip",
+    )
     args = parser.parse_args()
     folder = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -146,6 +186,8 @@ def main() -> int:
         },
     }
     (output / "tp_report.json").write_text(json.dumps(report, indent=1))
+    if args.results:
+        update_results(args.results, report, args.model)
     print(json.dumps({k: v for k, v in report.items() if k not in ("layers", "allocation")}, indent=1))
     return 0
 
