@@ -41,7 +41,7 @@ from .groups import resolve_head_unit
 from .stats import FeatureMoments
 from .surgery import traceable
 
-__all__ = ["StructPruneImportance", "finish", "pruner_kwargs", "ratio_for", "traceable"]
+__all__ = ["StructPruneImportance", "finish", "kwargs_for_counts", "pruner_kwargs", "ratio_for", "traceable"]
 
 TP_ENERGIES = ("wanda", "obs")
 
@@ -195,39 +195,46 @@ def pruner_kwargs(
 ) -> dict:
     """Keyword arguments for `tp.pruner.BasePruner` that realise StructPrune's allocation.
 
-    Returns `pruning_ratio_dict` (one scope per MLP, keyed by gate_proj / fc1, plus q_proj so the
-    attention groups are visited), `head_pruning_ratio_dict` (keyed by the attention module),
-    `num_heads`, `prune_num_heads=True`, `prune_head_dims=False`, `pruning_ratio=0.0` (the hidden
-    size is never pruned), `ignored_layers` (lm_head; Qwen3's q_norm/k_norm weights),
-    `forward_fn`/`output_transform` for HF models, and `allocation` (the counts, for reports;
-    pop it before passing the rest on). Build the pruner inside `with traceable(model):`.
+    The energy pass and temperature softmax (`allocate_layers`) give per-layer counts;
+    `kwargs_for_counts` turns them into BasePruner's settings. The returned dict also holds
+    `allocation` (counts and energies, for reports): pop it before passing the rest on. Build the
+    pruner inside `with traceable(model):`.
     """
     config = dataclasses.replace(config or PruneConfig(method="structprune"), sparsity=sparsity)
     # Torch-Pruning 1.6.1 stops treating a layer as GQA once its query heads equal its K/V heads,
     # then refuses the head group silently: keep at least two query heads on every K/V head.
     config.min_query_per_kv = max(config.min_query_per_kv, 2)
     counts, energies = allocate_layers(model, calibration_ids, config, progress)
+    kwargs = kwargs_for_counts(model, counts, config.head_unit)
+    kwargs["allocation"] = {"counts": counts, "energies": energies}
+    return kwargs
+
+
+def kwargs_for_counts(model: nn.Module, counts: dict[str, list[int]], head_unit: str = "auto") -> dict:
+    """BasePruner settings that remove exactly `counts[kind][layer]` units per layer.
+
+    `pruning_ratio_dict` has one scope per MLP (keyed by gate_proj / fc1) plus q_proj so the
+    attention groups are visited; `head_pruning_ratio_dict` is keyed by the attention module;
+    `pruning_ratio=0.0` keeps the hidden size; `ignored_layers` holds lm_head (and Qwen3's
+    q_norm/k_norm weights); `forward_fn`/`output_transform` suit HF causal LMs.
+    """
     view = model_view(model)
     ratio_dict, head_dict, num_heads, ignored = {}, {}, {}, []
     for i, lv in enumerate(view.layer_views()):
-        geometry_heads = (lv.num_heads, lv.num_kv_heads)
         if "mlp" in counts:
             ratio_dict[lv.mlp_in[0]] = ratio_for(counts["mlp"][i], lv.intermediate_size)
-        if lv.family == "llama":
-            num_heads.update({lv.q: lv.num_heads, lv.k: lv.num_kv_heads, lv.v: lv.num_kv_heads})
-        else:
-            num_heads.update({lv.q: lv.num_heads, lv.k: lv.num_heads, lv.v: lv.num_heads})
+        kv = lv.num_kv_heads if lv.family == "llama" else lv.num_heads
+        num_heads.update({lv.q: lv.num_heads, lv.k: kv, lv.v: kv})
         ignored.extend(lv.head_norm_weights)
         removed_heads = counts.get("heads", [0] * len(view.layers))[i]
         if removed_heads:
-            unit = resolve_head_unit(config.head_unit, geometry_of(lv))
+            unit = resolve_head_unit(head_unit, geometry_of(lv))
             if unit == "kv_group" and lv.num_kv_heads != lv.num_heads:
                 raise StructPruneError(
                     "Torch-Pruning's BasePruner never removes K/V heads under GQA; use head_unit='query' "
                     "(or 'auto') for this path, or prune_model for whole KV groups"
                 )
-            # MHA: one head per KV "group"; GQA: removals are multiples of the KV heads already.
-            head_dict[lv.attn] = head_ratio_for(removed_heads, *geometry_heads)
+            head_dict[lv.attn] = head_ratio_for(removed_heads, lv.num_heads, lv.num_kv_heads)
             ratio_dict[lv.q] = 0.5  # any ratio > 0 makes BasePruner visit the attention group
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if lm_head is not None:
@@ -242,7 +249,6 @@ def pruner_kwargs(
         "ignored_layers": ignored,
         "forward_fn": lambda m, x: m(x, use_cache=False),
         "output_transform": lambda out: out.logits,
-        "allocation": {"counts": counts, "energies": energies},
     }
 
 

@@ -37,40 +37,22 @@ from struprune_plugin.memory import RssSampler
 from struprune_plugin.tp_adapter import (
     StructPruneImportance,
     finish,
-    head_ratio_for,
+    kwargs_for_counts,
     pruner_kwargs,
-    ratio_for,
     traceable,
 )
 from struprune_plugin.zoo import resolve_model
 
 
 def uniform_kwargs(model, sparsity: float) -> dict:
-    """Torch-Pruning's uniform LLM recipe, with the ratios set so the budget matches StructPrune's."""
+    """Torch-Pruning's uniform LLM recipe (the same ratio for every layer's MLP and heads), with
+    the exact budget StructPrune's rows use."""
     views = model_view(model).layer_views()
     spaces = {
         k: [unit_space(k, geometry_of(lv), "auto", min_query_per_kv=2) for lv in views]
         for k in ("mlp", "heads")
     }
-    counts = allocate_uniform(spaces, prunable_parameter_count(model), sparsity)
-    ratio_dict, head_dict, num_heads = {}, {}, {}
-    for i, lv in enumerate(views):
-        ratio_dict[lv.mlp_in[0]] = ratio_for(counts["mlp"][i], lv.intermediate_size)
-        num_heads.update({lv.q: lv.num_heads, lv.k: lv.num_kv_heads, lv.v: lv.num_kv_heads})
-        if counts["heads"][i]:
-            head_dict[lv.attn] = head_ratio_for(counts["heads"][i], lv.num_heads, lv.num_kv_heads)
-            ratio_dict[lv.q] = 0.5
-    return {
-        "pruning_ratio": 0.0,
-        "pruning_ratio_dict": ratio_dict,
-        "head_pruning_ratio_dict": head_dict,
-        "num_heads": num_heads,
-        "prune_num_heads": True,
-        "prune_head_dims": False,
-        "ignored_layers": [model.lm_head],
-        "forward_fn": lambda m, x: m(x, use_cache=False),
-        "output_transform": lambda out: out.logits,
-    }
+    return kwargs_for_counts(model, allocate_uniform(spaces, prunable_parameter_count(model), sparsity))
 
 
 def update_results(stem: Path, report: dict, model: str) -> None:
