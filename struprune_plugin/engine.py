@@ -160,6 +160,17 @@ class PruneResult:
         return data
 
 
+def unit_spaces(geometries, config: PruneConfig) -> dict[str, list]:
+    """Per unit kind, every layer's UnitSpace under the config's head unit and rounding rules."""
+    return {
+        kind: [
+            unit_space(kind, g, config.head_unit, config.mlp_round_to, config.min_query_per_kv)
+            for g in geometries
+        ]
+        for kind in config.units
+    }
+
+
 class _StopForward(Exception):
     pass
 
@@ -291,13 +302,7 @@ def _prune(
 
     views = view.layer_views()
     geometries = [geometry_of(lv) for lv in views]
-    spaces = {
-        kind: [
-            unit_space(kind, g, config.head_unit, config.mlp_round_to, config.min_query_per_kv)
-            for g in geometries
-        ]
-        for kind in config.units
-    }
+    spaces = unit_spaces(geometries, config)
     prunable_before = prunable_parameter_count(model)
     params_before = parameter_count(model)
 
@@ -427,13 +432,7 @@ def allocate_layers(
         )
     view = model_view(model)
     calibration_ids = check_calibration(calibration_ids, getattr(model.config, "vocab_size", None))
-    spaces = {
-        kind: [
-            unit_space(kind, geometry_of(lv), config.head_unit, config.mlp_round_to, config.min_query_per_kv)
-            for lv in view.layer_views()
-        ]
-        for kind in config.units
-    }
+    spaces = unit_spaces([geometry_of(lv) for lv in view.layer_views()], config)
     was_training = model.training
     model.eval()
     try:
