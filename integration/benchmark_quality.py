@@ -60,6 +60,7 @@ def planned_rows() -> list[Row]:
         ablation("bias-refit", ["--bias-refit"], "refits also fit o_proj/down_proj biases"),
         ablation("T-0.5", ["--temperature", "0.5"], "temperature 0.5"),
         ablation("T-2", ["--temperature", "2"], "temperature 2"),
+        ablation("T-4", ["--temperature", "4"], "temperature 4"),
         ablation("T-inf", ["--temperature", "inf"], "temperature inf (uniform allocation)"),
         ablation("admm-0", ["--admm-iterations", "0"], "ADMM 0 iterations (projection + refit)"),
         ablation("admm-1", ["--admm-iterations", "1"], "ADMM 1 iteration"),
