@@ -32,6 +32,7 @@ from struprune_plugin.architectures import geometry_of, model_view, prunable_par
 from struprune_plugin.checkpoint import save_pruned
 from struprune_plugin.cli import evaluate_texts
 from struprune_plugin.data import ensure_texts, sample_calibration, tokenize
+from struprune_plugin.engine import PruneConfig
 from struprune_plugin.groups import unit_space
 from struprune_plugin.memory import RssSampler
 from struprune_plugin.tp_adapter import (
@@ -59,14 +60,23 @@ def update_results(stem: Path, report: dict, model: str) -> None:
     """One row per (importance, sparsity) in a JSON list, and the Markdown table made from it."""
     path = stem.with_suffix(".json")
     rows = json.loads(path.read_text()) if path.exists() else []
-    key = (report["importance"], report["requested_sparsity"])
-    rows = [r for r in rows if (r["importance"], r["requested_sparsity"]) != key] + [report]
+
+    def key(r):
+        return (r["importance"], r["requested_sparsity"], r.get("temperature"))
+
+    rows = [r for r in rows if key(r) != key(report)] + [report]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1))
-    label = {
-        "magnitude": "Torch-Pruning GroupMagnitudeImportance, uniform ratios",
-        "structprune": "StructPruneImportance + StructPrune allocation",
-    }
+
+    def label(r):
+        if r["importance"] == "magnitude":
+            return "Torch-Pruning GroupMagnitudeImportance, uniform ratios"
+        t = r.get("temperature", 1.0)
+        allocation = (
+            "uniform ratios (T = inf)" if t == float("inf") else f"StructPrune allocation (T = {t:g})"
+        )
+        return f"StructPruneImportance, {allocation}"
+
     lines = [
         "# Torch-Pruning BasePruner: stock importance vs StructPrune (`integration/torch_pruning/prune_llm.py`)",
         "",
@@ -79,10 +89,12 @@ def update_results(stem: Path, report: dict, model: str) -> None:
         "| importance + allocation | sparsity (req / achieved) | params | ppl wiki | ppl news | prune s | peak MiB |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(rows, key=lambda r: (r["requested_sparsity"], r["importance"])):
+    for r in sorted(
+        rows, key=lambda r: (r["requested_sparsity"], r["importance"], -(r.get("temperature") or 0))
+    ):
         ppl = r["perplexity"]
         lines.append(
-            f"| {label[r['importance']]} | {r['requested_sparsity']:.2f} / {r['achieved_sparsity']:.4f} | "
+            f"| {label(r)} | {r['requested_sparsity']:.2f} / {r['achieved_sparsity']:.4f} | "
             f"{r['params']:,} | {ppl.get('wiki_test', float('nan')):.2f} | {ppl.get('news', float('nan')):.2f} | "
             f"{r['prune_seconds']:.0f} | {r['peak_rss_mib']:.0f} |"
         )
@@ -94,6 +106,9 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--importance", choices=("magnitude", "structprune"), default="structprune")
     parser.add_argument("--sparsity", type=float, default=0.3)
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="StructPrune allocation; inf = uniform"
+    )
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-len", type=int, default=512)
     parser.add_argument("--texts", default="wiki_test,news")
@@ -120,7 +135,8 @@ def main() -> int:
             importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
             kwargs, allocation = uniform_kwargs(model, args.sparsity), None
         else:
-            kwargs = pruner_kwargs(model, calib, args.sparsity, progress=True)
+            config = PruneConfig(temperature=args.temperature)
+            kwargs = pruner_kwargs(model, calib, args.sparsity, config, progress=True)
             allocation = kwargs.pop("allocation")
             importance = StructPruneImportance()
             with torch.no_grad(), importance.record(model):  # full model resident: Torch-Pruning's way
@@ -152,6 +168,7 @@ def main() -> int:
     views = model_view(model).layer_views()
     report = {
         "importance": args.importance,
+        "temperature": args.temperature if args.importance == "structprune" else None,
         "requested_sparsity": args.sparsity,
         "achieved_sparsity": achieved,
         "params": sum(p.numel() for p in model.parameters()),
