@@ -32,8 +32,7 @@ from struprune_plugin.architectures import geometry_of, model_view, prunable_par
 from struprune_plugin.checkpoint import save_pruned
 from struprune_plugin.cli import evaluate_texts
 from struprune_plugin.data import ensure_texts, sample_calibration, tokenize
-from struprune_plugin.engine import PruneConfig
-from struprune_plugin.groups import unit_space
+from struprune_plugin.engine import PruneConfig, unit_spaces
 from struprune_plugin.memory import RssSampler
 from struprune_plugin.tp_adapter import (
     StructPruneImportance,
@@ -48,11 +47,8 @@ from struprune_plugin.zoo import resolve_model
 def uniform_kwargs(model, sparsity: float) -> dict:
     """Torch-Pruning's uniform LLM recipe (the same ratio for every layer's MLP and heads), with
     the exact budget StructPrune's rows use."""
-    views = model_view(model).layer_views()
-    spaces = {
-        k: [unit_space(k, geometry_of(lv), "auto", min_query_per_kv=2) for lv in views]
-        for k in ("mlp", "heads")
-    }
+    geometries = [geometry_of(lv) for lv in model_view(model).layer_views()]
+    spaces = unit_spaces(geometries, PruneConfig(min_query_per_kv=2))
     return kwargs_for_counts(model, allocate_uniform(spaces, prunable_parameter_count(model), sparsity))
 
 
