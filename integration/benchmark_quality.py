@@ -56,19 +56,26 @@ def planned_rows() -> list[Row]:
     def ablation(name: str, flags: list[str], note: str) -> Row:
         return Row(f"ablation-{name}", "structprune", 0.3, flags, wiki, "ablation", note)
 
+    t1 = ["--temperature", "1"]
     rows += [
-        ablation("bias-refit", ["--bias-refit"], "refits also fit o_proj/down_proj biases"),
+        # The temperature sweep (T = inf is the default and the main structprune-30 row).
         ablation("T-0.5", ["--temperature", "0.5"], "temperature 0.5"),
+        ablation("T-1", t1, "temperature 1"),
         ablation("T-2", ["--temperature", "2"], "temperature 2"),
         ablation("T-4", ["--temperature", "4"], "temperature 4"),
         ablation("T-inf", ["--temperature", "inf"], "temperature inf (uniform allocation)"),
+        # Solver ablations at the default (uniform allocation).
         ablation("admm-0", ["--admm-iterations", "0"], "ADMM 0 iterations (projection + refit)"),
         ablation("admm-1", ["--admm-iterations", "1"], "ADMM 1 iteration"),
         ablation("admm-8", ["--admm-iterations", "8"], "ADMM 8 iterations"),
         ablation("no-aux", ["--no-aux"], "no SparseLLM auxiliary variables"),
-        ablation("energy-wanda", ["--energy", "wanda"], "Wanda-group energy"),
-        ablation("energy-flap", ["--energy", "flap"], "FLAP-fluctuation energy"),
-        ablation("refresh", ["--refresh-energies"], "energies refreshed on the pruned prefix"),
+        ablation("bias-refit", ["--bias-refit"], "refits also fit o_proj/down_proj biases"),
+        # Energy definitions only matter at a finite temperature: compared at T = 1.
+        ablation("energy-wanda-T1", [*t1, "--energy", "wanda"], "Wanda-group energy"),
+        ablation("energy-flap-T1", [*t1, "--energy", "flap"], "FLAP-fluctuation energy"),
+        ablation("refresh-T1", [*t1, "--refresh-energies"], "energies refreshed on the pruned prefix"),
+        ablation("admm-0-T1", [*t1, "--admm-iterations", "0"], "ADMM 0 iterations (projection + refit)"),
+        ablation("bias-refit-T1", [*t1, "--bias-refit"], "refits also fit o_proj/down_proj biases"),
     ]
     return rows
 
@@ -136,6 +143,12 @@ def _fmt(value, digits=2) -> str:
     return f"{value:.3g}" if value >= 1e4 else f"{value:.{digits}f}"
 
 
+def temperature_of(row: dict) -> str:
+    """The allocation temperature a row ran at, as written on its command line (default inf)."""
+    flags = row.get("flags") or []
+    return flags[flags.index("--temperature") + 1] if "--temperature" in flags else "inf"
+
+
 def render(results: dict[str, dict], rows: list[Row], calib_samples: int) -> str:
     done = [results[r.name] for r in rows if r.name in results]
     main = [r for r in done if r["group"] == "main"]
@@ -168,22 +181,31 @@ def render(results: dict[str, dict], rows: list[Row], calib_samples: int) -> str
                 f"{r['peak_mib']:.0f} |"
             )
     if ablations:
-        base = results.get("structprune-30")
+        # Each variant is compared with the default at the same temperature: structprune-30 for
+        # T = inf (the default), the T-1 row for the variants run at T = 1.
+        bases = {"inf": results.get("structprune-30"), "1": results.get("ablation-T-1")}
         lines += [
             "",
             "## StructPrune ablations at 30 % (Wikipedia test ppl)",
             "",
-            "Default: temperature 1, OBS energy, 4 ADMM iterations with auxiliary variables, refit, "
-            "energies from the dense first pass (32 windows).",
+            "Default: temperature inf (uniform allocation), OBS energy, 4 ADMM iterations with "
+            "auxiliary variables, refit, energies from the dense first pass (32 windows). "
+            "Energy definitions only matter at a finite temperature, so they are compared at T = 1.",
             "",
-            "| variant | ppl wiki | vs default | prune s |",
-            "|---|---:|---:|---:|",
+            "| variant | T | ppl wiki | vs default (T = 1 rows: vs temperature 1) | prune s |",
+            "|---|---|---:|---:|---:|",
         ]
-        if base:
-            lines.append(f"| default | {_fmt(base['ppl_wiki'])} | | {base['prune_seconds']:.0f} |")
+        if bases["inf"]:
+            r = bases["inf"]
+            lines.append(
+                f"| default (structprune-30) | inf | {_fmt(r['ppl_wiki'])} | | {r['prune_seconds']:.0f} |"
+            )
         for r in ablations:
+            t = temperature_of(r)
+            sweep = r["name"].startswith("ablation-T-")  # temperature rows compare with the default
+            base = bases["inf"] if sweep else bases.get(t)
             rel = f"{r['ppl_wiki'] / base['ppl_wiki'] - 1:+.1%}" if base else ""
-            lines.append(f"| {r['note']} | {_fmt(r['ppl_wiki'])} | {rel} | {r['prune_seconds']:.0f} |")
+            lines.append(f"| {r['note']} | {t} | {_fmt(r['ppl_wiki'])} | {rel} | {r['prune_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -256,11 +278,12 @@ def main() -> None:
         return
     json_path = args.out.with_suffix(".json")
     results = {r["name"]: r for r in json.loads(json_path.read_text())} if json_path.exists() else {}
-    selected = [
-        r
-        for r in rows
-        if (args.rows is None or r.name in args.rows) and (args.group is None or r.group == args.group)
-    ]
+    by_name = {r.name: r for r in rows}
+    unknown = sorted(set(args.rows or ()) - set(by_name))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; see --list")
+    selected = [by_name[n] for n in args.rows] if args.rows else rows  # --rows order is run order
+    selected = [r for r in selected if args.group is None or r.group == args.group]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for row in [] if args.report_only else selected:
         if row.name in results and not args.rerun:

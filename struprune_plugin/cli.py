@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -72,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--mlp-round-to", type=int, default=1, help="keep every MLP width a multiple of this (e.g. 8 or 64)"
     )
     sp = p.add_argument_group("structprune (method=structprune)")
-    sp.add_argument("--temperature", type=float, default=1.0, help="allocation temperature; inf = uniform")
+    sp.add_argument(
+        "--temperature", type=float, default=math.inf, help="allocation temperature; inf = uniform (default)"
+    )
     sp.add_argument("--energy", default="obs", choices=("obs", "wanda", "flap"), help="group energy")
     sp.add_argument("--admm-iterations", type=int, default=4)
     sp.add_argument("--no-aux", action="store_true", help="MLP solver without SparseLLM auxiliary variables")

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import itertools
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -81,7 +82,7 @@ class PruneConfig:
     device: str = "cpu"
     trace_tokens: int = 16
     # StructPrune only (method="structprune"):
-    temperature: float = 1.0  # softmax allocation over normalised layer energies; inf = uniform
+    temperature: float = math.inf  # softmax over normalised layer energies; inf = uniform (measured best)
     energy: str = "obs"  # group energy: "obs", "wanda" or "flap"
     normalisation: str = "log-z"
     energy_samples: int | None = 32  # calibration windows for the energy pass (None: all)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -103,7 +104,7 @@ def main() -> int:
     parser.add_argument("--importance", choices=("magnitude", "structprune"), default="structprune")
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument(
-        "--temperature", type=float, default=1.0, help="StructPrune allocation; inf = uniform"
+        "--temperature", type=float, default=math.inf, help="StructPrune allocation; inf = uniform"
     )
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-len", type=int, default=512)
