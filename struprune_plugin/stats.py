@@ -84,7 +84,6 @@ class InputRecorder:
                     "Fix: check the calibration data and the model weights (an fp16 overflow? load "
                     "the model in float32)"
                 )
-            self.stats[name].add(x)
 
         return record
 
