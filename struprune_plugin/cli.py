@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mlp-round-to", type=int, default=1, help="keep every MLP width a multiple of this (e.g. 8 or 64)"
     )
+    p.add_argument(
+        "--skip-layers",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="I",
+        help="decoder layer indices kept dense; the sparsity then counts the other layers only",
+    )
     sp = p.add_argument_group("structprune (method=structprune)")
     sp.add_argument(
         "--temperature", type=float, default=math.inf, help="allocation temperature; inf = uniform (default)"
@@ -215,6 +223,7 @@ def cmd_prune(args) -> int:
         head_unit=args.head_unit,
         head_sparsity=args.head_sparsity,
         mlp_round_to=args.mlp_round_to,
+        skip_layers=tuple(args.skip_layers),
         batch_size=args.batch_size,
         device=args.device,
         temperature=args.temperature,

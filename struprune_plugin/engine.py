@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -37,7 +37,6 @@ from .architectures import (
     geometry_of,
     model_view,
     parameter_count,
-    prunable_parameter_count,
 )
 from .checkpoint import record_layout
 from .energies import ENERGIES, normalise
@@ -78,6 +77,7 @@ class PruneConfig:
     head_sparsity: float | None = None  # honoured exactly per layer when given
     mlp_round_to: int = 1  # keep every MLP width a multiple of this (8, 64: GEMM-friendly)
     min_query_per_kv: int = 1  # query unit: query heads every K/V head keeps at least
+    skip_layers: tuple[int, ...] = ()  # decoder layers kept dense; sparsity counts the others only
     batch_size: int = 8
     device: str = "cpu"
     trace_tokens: int = 16
@@ -125,6 +125,8 @@ class PruneConfig:
             raise CalibrationDataError("energy_samples must be >= 1 (or None for every window)")
         if self.batch_size < 1:
             raise CalibrationDataError("batch_size must be >= 1")
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.skip_layers):
+            raise StructPruneError(f"skip_layers must be decoder layer indices >= 0; got {self.skip_layers}")
 
 
 @dataclass
@@ -162,14 +164,38 @@ class PruneResult:
 
 
 def unit_spaces(geometries, config: PruneConfig) -> dict[str, list]:
-    """Per unit kind, every layer's UnitSpace under the config's head unit and rounding rules."""
-    return {
-        kind: [
-            unit_space(kind, g, config.head_unit, config.mlp_round_to, config.min_query_per_kv)
-            for g in geometries
-        ]
-        for kind in config.units
-    }
+    """Per unit kind, every layer's UnitSpace under the config's head unit and rounding rules.
+    A skipped layer's space keeps all its groups, so every allocator leaves it dense."""
+    check_skip_layers(config, len(geometries))
+    spaces = {}
+    for kind in config.units:
+        spaces[kind] = []
+        for i, g in enumerate(geometries):
+            space = unit_space(kind, g, config.head_unit, config.mlp_round_to, config.min_query_per_kv)
+            spaces[kind].append(replace(space, min_keep=space.n) if i in config.skip_layers else space)
+    return spaces
+
+
+def check_skip_layers(config: PruneConfig, num_layers: int) -> None:
+    bad = [i for i in config.skip_layers if i >= num_layers]
+    if bad:
+        raise StructPruneError(
+            f"skip_layers {bad} do not exist: the model has {num_layers} decoder layers (0..{num_layers - 1})"
+        )
+    if len(set(config.skip_layers)) >= num_layers:
+        raise StructPruneError("skip_layers names every decoder layer: nothing is left to prune")
+
+
+def targeted_prunable_count(model: nn.Module, config: PruneConfig) -> int:
+    """The budget's denominator: prunable parameters of the layers not in `skip_layers`."""
+    skip = set(config.skip_layers)
+    return sum(
+        p.numel()
+        for i, lv in enumerate(model_view(model).layer_views())
+        if i not in skip
+        for lin in lv.linears
+        for p in lin.parameters()
+    )
 
 
 class _StopForward(Exception):
@@ -304,7 +330,7 @@ def _prune(
     views = view.layer_views()
     geometries = [geometry_of(lv) for lv in views]
     spaces = unit_spaces(geometries, config)
-    prunable_before = prunable_parameter_count(model)
+    prunable_before = targeted_prunable_count(model, config)
     params_before = parameter_count(model)
 
     with torch.no_grad():
@@ -378,7 +404,7 @@ def _prune(
     del batches
     record_layout(model)
     model.to(home)
-    prunable_after = prunable_parameter_count(model)
+    prunable_after = targeted_prunable_count(model, config)
     return PruneResult(
         model=model,
         config=config,
@@ -438,7 +464,7 @@ def allocate_layers(
     model.eval()
     try:
         counts, energies, _ = _energy_allocation(
-            model, view, [], calibration_ids, config, spaces, prunable_parameter_count(model), progress
+            model, view, [], calibration_ids, config, spaces, targeted_prunable_count(model, config), progress
         )
     finally:
         model.train(was_training)

@@ -159,3 +159,35 @@ def test_mlp_round_to_must_divide_the_width():
         prune_model(
             make_model("llama"), torch.randint(0, VOCAB, (2, 8)), PruneConfig(mlp_round_to=7), progress=False
         )
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap", "structprune", "global"])
+def test_skipped_layers_stay_dense_and_the_budget_counts_the_rest(method):
+    model = make_model("llama", layers=4)
+    calib = torch.randint(0, VOCAB, (4, 16))
+    # (FLAP without its bias compensation: the added biases would count as prunable parameters)
+    config = PruneConfig(
+        method=method, sparsity=0.4, skip_layers=(0, 3), admm_iterations=1, temperature=1.0, bias_compensation=False
+    )
+    result = prune_model(model, calib, config, progress=False)
+    before, after = model_view(model), model_view(result.model)
+    for i in (0, 3):
+        original = before.layers[i].state_dict()
+        kept = after.layers[i].state_dict()
+        assert all(torch.equal(original[k], kept[k]) for k in original), f"layer {i} changed"
+    pruned = [prunable_parameter_count(model) // 4] * 2  # equal layers: two of four are pruned
+    geometry = geometry_of(before.layer(0))
+    removed = sum(r.removed_params for r in result.layers)
+    assert abs(removed - 0.4 * sum(pruned)) <= geometry.mlp_channel_cost
+    assert abs(result.achieved_sparsity - 0.4) <= geometry.mlp_channel_cost / sum(pruned)
+
+
+def test_skip_layers_must_exist_and_leave_something():
+    from struprune_plugin.errors import StructPruneError
+
+    model = make_model("llama", layers=2)
+    calib = torch.randint(0, VOCAB, (2, 8))
+    with pytest.raises(StructPruneError, match=r"skip_layers \[5\] do not exist"):
+        prune_model(model, calib, PruneConfig(method="wanda-sp", skip_layers=(5,)), progress=False)
+    with pytest.raises(StructPruneError, match="every decoder layer"):
+        prune_model(model, calib, PruneConfig(method="wanda-sp", skip_layers=(0, 1)), progress=False)
