@@ -63,6 +63,29 @@ def record_layout(model: nn.Module) -> dict:
     return layout
 
 
+def structural_fields(config) -> dict:
+    """The config entries pruning changed: the layout key and the stock width fields it mirrors.
+    Hosts that rewrite config.json on save (llm-compressor restores the original file for vLLM's
+    sake) must carry these over, or the folder no longer describes its own weights."""
+    layout = getattr(config, LAYOUT_KEY, None)
+    if layout is None:
+        return {}
+    return {
+        LAYOUT_KEY: layout,
+        **{k: getattr(config, k) for k in _plain_fields(layout) if hasattr(config, k)},
+    }
+
+
+def patch_config_json(folder: str | os.PathLike, fields: dict) -> None:
+    """Overwrite `fields` in folder/config.json, atomically."""
+    path = Path(folder) / "config.json"
+    data = json.loads(path.read_text())
+    data.update(fields)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
 def needs_layout_loader(config) -> bool:
     """Whether stock `from_pretrained` would build the wrong shapes for this config."""
     layout = getattr(config, LAYOUT_KEY, None)

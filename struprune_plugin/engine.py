@@ -203,9 +203,21 @@ class _StopForward(Exception):
 
 
 @dataclass
-class _Batch:
+class LayerBatch:
+    """One calibration batch as a decoder layer sees it: hidden states and the call's kwargs."""
+
     hidden: torch.Tensor
     kwargs: dict
+
+    @classmethod
+    def from_call(cls, args: tuple, kwargs: dict, device: torch.device) -> LayerBatch:
+        """From a forward pre-hook's (args, kwargs): the layer can be called again without a cache."""
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        kwargs["use_cache"] = False
+        return cls(hidden.detach(), {k: _to(v, device) for k, v in kwargs.items()})
 
 
 def _to(value, device):
@@ -218,16 +230,12 @@ def _to(value, device):
 
 def capture_layer_inputs(
     model: nn.Module, view: ModelView, id_batches: Sequence[torch.Tensor], device: torch.device
-) -> list[_Batch]:
+) -> list[LayerBatch]:
     """Run only the pre-layer modules (embeddings, RoPE) and keep layer 0's inputs and kwargs."""
-    captured: list[_Batch] = []
+    captured: list[LayerBatch] = []
 
     def grab(_module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs.pop("past_key_values", None)
-        kwargs["use_cache"] = False
-        captured.append(_Batch(hidden.detach(), {k: _to(v, device) for k, v in kwargs.items()}))
+        captured.append(LayerBatch.from_call(args, kwargs, device))
         raise _StopForward
 
     homes = [(m, next(itertools.chain(m.parameters(), m.buffers()), None)) for m in view.pre_layer_modules]
@@ -246,7 +254,7 @@ def capture_layer_inputs(
     return captured
 
 
-def _layer_forward(layer: nn.Module, batch: _Batch) -> torch.Tensor:
+def layer_forward(layer: nn.Module, batch: LayerBatch) -> torch.Tensor:
     out = layer(batch.hidden, **batch.kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -354,7 +362,7 @@ def _prune(
             with torch.no_grad():
                 batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
     elif config.method == "flap":
-        flap_stats = flap.dense_pass(view, batches, _layer_forward, config.head_unit, device, progress)
+        flap_stats = flap.dense_pass(view, batches, layer_forward, config.head_unit, device, progress)
         counts = allocate_global_threshold(
             spaces, flap.threshold_energies(flap_stats, spaces), prunable_before, config.sparsity
         )
@@ -381,7 +389,7 @@ def _prune(
             pruned, plan = _prune_layer_flap(lv, remove, flap_stats[i], config, trace)
         elif config.method in SOLVER_METHODS:
             pruned, plan = prune_layer_structprune(
-                lv, i, batches, _layer_forward, remove, config, trace, reallocate
+                lv, i, batches, layer_forward, remove, config, trace, reallocate
             )
         else:
             pruned, plan = _prune_layer_by_score(lv, i, batches, remove, config, trace)
@@ -389,7 +397,7 @@ def _prune(
         with torch.no_grad():
             if needs_calibration and i + 1 < len(views):
                 for b in batches:
-                    b.hidden = _layer_forward(lv.layer, b)
+                    b.hidden = layer_forward(lv.layer, b)
         lv.layer.to(layer_home)
         records.append(
             LayerRecord(
@@ -435,9 +443,7 @@ def _energy_allocation(model, view, batches, calibration_ids, config, spaces, pr
         with torch.no_grad():
             ids = calibration_ids[: config.energy_samples] if subsample else calibration_ids
             energy_batches = capture_layer_inputs(model, view, ids.split(config.batch_size), device)
-    energies, groups = energy_pass(
-        view, energy_batches, _layer_forward, config, device, progress, keep_groups
-    )
+    energies, groups = energy_pass(view, energy_batches, layer_forward, config, device, progress, keep_groups)
     if keep_groups:
         counts = allocate_global_threshold(spaces, groups, prunable, config.sparsity)
     else:
@@ -518,7 +524,7 @@ def _prune_layer_by_score(lv: LayerView, index: int, batches: list, remove: dict
         if batches:
             with InputRecorder(lv.input_taps(), index) as recorder:
                 for batch in batches:
-                    _layer_forward(lv.layer, batch)
+                    layer_forward(lv.layer, batch)
             norms = LayerInputs(**{k: s.norms() for k, s in recorder.stats.items()})
         plan = _plan_layer(lv, config, remove, norms)
     graph = build_layer_graph(lv, trace.hidden, trace.kwargs)

@@ -167,7 +167,12 @@ def test_skipped_layers_stay_dense_and_the_budget_counts_the_rest(method):
     calib = torch.randint(0, VOCAB, (4, 16))
     # (FLAP without its bias compensation: the added biases would count as prunable parameters)
     config = PruneConfig(
-        method=method, sparsity=0.4, skip_layers=(0, 3), admm_iterations=1, temperature=1.0, bias_compensation=False
+        method=method,
+        sparsity=0.4,
+        skip_layers=(0, 3),
+        admm_iterations=1,
+        temperature=1.0,
+        bias_compensation=False,
     )
     result = prune_model(model, calib, config, progress=False)
     before, after = model_view(model), model_view(result.model)

@@ -1,0 +1,301 @@
+"""`StructPruneModifier`: StructPrune as an llm-compressor modifier for recipes and `oneshot`.
+
+llm-compressor's sequential pipeline already does what StructPrune's engine does by hand: it runs
+the calibration data through one decoder layer at a time and feeds the next layer the outputs of
+the already-pruned one. The modifier therefore only has to
+
+* allocate the per-layer keep counts before calibration (`on_initialize`: uniform at the default
+  temperature inf, otherwise the engine's dense energy pass and temperature softmax),
+* record each decoder layer's inputs during its calibration pass (a forward pre-hook),
+* prune that layer when its pass ends (`on_sequential_epoch_end`) with the same solver call the
+  engine makes (heads by energy with an o_proj refit, the ADMM block solver for the MLP,
+  Torch-Pruning surgery), so the propagation pass and every later layer see the pruned layer,
+* record the per-layer layout in the model config at `on_finalize`, before `oneshot` saves.
+
+Given the same data and settings, its masks equal `prune_model`'s (a test holds it to that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from functools import partial, wraps
+from pathlib import Path
+from typing import Literal
+
+import torch
+from loguru import logger
+from pydantic import Field, PrivateAttr, model_validator
+
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers import Modifier, ModifierFactory
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+from .architectures import ModelView, enable_output_biases, geometry_of, model_view
+from .checkpoint import patch_config_json, record_layout, structural_fields
+from .engine import (
+    LayerBatch,
+    LayerRecord,
+    PruneConfig,
+    allocate_layers,
+    layer_forward,
+    targeted_prunable_count,
+    unit_spaces,
+)
+from .allocation import allocate_uniform
+from .errors import CalibrationDataError, StructPruneError
+from .structprune import prune_layer_structprune
+
+__all__ = ["StructPruneModifier", "register"]
+
+
+class StructPruneModifier(Modifier):
+    """Structured pruning of attention heads and MLP channels, one decoder layer at a time.
+
+    The pruned model is a smaller dense model (Torch-Pruning removes the groups), not a masked one.
+    Sparsity is the removed share of the attention and MLP linears' parameters of the layers not
+    ignored. Put quantization modifiers in a later stage of the recipe, so they calibrate on the
+    pruned model. Example recipe::
+
+        structprune_stage:
+          pruning_modifiers:
+            StructPruneModifier:
+              sparsity: 0.3
+              units: [mlp, heads]
+    """
+
+    requires_calibration_data: bool = True
+
+    sparsity: float = Field(0.3, description="removed share of the prunable parameters, in [0, 1)")
+    units: list[Literal["mlp", "heads"]] = Field(
+        default_factory=lambda: ["mlp", "heads"], description="what may be removed: MLP channels, heads"
+    )
+    head_unit: Literal["auto", "query", "kv_group"] = Field(
+        "auto", description="under GQA: query heads evenly within KV groups, or whole KV groups"
+    )
+    temperature: float = Field(
+        math.inf, description="allocation softmax temperature over layer energies; inf = uniform"
+    )
+    energy: Literal["obs", "wanda", "flap"] = Field("obs", description="group removal cost")
+    energy_samples: int | None = Field(
+        32, description="calibration samples for the energy pass (finite temperature only); None = all"
+    )
+    admm_iterations: int = Field(4, ge=0, description="ADMM iterations of the MLP block solver")
+    use_aux: bool = Field(True, description="SparseLLM auxiliary variables in the MLP solver")
+    refit: bool = Field(True, description="least-squares refit of the kept weights")
+    bias_refit: bool = Field(False, description="the refits also fit o_proj/down_proj biases")
+    mlp_round_to: int = Field(1, ge=1, description="keep every MLP width a multiple of this")
+    min_query_per_kv: int = Field(1, ge=1, description="query heads every K/V head keeps at least")
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="decoder layers kept dense: module names or 're:' regexes (e.g. 're:.*layers\\.0$')",
+    )
+    report_path: str | None = Field(None, description="optional .json file for the per-layer result")
+
+    _config: PruneConfig | None = PrivateAttr(default=None)
+    _view: ModelView | None = PrivateAttr(default=None)
+    _counts: dict[str, list[int]] = PrivateAttr(default_factory=dict)
+    _pending: dict[int, list[LayerBatch]] = PrivateAttr(default_factory=dict)
+    _records: list[LayerRecord] = PrivateAttr(default_factory=list)
+    _keep: dict[int, dict] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _validate_settings(self) -> StructPruneModifier:
+        self.prune_config().validate()  # a StructPruneError is a ValueError: pydantic reports it
+        if self.report_path is not None and not self.report_path.endswith(".json"):
+            raise ValueError(f"report_path must end with .json, got {self.report_path!r}")
+        return self
+
+    def prune_config(self, skip_layers: tuple[int, ...] = (), device: str = "cpu") -> PruneConfig:
+        """The engine configuration these fields stand for (`prune_model` with it prunes alike)."""
+        return PruneConfig(
+            method="structprune",
+            sparsity=self.sparsity,
+            units=tuple(self.units),
+            head_unit=self.head_unit,
+            mlp_round_to=self.mlp_round_to,
+            min_query_per_kv=self.min_query_per_kv,
+            skip_layers=skip_layers,
+            device=device,
+            temperature=self.temperature,
+            energy=self.energy,
+            energy_samples=self.energy_samples,
+            admm_iterations=self.admm_iterations,
+            use_aux=self.use_aux,
+            refit=self.refit,
+            bias_refit=self.bias_refit,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        view = model_view(model)  # unsupported architectures fail here, before any calibration
+        skip = ignored_layers(model, view, self.ignore)
+        device = str(next(model.parameters()).device)
+        config = self.prune_config(skip, device)
+        config.validate()
+        spaces = unit_spaces([geometry_of(lv) for lv in view.layer_views()], config)
+        if math.isinf(self.temperature):
+            # Uniform allocation needs no energies, hence no extra pass over the data.
+            self._counts = allocate_uniform(spaces, targeted_prunable_count(model, config), self.sparsity)
+        else:
+            ids = calibration_ids(state.data.calib, self.energy_samples)
+            self._counts, _ = allocate_layers(model, ids, config)
+        if self.bias_refit:
+            enable_output_biases(model, view)
+        self._config, self._view = config, view
+        removed = {k: sum(v) for k, v in self._counts.items()}
+        logger.info(
+            f"StructPrune: {len(view.layers)} decoder layers ({len(skip)} ignored), sparsity "
+            f"{self.sparsity:.0%}, temperature {self.temperature}; removing {removed}"
+        )
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        for index, layer in enumerate(self._view.layers):
+            if any(self._counts[kind][index] for kind in self._counts):
+                self._pending[index] = []
+                self.register_hook(
+                    layer, partial(self._record_inputs, index), "forward_pre", with_kwargs=True
+                )
+
+    def _record_inputs(self, index: int, module, args, kwargs):
+        batches = self._pending.get(index)
+        if batches is not None:
+            batches.append(LayerBatch.from_call(args, kwargs, torch.device(self._config.device)))
+
+    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
+        """Prune every layer whose calibration pass just ended (the pipeline propagates next)."""
+        for index in sorted(i for i, batches in self._pending.items() if batches):
+            self._prune_layer(index, self._pending.pop(index))
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        self.remove_hooks()
+        left = sorted(self._pending)
+        self._pending.clear()
+        if left:
+            raise CalibrationDataError(
+                f"decoder layers {left} saw no calibration data, so they were not pruned. Fix: run "
+                "oneshot with the sequential pipeline (the default for this modifier) and a dataset"
+            )
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        layout = record_layout(state.model)
+        keep_structure_on_save(state.model)
+        if self.report_path is not None:
+            report = {
+                "settings": dataclasses.asdict(self._config) if self._config else None,
+                "counts": self._counts,
+                "layers": [vars(r) for r in self._records],
+                "kept": self._keep,
+                "layout": layout,
+            }
+            path = Path(self.report_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(report, indent=1, default=list))
+            tmp.replace(path)
+        return True
+
+    # -- one layer ---------------------------------------------------------------------------
+
+    def _prune_layer(self, index: int, batches: list[LayerBatch]) -> None:
+        t0 = time.perf_counter()
+        lv = self._view.layer(index)
+        geometry = geometry_of(lv)
+        before = (lv.num_heads, lv.num_kv_heads, lv.intermediate_size)
+        remove = {kind: self._counts[kind][index] for kind in self._counts}
+        # The solver's own passes over the layer must not feed other modifiers' calibration
+        # hooks; Torch-Pruning's tracing needs autograd, which the pipeline turned off.
+        with HooksMixin.disable_hooks(), torch.enable_grad():
+            pruned, plan = prune_layer_structprune(
+                lv, index, batches, layer_forward, remove, self._config, batches[0]
+            )
+        self._keep[index] = {"mlp": plan.keep_mlp, "heads": plan.keep_heads, "kv_heads": plan.keep_kv_heads}
+        record = LayerRecord(
+            index=index,
+            heads=(before[0], pruned.num_heads),
+            kv_heads=(before[1], pruned.num_kv_heads),
+            mlp=(before[2], pruned.intermediate_size),
+            removed_params=plan.removed_params(geometry),
+            seconds=time.perf_counter() - t0,
+        )
+        self._records.append(record)
+        logger.info(
+            f"StructPrune layer {index}: heads {record.heads[0]}->{record.heads[1]}, "
+            f"MLP {record.mlp[0]}->{record.mlp[1]} ({record.seconds:.1f}s)"
+        )
+
+
+def keep_structure_on_save(model: torch.nn.Module) -> None:
+    """llm-compressor's save_pretrained rewrites config.json from the *original* model's file
+    (patching only the fields it knows: dtype, tied embeddings, expert counts), which would undo
+    the pruned widths. Wrap it once more and write the structural fields back after it."""
+    inner = model.save_pretrained
+    if getattr(inner, "_struprune", False):
+        return
+
+    @wraps(inner)
+    def save_pretrained(save_directory, *args, **kwargs):
+        result = inner(save_directory, *args, **kwargs)
+        patch_config_json(save_directory, structural_fields(model.config))
+        return result
+
+    save_pretrained._overridden = getattr(inner, "_overridden", False)  # llm-compressor's marker
+    save_pretrained._struprune = True
+    model.save_pretrained = save_pretrained
+
+
+def ignored_layers(model: torch.nn.Module, view: ModelView, patterns: list[str]) -> tuple[int, ...]:
+    """Decoder layer indices whose module name equals a pattern or matches a 're:' regex."""
+    names = {id(m): n for n, m in model.named_modules()}
+    skip = [i for i, layer in enumerate(view.layers) if any(_matches(p, names[id(layer)]) for p in patterns)]
+    unused = [p for p in patterns if not any(_matches(p, names[id(layer)]) for layer in view.layers)]
+    if unused:
+        raise StructPruneError(
+            f"ignore patterns {unused} match no decoder layer (e.g. {names[id(view.layers[0])]!r}). "
+            "Fix: name decoder layers exactly, or use 're:' regexes such as 're:.*layers\\.0$'"
+        )
+    return tuple(skip)
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return bool(re.fullmatch(pattern[3:], name)) if pattern.startswith("re:") else pattern == name
+
+
+def calibration_ids(dataloader, limit: int | None) -> torch.Tensor:
+    """The first `limit` calibration samples as one (samples, length) id tensor, for the energy
+    pass; samples of different lengths are cut to the shortest."""
+    if dataloader is None:
+        raise CalibrationDataError(
+            "a finite temperature needs calibration data for the energy pass. Fix: pass a dataset to oneshot"
+        )
+    rows: list[torch.Tensor] = []
+    for batch in dataloader:
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        for j, row in enumerate(torch.as_tensor(ids)):
+            if mask is not None:
+                row = row[torch.as_tensor(mask)[j].bool()]
+            rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
+    rows = rows[:limit] if limit is not None else rows
+    if not rows:
+        raise CalibrationDataError("the calibration dataloader is empty. Fix: pass a non-empty dataset")
+    length = min(r.numel() for r in rows)
+    if length < 2:
+        raise CalibrationDataError("calibration samples need at least 2 tokens each")
+    return torch.stack([r[:length] for r in rows]).long()
+
+
+def register() -> None:
+    """Make recipes (YAML or dict) find the modifier by its class name."""
+    ModifierFactory.register("StructPruneModifier", StructPruneModifier)
+
+
+register()
