@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from loguru import logger
-from pydantic import Field, PrivateAttr, model_validator
-
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier, ModifierFactory
 from llmcompressor.modifiers.utils.hooks import HooksMixin
+from loguru import logger
+from pydantic import Field, PrivateAttr, model_validator
 
+from .allocation import allocate_uniform
 from .architectures import ModelView, enable_output_biases, geometry_of, model_view
 from .checkpoint import patch_config_json, record_layout, structural_fields
 from .engine import (
@@ -45,7 +45,6 @@ from .engine import (
     targeted_prunable_count,
     unit_spaces,
 )
-from .allocation import allocate_uniform
 from .errors import CalibrationDataError, StructPruneError
 from .structprune import prune_layer_structprune
 
