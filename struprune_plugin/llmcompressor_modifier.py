@@ -155,6 +155,8 @@ class StructPruneModifier(Modifier):
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
+        # Every modifier of the recipe has initialised by now, quantizers included.
+        check_quantization_groups(self._view, self._counts, self.mlp_round_to)
         for index, layer in enumerate(self._view.layers):
             if any(self._counts[kind][index] for kind in self._counts):
                 self._pending[index] = []
@@ -214,6 +216,7 @@ class StructPruneModifier(Modifier):
             pruned, plan = prune_layer_structprune(
                 lv, index, batches, layer_forward, remove, self._config, batches[0]
             )
+        refresh_quantization_params(lv.layer)
         self._keep[index] = {"mlp": plan.keep_mlp, "heads": plan.keep_heads, "kv_heads": plan.keep_kv_heads}
         record = LayerRecord(
             index=index,
@@ -228,6 +231,46 @@ class StructPruneModifier(Modifier):
             f"StructPrune layer {index}: heads {record.heads[0]}->{record.heads[1]}, "
             f"MLP {record.mlp[0]}->{record.mlp[1]} ({record.seconds:.1f}s)"
         )
+
+
+def _weight_group_size(module: torch.nn.Module) -> int | None:
+    scheme = getattr(module, "quantization_scheme", None)
+    weights = getattr(scheme, "weights", None)
+    return getattr(weights, "group_size", None) if weights is not None else None
+
+
+def check_quantization_groups(view: ModelView, counts: dict[str, list[int]], mlp_round_to: int) -> None:
+    """Group-wise weight quantization (W4A16: groups of 128 along the input) needs every pruned
+    input width to stay a multiple of the group size; fail before calibration, not in GPTQ."""
+    for index, lv in enumerate(view.layer_views()):
+        group = _weight_group_size(lv.mlp_out)
+        if group and counts.get("mlp", [0] * (index + 1))[index] and mlp_round_to % group:
+            raise StructPruneError(
+                f"{type(lv.mlp_out).__name__} of decoder layer {index} is quantized in groups of {group} "
+                f"along its input, but pruned MLP widths are multiples of mlp_round_to={mlp_round_to} "
+                f"only. Fix: set mlp_round_to: {group} on StructPruneModifier (or quantize per channel, "
+                "e.g. scheme W8A8)"
+            )
+        group = _weight_group_size(lv.o)
+        if group and counts.get("heads", [0] * (index + 1))[index] and lv.head_dim % group:
+            raise StructPruneError(
+                f"o_proj of decoder layer {index} is quantized in groups of {group} along its input "
+                f"(heads x head_dim {lv.head_dim}), which removing heads cannot keep divisible. Fix: "
+                "units: [mlp] on StructPruneModifier, or a per-channel scheme such as W8A8"
+            )
+
+
+def refresh_quantization_params(layer: torch.nn.Module) -> None:
+    """Quantization modifiers attach their scales and zero points when the session initialises,
+    before this stage runs; once a module has shrunk they have the old shapes. Re-create them
+    from the module's scheme (compressed-tensors drops the stale ones first)."""
+    schemed = [m for m in layer.modules() if getattr(m, "quantization_scheme", None) is not None]
+    if not schemed:
+        return
+    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
+
+    for module in schemed:
+        initialize_module_for_quantization(module)
 
 
 def keep_structure_on_save(model: torch.nn.Module) -> None:

@@ -47,7 +47,8 @@ def traceable(module: nn.Module, config=None) -> Iterator[None]:
         id(c): c for c in [config, *(getattr(m, "config", None) for m in module.modules())] if c is not None
     }
     impls = {key: getattr(c, "_attn_implementation", None) for key, c in configs.items()}
-    grads = {p: p.requires_grad for p in module.parameters()}
+    # Integer parameters (a quantizer's zero points, attached by llm-compressor) cannot carry grads.
+    grads = {p: p.requires_grad for p in module.parameters() if p.is_floating_point()}
     try:
         for c in configs.values():
             c._attn_implementation = "eager"

@@ -1,0 +1,187 @@
+"""StructPruneModifier inside llm-compressor's `oneshot`: recipes (YAML and Python), validation,
+the saved folder, and equality with the plugin's own layer-by-layer run on the same data."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+datasets = pytest.importorskip("datasets")
+llmcompressor = pytest.importorskip("llmcompressor")
+
+from llmcompressor import oneshot  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+import struprune_plugin  # noqa: E402,F401  (registers the modifier)
+from conftest import logits  # noqa: E402
+from struprune_plugin import PruneConfig, load_pruned, prune_model  # noqa: E402
+from struprune_plugin.architectures import model_view  # noqa: E402
+from struprune_plugin.llmcompressor_modifier import StructPruneModifier  # noqa: E402
+
+SAMPLES, LENGTH = 8, 32
+
+
+@pytest.fixture
+def tiny(tiny_trained_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_trained_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_trained_dir)
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (SAMPLES, LENGTH))
+    return model, tokenizer, ids
+
+
+def run_oneshot(model, tokenizer, ids, recipe, **kwargs):
+    dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    return oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=dataset,
+        recipe=recipe,
+        num_calibration_samples=len(ids),
+        max_seq_length=ids.shape[1],
+        shuffle_calibration_samples=False,  # the engine sees the samples in order too
+        **kwargs,
+    )
+
+
+def widths(model):
+    return [(lv.num_heads, lv.num_kv_heads, lv.intermediate_size) for lv in model_view(model).layer_views()]
+
+
+def assert_same_pruning(a, b, atol=1e-4):
+    """Same kept groups (shapes follow from the masks; weights then agree up to summation order)."""
+    assert widths(a) == widths(b)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa, pb, atol=atol, rtol=1e-3, msg=name)
+
+
+YAML = """
+structprune_stage:
+  pruning_modifiers:
+    StructPruneModifier:
+      sparsity: 0.4
+      admm_iterations: 2
+"""
+
+
+def test_yaml_recipe_equals_the_plugins_own_run_and_saves_a_reloadable_folder(tiny, tmp_path):
+    model, tokenizer, ids = tiny
+    reference = prune_model(
+        copy.deepcopy(model), ids, PruneConfig(sparsity=0.4, admm_iterations=2, batch_size=1), progress=False
+    )
+    dense_widths = widths(model)
+    pruned = run_oneshot(model, tokenizer, ids, YAML, output_dir=str(tmp_path / "out"))
+    assert widths(pruned) != dense_widths
+    assert_same_pruning(pruned, reference.model)
+    x = torch.randint(3, model.config.vocab_size, (2, 17))
+    torch.testing.assert_close(logits(pruned, x), logits(reference.model, x), atol=5e-4, rtol=1e-3)
+    # the saved folder describes its own weights and reloads to the in-memory model
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["struprune_layout"]["intermediate_sizes"] == [w[2] for w in widths(pruned)]
+    reloaded = load_pruned(tmp_path / "out")
+    assert widths(reloaded) == widths(pruned)
+    assert torch.equal(logits(reloaded, x), logits(pruned, x))
+    assert "StructPruneModifier" in (tmp_path / "out" / "recipe.yaml").read_text()
+
+
+def test_python_recipe_with_finite_temperature_matches_the_engine(tiny):
+    model, tokenizer, ids = tiny
+    settings = dict(sparsity=0.35, temperature=1.0, admm_iterations=1, energy="wanda", energy_samples=4)
+    reference = prune_model(copy.deepcopy(model), ids, PruneConfig(**settings, batch_size=1), progress=False)
+    pruned = run_oneshot(model, tokenizer, ids, [StructPruneModifier(**settings)])
+    assert len({w[2] for w in widths(pruned)}) > 1, "a finite temperature should give unequal widths"
+    assert_same_pruning(pruned, reference.model)
+
+
+def test_ignored_layers_stay_dense_and_mlp_only_keeps_heads(tiny):
+    model, tokenizer, ids = tiny
+    dense = copy.deepcopy(model)
+    modifier = StructPruneModifier(sparsity=0.3, units=["mlp"], ignore=["re:.*layers\\.0$", "model.layers.3"])
+    pruned = run_oneshot(model, tokenizer, ids, [modifier])
+    before, after = widths(dense), widths(pruned)
+    assert after[0] == before[0] and after[3] == before[3]
+    assert all(a[:2] == b[:2] for a, b in zip(after, before))  # every head kept
+    assert after[1][2] < before[1][2] and after[2][2] < before[2][2]
+    for i in (0, 3):
+        original = model_view(dense).layers[i].state_dict()
+        assert all(torch.equal(v, model_view(pruned).layers[i].state_dict()[k]) for k, v in original.items())
+
+
+def test_unknown_and_invalid_recipe_keys_fail_validation():
+    from llmcompressor.recipe import Recipe
+
+    with pytest.raises(ValidationError, match="sparsty"):
+        Recipe.create_instance(YAML.replace("sparsity", "sparsty"))
+    with pytest.raises(ValidationError, match="sparsity must be in"):
+        StructPruneModifier(sparsity=1.5)
+    with pytest.raises(ValidationError, match="temperature must be > 0"):
+        StructPruneModifier(temperature=0)
+    with pytest.raises(ValidationError):
+        StructPruneModifier(units=["experts"])
+
+
+def test_ignore_patterns_that_match_nothing_are_an_error(tiny):
+    from struprune_plugin.errors import StructPruneError
+
+    model, tokenizer, ids = tiny
+    with pytest.raises(StructPruneError, match="match no decoder layer"):
+        run_oneshot(model, tokenizer, ids, [StructPruneModifier(ignore=["model.layers.9"])])
+
+
+def test_structprune_then_quantization_recipe_runs_end_to_end(tiny, tmp_path):
+    model, tokenizer, ids = tiny
+    recipe = """
+structprune_stage:
+  pruning_modifiers:
+    StructPruneModifier:
+      sparsity: 0.3
+      admm_iterations: 1
+quant_stage:
+  quant_modifiers:
+    GPTQModifier:
+      targets: [Linear]
+      scheme: W8A8
+      ignore: [lm_head]
+"""
+    dense_widths = widths(model)
+    pruned = run_oneshot(model, tokenizer, ids, recipe, output_dir=str(tmp_path / "q"))
+    assert widths(pruned) != dense_widths
+    down = model_view(pruned).layer(0).mlp_out
+    assert hasattr(down, "weight_scale"), "GPTQ did not quantize the pruned down_proj"
+    assert down.weight_scale.shape[0] == down.weight.shape[0]
+    x = torch.randint(3, model.config.vocab_size, (1, 12))
+    assert torch.isfinite(logits(pruned, x)).all()
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert "quantization_config" in saved and "struprune_layout" in saved
+
+
+W4A16 = """
+structprune_stage:
+  pruning_modifiers:
+    StructPruneModifier:
+      sparsity: 0.3
+      admm_iterations: 1
+      units: [mlp]
+      mlp_round_to: {round_to}
+quant_stage:
+  quant_modifiers:
+    GPTQModifier:
+      targets: [Linear]
+      scheme: W4A16
+      ignore: [lm_head]
+"""
+
+
+def test_group_quantization_needs_widths_in_whole_groups(tiny):
+    from struprune_plugin.errors import StructPruneError
+
+    model, tokenizer, ids = tiny
+    with pytest.raises(StructPruneError, match="Fix: set mlp_round_to: 128"):
+        run_oneshot(copy.deepcopy(model), tokenizer, ids, W4A16.format(round_to=1))
+    pruned = run_oneshot(model, tokenizer, ids, W4A16.format(round_to=128))
+    assert all(w[2] % 128 == 0 for w in widths(pruned)) and any(w[2] < 384 for w in widths(pruned))
+    assert model_view(pruned).layer(0).mlp_out.weight_scale.shape[1] == widths(pruned)[0][2] // 128
