@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,19 @@ def test_group_quantization_needs_widths_in_whole_groups(tiny):
     pruned = run_oneshot(model, tokenizer, ids, W4A16.format(round_to=128))
     assert all(w[2] % 128 == 0 for w in widths(pruned)) and any(w[2] < 384 for w in widths(pruned))
     assert model_view(pruned).layer(0).mlp_out.weight_scale.shape[1] == widths(pruned)[0][2] // 128
+
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_recipe_runs_on_the_tiny_model(tiny, recipe):
+    model, tokenizer, ids = tiny
+    dense = widths(model)
+    pruned = run_oneshot(model, tokenizer, ids, str(recipe))
+    after = widths(pruned)
+    assert after != dense
+    if "mlp_only" in recipe.stem:
+        assert all(a[:2] == d[:2] for a, d in zip(after, dense))
+    x = torch.randint(3, model.config.vocab_size, (1, 9))
+    assert torch.isfinite(logits(pruned, x)).all()
