@@ -12,8 +12,10 @@ from . import _llmcompressor_hook
 from .checkpoint import load_pruned, save_pruned
 from .engine import PruneConfig, PruneResult, prune_model
 from .evaluation import perplexity
+from .modeling_struprune import register_auto_classes
 
 _llmcompressor_hook.install()  # StructPruneModifier for llm-compressor recipes
+register_auto_classes()  # from_pretrained on folders with per-layer widths
 
 __all__ = [
     "PruneConfig",

@@ -262,3 +262,38 @@ def allocate_uniform(
 
 def _cost(counts: Sequence[int], spaces: Sequence[UnitSpace]) -> int:
     return sum(c * s.cost for c, s in zip(counts, spaces))
+
+
+def allocate_equal(
+    spaces: dict[str, list[UnitSpace]], total_prunable: int, sparsity: float
+) -> dict[str, list[int]]:
+    """Identical counts in every layer, so the pruned model has one width per kind and a plain
+    config that every stock loader (transformers without the plugin, vLLM) accepts.
+
+    Heads take the sparsity's share rounded to a feasible count, MLP channels the rest of the
+    budget rounded to whole steps; the budget then holds to within half an MLP step per layer.
+    Layers must have the same geometry (and no skipped layers).
+    """
+    check_sparsity(sparsity)
+    target = sparsity * total_prunable
+    counts: dict[str, list[int]] = {}
+    for kind, kind_spaces in spaces.items():
+        if len(set(kind_spaces)) != 1:
+            raise InvalidSparsityError(
+                f"equal widths need every layer to start alike and none skipped; the {kind} spaces "
+                "differ between layers. Fix: drop equal_widths (per-layer widths load with the plugin "
+                "or trust_remote_code) or skip_layers"
+            )
+    layers = len(next(iter(spaces.values())))
+    removed = 0.0
+    if "heads" in spaces:
+        s = spaces["heads"][0]
+        share = sparsity if "mlp" in spaces else min(1.0, target / (layers * s.n * s.cost))
+        h = min(round(share * s.n / s.step) * s.step, s.max_remove)
+        counts["heads"] = [h] * layers
+        removed = layers * h * s.cost
+    if "mlp" in spaces:
+        s = spaces["mlp"][0]
+        m = round(max(0.0, target - removed) / (layers * s.cost) / s.step) * s.step
+        counts["mlp"] = [min(max(m, 0), s.max_remove)] * layers
+    return counts

@@ -86,6 +86,85 @@ def patch_config_json(folder: str | os.PathLike, fields: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_loader_files(folder: str | os.PathLike) -> None:
+    """Make a saved folder with per-layer widths load through the Auto classes.
+
+    config.json gets the `struprune_<type>` model type and an `auto_map`, and a copy of
+    `modeling_struprune.py` goes next to the weights: `from_pretrained(folder)` then works with the
+    plugin imported, and `from_pretrained(folder, trust_remote_code=True)` without it. Folders
+    whose layout the stock config expresses (uniform widths) stay plain HF checkpoints.
+    """
+    from transformers import AutoConfig
+
+    from . import modeling_struprune
+
+    folder = Path(folder)
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    base_type = data.get("model_type", "").removeprefix(modeling_struprune.MODEL_TYPE_PREFIX)
+    if not needs_layout_loader(AutoConfig.for_model(base_type, **_config_kwargs(data))):
+        return
+    if base_type not in modeling_struprune.PRUNED_CLASSES:
+        raise LayoutMismatchError(f"no pruned-layout classes for model type {base_type!r}")
+    config_cls, model_cls = modeling_struprune.PRUNED_CLASSES[base_type]
+    module = Path(modeling_struprune.__file__).stem
+    data["model_type"] = config_cls.model_type
+    data["architectures"] = [model_cls.__name__]
+    data["auto_map"] = {
+        "AutoConfig": f"{module}.{config_cls.__name__}",
+        "AutoModelForCausalLM": f"{module}.{model_cls.__name__}",
+    }
+    shutil.copyfile(modeling_struprune.__file__, folder / f"{module}.py")
+    patch_config_json(folder, data)
+
+
+def _config_kwargs(data: dict) -> dict:
+    return {k: v for k, v in data.items() if k not in ("model_type", "architectures", "auto_map")}
+
+
+def check_weights_match_layout(folder: str | os.PathLike, layout: dict) -> None:
+    """Compare the stored tensors' shapes with the recorded layout before building anything, so a
+    folder whose weights and config.json disagree fails with a message naming the first mismatch."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    shapes = {}
+    for name in _weight_files(folder):
+        with safe_open(folder / name, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    hd = int(layout["head_dim"])
+    opt = layout["family"] == "opt"
+    for i, (n_q, n_kv, width) in enumerate(
+        zip(layout["num_attention_heads"], layout["num_key_value_heads"], layout["intermediate_sizes"])
+    ):
+        prefix = f"model.decoder.layers.{i}." if opt else f"model.layers.{i}."
+        expected = {
+            "self_attn.q_proj.weight": (0, n_q * hd),
+            "self_attn.k_proj.weight": (0, n_kv * hd),
+            "self_attn.v_proj.weight": (0, n_kv * hd),
+            ("self_attn.out_proj.weight" if opt else "self_attn.o_proj.weight"): (1, n_q * hd),
+            **(
+                {"fc1.weight": (0, width), "fc2.weight": (1, width)}
+                if opt
+                else {
+                    "mlp.gate_proj.weight": (0, width),
+                    "mlp.up_proj.weight": (0, width),
+                    "mlp.down_proj.weight": (1, width),
+                }
+            ),
+        }
+        for suffix, (dim, size) in expected.items():
+            shape = shapes.get(prefix + suffix)
+            if shape is None or shape[dim] != size:
+                raise LayoutMismatchError(
+                    f"{folder}: weights do not match the recorded layout: {prefix + suffix} has shape {shape}, but config.json ({LAYOUT_KEY}) "
+                    f"records {size} along dim {dim} for decoder layer {i}. The weights and the config "
+                    "come from different runs. Fix: re-save the pruned model (save_pruned) or restore "
+                    "the matching config.json"
+                )
+
+
 def needs_layout_loader(config) -> bool:
     """Whether stock `from_pretrained` would build the wrong shapes for this config."""
     layout = getattr(config, LAYOUT_KEY, None)
@@ -126,6 +205,7 @@ def save_pruned(
     tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         model.save_pretrained(tmp)
+        write_loader_files(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if write_extras is not None:
@@ -143,9 +223,7 @@ def save_pruned(
     return output
 
 
-def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def _weight_files(folder: Path) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -153,8 +231,14 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         files = [p.name for p in folder.glob("*.safetensors")]
     if not files:
         raise LayoutMismatchError(f"{folder} has no .safetensors weights")
+    return files
+
+
+def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     state: dict[str, torch.Tensor] = {}
-    for name in files:
+    for name in _weight_files(folder):
         state.update(load_file(folder / name))
     return state
 
@@ -165,8 +249,13 @@ def load_pruned(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> 
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
-    if not needs_layout_loader(config):
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or config.dtype or torch.float32)
+    layout = getattr(config, LAYOUT_KEY, None)
+    if layout:
+        check_weights_match_layout(folder, layout)
+    if not needs_layout_loader(config) or config.model_type.startswith("struprune_"):
+        # plain configs, and folders whose classes shrink their own layers (modeling_struprune)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or config.dtype or torch.float32)
+        return model.eval()
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):

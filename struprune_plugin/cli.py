@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="I",
         help="decoder layer indices kept dense; the sparsity then counts the other layers only",
     )
+    p.add_argument(
+        "--equal-widths",
+        action="store_true",
+        help="the same head count and MLP width in every layer: a plain config that stock tools "
+        "(transformers without the plugin, vLLM) load; uniform allocation only",
+    )
     sp = p.add_argument_group("structprune (method=structprune)")
     sp.add_argument(
         "--temperature", type=float, default=math.inf, help="allocation temperature; inf = uniform (default)"
@@ -224,6 +230,7 @@ def cmd_prune(args) -> int:
         head_sparsity=args.head_sparsity,
         mlp_round_to=args.mlp_round_to,
         skip_layers=tuple(args.skip_layers),
+        equal_widths=args.equal_widths,
         batch_size=args.batch_size,
         device=args.device,
         temperature=args.temperature,

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import flap
 from .allocation import (
+    allocate_equal,
     allocate_global_threshold,
     allocate_softmax,
     allocate_softmax_budget,
@@ -78,6 +79,7 @@ class PruneConfig:
     mlp_round_to: int = 1  # keep every MLP width a multiple of this (8, 64: GEMM-friendly)
     min_query_per_kv: int = 1  # query unit: query heads every K/V head keeps at least
     skip_layers: tuple[int, ...] = ()  # decoder layers kept dense; sparsity counts the others only
+    equal_widths: bool = False  # the same counts in every layer: a plain config stock tools load
     batch_size: int = 8
     device: str = "cpu"
     trace_tokens: int = 16
@@ -125,6 +127,17 @@ class PruneConfig:
             raise CalibrationDataError("energy_samples must be >= 1 (or None for every window)")
         if self.batch_size < 1:
             raise CalibrationDataError("batch_size must be >= 1")
+        uniform = self.method in NEEDS_CALIBRATION or (
+            self.method == "structprune" and math.isinf(self.temperature) and not self.refresh_energies
+        )
+        if self.equal_widths and not uniform:
+            raise StructPruneError(
+                "equal_widths gives every layer the same counts, which only uniform allocation does: "
+                f"method {self.method!r} with temperature {self.temperature} allocates per layer. Fix: "
+                "temperature=inf (structprune), or method magnitude / wanda-sp"
+            )
+        if self.equal_widths and self.head_sparsity is not None:
+            raise StructPruneError("equal_widths and head_sparsity both fix the heads' share: choose one")
         if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.skip_layers):
             raise StructPruneError(f"skip_layers must be decoder layer indices >= 0; got {self.skip_layers}")
 
@@ -371,6 +384,9 @@ def _prune(
         batches = []  # FLAP decides from the dense pass alone: no per-layer forward follows
     else:
         counts = allocate_uniform(spaces, prunable_before, config.sparsity, config.head_sparsity)
+
+    if config.equal_widths:
+        counts = allocate_equal(spaces, prunable_before, config.sparsity)
 
     reallocate = None
     if config.refresh_energies:

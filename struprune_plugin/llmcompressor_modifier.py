@@ -33,9 +33,9 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
-from .allocation import allocate_uniform
+from .allocation import allocate_equal, allocate_uniform
 from .architectures import ModelView, enable_output_biases, geometry_of, model_view
-from .checkpoint import patch_config_json, record_layout, structural_fields
+from .checkpoint import patch_config_json, record_layout, structural_fields, write_loader_files
 from .engine import (
     LayerBatch,
     LayerRecord,
@@ -88,6 +88,9 @@ class StructPruneModifier(Modifier):
     bias_refit: bool = Field(False, description="the refits also fit o_proj/down_proj biases")
     mlp_round_to: int = Field(1, ge=1, description="keep every MLP width a multiple of this")
     min_query_per_kv: int = Field(1, ge=1, description="query heads every K/V head keeps at least")
+    equal_widths: bool = Field(
+        False, description="the same widths in every layer: a plain config vLLM loads (temperature inf)"
+    )
     ignore: list[str] = Field(
         default_factory=list,
         description="decoder layers kept dense: module names or 're:' regexes (e.g. 're:.*layers\\.0$')",
@@ -118,6 +121,7 @@ class StructPruneModifier(Modifier):
             mlp_round_to=self.mlp_round_to,
             min_query_per_kv=self.min_query_per_kv,
             skip_layers=skip_layers,
+            equal_widths=self.equal_widths,
             device=device,
             temperature=self.temperature,
             energy=self.energy,
@@ -138,7 +142,9 @@ class StructPruneModifier(Modifier):
         config = self.prune_config(skip, device)
         config.validate()
         spaces = unit_spaces([geometry_of(lv) for lv in view.layer_views()], config)
-        if math.isinf(self.temperature):
+        if self.equal_widths:
+            self._counts = allocate_equal(spaces, targeted_prunable_count(model, config), self.sparsity)
+        elif math.isinf(self.temperature):
             # Uniform allocation needs no energies, hence no extra pass over the data.
             self._counts = allocate_uniform(spaces, targeted_prunable_count(model, config), self.sparsity)
         else:
@@ -285,6 +291,7 @@ def keep_structure_on_save(model: torch.nn.Module) -> None:
     def save_pretrained(save_directory, *args, **kwargs):
         result = inner(save_directory, *args, **kwargs)
         patch_config_json(save_directory, structural_fields(model.config))
+        write_loader_files(save_directory)
         return result
 
     save_pretrained._overridden = getattr(inner, "_overridden", False)  # llm-compressor's marker

@@ -1,0 +1,150 @@
+"""transformers classes for pruned causal LMs whose decoder layers differ in width.
+
+transformers builds every decoder layer from one config, so a checkpoint with per-layer head counts
+or MLP widths fails `from_pretrained` with size mismatches. These classes subclass the stock ones
+(Llama, Mistral, Qwen2, Qwen3, OPT): the config carries `struprune_layout` (per-layer query heads,
+K/V heads and MLP widths) and the model shrinks each layer to it right after the stock
+constructor, before any weight is loaded. Parameter names, forward, generate and the KV cache are
+the stock ones (HF attention reshapes with -1 heads, and the cache is per layer).
+
+This file is self-contained on purpose (torch and transformers only): a pruned folder ships a copy
+next to its weights with an `auto_map`, so `from_pretrained(folder, trust_remote_code=True)` works
+without the plugin installed. With the plugin imported, the classes are registered with
+`AutoConfig` / `AutoModelForCausalLM` and no remote code is needed. It runs on transformers 5 and
+on the 4.5x line that Optimum's ONNX exporter needs.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+try:  # Qwen3 arrived in transformers 4.51
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+except ImportError:  # pragma: no cover - older transformers
+    Qwen3Config = Qwen3ForCausalLM = None
+
+LAYOUT_KEY = "struprune_layout"
+MODEL_TYPE_PREFIX = "struprune_"
+
+
+def _resized(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(
+        in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+    )
+
+
+def apply_layout(model: nn.Module, layout: dict) -> None:
+    """Shrink every decoder layer to the widths `layout` records (weights are loaded afterwards)."""
+    layers = model.model.decoder.layers if hasattr(model.model, "decoder") else model.model.layers
+    counts = (layout["num_attention_heads"], layout["num_key_value_heads"], layout["intermediate_sizes"])
+    if any(len(c) != len(layers) for c in counts):
+        raise ValueError(
+            f"{LAYOUT_KEY} records {len(counts[0])} decoder layers but the config builds {len(layers)}: "
+            "the folder's config.json is inconsistent. Fix: re-save the pruned model"
+        )
+    hd = int(layout["head_dim"])
+    for layer, n_q, n_kv, width in zip(layers, *counts):
+        if n_q % n_kv:
+            raise ValueError(f"{LAYOUT_KEY}: {n_q} query heads over {n_kv} K/V heads is not a GQA grouping")
+        attn = layer.self_attn
+        hidden = attn.q_proj.in_features
+        attn.q_proj = _resized(attn.q_proj, hidden, n_q * hd)
+        attn.k_proj = _resized(attn.k_proj, hidden, n_kv * hd)
+        attn.v_proj = _resized(attn.v_proj, hidden, n_kv * hd)
+        if hasattr(attn, "o_proj"):
+            attn.o_proj = _resized(attn.o_proj, n_q * hd, hidden)
+            mlp = layer.mlp
+            mlp.gate_proj = _resized(mlp.gate_proj, hidden, width)
+            mlp.up_proj = _resized(mlp.up_proj, hidden, width)
+            mlp.down_proj = _resized(mlp.down_proj, width, hidden)
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = width
+        else:  # OPT
+            attn.out_proj = _resized(attn.out_proj, n_q * hd, hidden)
+            layer.fc1 = _resized(layer.fc1, hidden, width)
+            layer.fc2 = _resized(layer.fc2, width, hidden)
+            attn.head_dim = hd
+        for name, value in (
+            ("num_heads", n_q),
+            ("num_key_value_heads", n_kv),
+            ("num_key_value_groups", n_q // n_kv),
+        ):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+
+
+def _pruned_classes(base_config: type, base_model: type) -> tuple[type, type]:
+    model_type = MODEL_TYPE_PREFIX + base_config.model_type
+
+    config_cls = type(
+        f"StruPrune{base_model.__name__.replace('ForCausalLM', '')}Config",
+        (base_config,),
+        {
+            "model_type": model_type,
+            "__doc__": f"{base_config.__name__} plus `{LAYOUT_KEY}` (per-layer widths).",
+        },
+    )
+
+    def __init__(self, config):
+        base_model.__init__(self, config)
+        layout = getattr(config, LAYOUT_KEY, None)
+        if layout is None:
+            raise ValueError(
+                f"a {model_type} config needs {LAYOUT_KEY} (per-layer widths); this one has none. "
+                "Fix: load the folder the pruning run wrote, unchanged"
+            )
+        apply_layout(self, layout)
+
+    model_cls = type(
+        f"StruPrune{base_model.__name__}",
+        (base_model,),
+        {
+            "config_class": config_cls,
+            "__init__": __init__,
+            "__doc__": f"{base_model.__name__} whose decoder layers follow `config.{LAYOUT_KEY}`.",
+        },
+    )
+    config_cls.__module__ = model_cls.__module__ = __name__
+    return config_cls, model_cls
+
+
+StruPruneLlamaConfig, StruPruneLlamaForCausalLM = _pruned_classes(LlamaConfig, LlamaForCausalLM)
+StruPruneMistralConfig, StruPruneMistralForCausalLM = _pruned_classes(MistralConfig, MistralForCausalLM)
+StruPruneQwen2Config, StruPruneQwen2ForCausalLM = _pruned_classes(Qwen2Config, Qwen2ForCausalLM)
+StruPruneOPTConfig, StruPruneOPTForCausalLM = _pruned_classes(OPTConfig, OPTForCausalLM)
+if Qwen3Config is not None:
+    StruPruneQwen3Config, StruPruneQwen3ForCausalLM = _pruned_classes(Qwen3Config, Qwen3ForCausalLM)
+
+#: stock model_type -> (config class, model class) of its pruned variant
+PRUNED_CLASSES = {
+    cfg.model_type[len(MODEL_TYPE_PREFIX) :]: (cfg, model)
+    for cfg, model in [
+        (StruPruneLlamaConfig, StruPruneLlamaForCausalLM),
+        (StruPruneMistralConfig, StruPruneMistralForCausalLM),
+        (StruPruneQwen2Config, StruPruneQwen2ForCausalLM),
+        (StruPruneOPTConfig, StruPruneOPTForCausalLM),
+        *([(StruPruneQwen3Config, StruPruneQwen3ForCausalLM)] if Qwen3Config is not None else []),
+    ]
+}
+
+
+def register_auto_classes() -> None:
+    """Let AutoConfig / AutoModelForCausalLM resolve the `struprune_*` model types."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for config_cls, model_cls in PRUNED_CLASSES.values():
+        try:
+            AutoConfig.register(config_cls.model_type, config_cls)
+            AutoModelForCausalLM.register(config_cls, model_cls)
+        except ValueError:  # already registered (module imported twice under two names)
+            pass

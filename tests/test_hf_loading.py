@@ -1,0 +1,137 @@
+"""Pruned folders load through transformers' Auto classes: with the plugin imported, with
+trust_remote_code and no plugin at all, and (equal widths) as plain stock checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import VOCAB, logits, make_model
+from struprune_plugin.architectures import model_view
+from struprune_plugin.checkpoint import load_pruned, save_pruned
+from struprune_plugin.engine import PruneConfig, prune_model
+from struprune_plugin.errors import StructPruneError
+
+
+def _prune(model, **kw):
+    calib = torch.randint(0, VOCAB, (4, 16))
+    settings = {"method": "wanda-sp", "sparsity": 0.4, **kw}
+    return prune_model(model, calib, PruneConfig(**settings), progress=False).model
+
+
+def widths(model):
+    return [(lv.num_heads, lv.num_kv_heads, lv.intermediate_size) for lv in model_view(model).layer_views()]
+
+
+def nonuniform(family):
+    # structprune at T = 1 gives per-layer widths on every family
+    return _prune(make_model(family, layers=3), method="structprune", temperature=1.0, admm_iterations=1)
+
+
+def test_from_pretrained_builds_per_layer_widths_and_generates(family, tmp_path):
+    pruned = nonuniform(family)
+    assert len(set(widths(pruned))) > 1
+    out = save_pruned(pruned, tmp_path / "p")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"].startswith("struprune_") and "auto_map" in config
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(loaded).__name__.startswith("StruPrune")
+    assert widths(loaded) == widths(pruned)
+    ids = torch.randint(0, VOCAB, (2, 11))
+    assert torch.equal(logits(loaded, ids), logits(pruned, ids))
+    prompt = ids[:1, :5]
+    expected = pruned.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=6, do_sample=False), expected)
+    assert torch.equal(load_pruned(out)(input_ids=ids).logits, logits(pruned, ids))
+
+
+REMOTE = """
+import sys, torch
+sys.modules["struprune_plugin"] = None  # the plugin is not installed
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    out = model(input_ids=ids).logits
+gen = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
+torch.save({"logits": out, "gen": gen, "cls": type(model).__name__}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "opt"])
+def test_trust_remote_code_loads_without_the_plugin(family, tmp_path):
+    pruned = nonuniform(family)
+    out = save_pruned(pruned, tmp_path / "p")
+    assert (out / "modeling_struprune.py").exists()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run(
+        [sys.executable, "-c", REMOTE, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "r.pt")],
+        check=True,
+        env=env,
+        cwd=tmp_path,  # not the repository: struprune_plugin must not be importable by path
+    )
+    remote = torch.load(tmp_path / "r.pt")
+    assert remote["cls"].startswith("StruPrune")
+    torch.testing.assert_close(remote["logits"], logits(pruned, ids), rtol=0, atol=1e-6)
+    assert torch.equal(remote["gen"], pruned.generate(ids[:1, :4], max_new_tokens=5, do_sample=False))
+
+
+def test_tied_embeddings_stay_tied_and_rope_settings_survive(tmp_path):
+    model = make_model("llama", layers=3)
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}
+    model = type(model)(model.config)  # rebuild so the rotary embedding uses the scaled settings
+    pruned = nonuniform_from(model)
+    out = save_pruned(pruned, tmp_path / "p")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.tie_word_embeddings
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert loaded.config.rope_parameters == model.config.rope_parameters
+    ids = torch.randint(0, VOCAB, (1, 40))
+    assert torch.equal(logits(loaded, ids), logits(pruned, ids))
+
+
+def nonuniform_from(model):
+    return _prune(model, method="structprune", temperature=1.0, admm_iterations=1)
+
+
+def test_equal_widths_give_a_plain_stock_config(tmp_path):
+    model = make_model("qwen2", layers=3)
+    result = prune_model(
+        model,
+        torch.randint(0, VOCAB, (4, 16)),
+        PruneConfig(sparsity=0.4, equal_widths=True, admm_iterations=1),
+        progress=False,
+    )
+    assert len(set(widths(result.model))) == 1
+    # the budget holds to within half an MLP step per layer
+    cost = 3 * model.config.hidden_size
+    assert abs(result.achieved_sparsity - 0.4) * result.prunable_before <= 3 * cost / 2 + 1
+    out = save_pruned(result.model, tmp_path / "p")
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "qwen2" and not (out / "modeling_struprune.py").exists()
+    assert config.intermediate_size == widths(result.model)[0][2]
+    assert config.num_attention_heads == widths(result.model)[0][0]
+    ids = torch.randint(0, VOCAB, (2, 7))
+    stock = AutoModelForCausalLM.from_pretrained(out)
+    assert type(stock).__name__ == "Qwen2ForCausalLM"
+    assert torch.equal(logits(stock, ids), logits(result.model, ids))
+
+
+def test_equal_widths_need_uniform_allocation():
+    with pytest.raises(StructPruneError, match="equal_widths"):
+        PruneConfig(temperature=1.0, equal_widths=True).validate()
+
+
+def test_the_shipped_modeling_file_imports_nothing_from_the_plugin():
+    source = (Path(__file__).parent.parent / "struprune_plugin" / "modeling_struprune.py").read_text()
+    assert "struprune_plugin" not in source.replace('"struprune_plugin"', "")
+    assert "from ." not in source
