@@ -16,6 +16,9 @@ on the 4.5x line that Optimum's ONNX exporter needs.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
+
 from torch import nn
 from transformers import (
     LlamaConfig,
@@ -148,3 +151,67 @@ def register_auto_classes() -> None:
             AutoModelForCausalLM.register(config_cls, model_cls)
         except ValueError:  # already registered (module imported twice under two names)
             pass
+
+
+def check_uniform_kv_heads(config) -> None:
+    """ONNX Runtime's decoder (`ORTModelForCausalLM`) shapes every layer's KV cache from one K/V
+    head count, and Optimum's dummy inputs do the same: layers must keep equal K/V heads."""
+    layout = getattr(config, LAYOUT_KEY, None)
+    if layout and len(set(layout["num_key_value_heads"])) > 1:
+        raise ValueError(
+            f"this model keeps different K/V head counts per layer ({layout['num_key_value_heads']}); "
+            "ONNX export with a KV cache needs the same count in every layer. Fix: prune with "
+            "head_unit='query' (GQA models: query heads only, every K/V head kept), units=('mlp',), "
+            "or equal_widths=True"
+        )
+    if layout:
+        config.num_key_value_heads = layout["num_key_value_heads"][0]
+
+
+def register_onnx_export() -> bool:
+    """Let Optimum's ONNX exporter (`main_export`, `optimum-cli export onnx`) take the pruned model
+    types with the stock ONNX configs of their base types. Per-layer query heads and MLP widths
+    need nothing more (the exporter traces the real modules); the K/V heads must be equal in every
+    layer. Returns False when Optimum's exporter is not installed."""
+    try:
+        from optimum.exporters.tasks import TasksManager
+    except ImportError:
+        return False
+    supported = TasksManager._SUPPORTED_MODEL_TYPE
+    for base_type in PRUNED_CLASSES:
+        for key in {MODEL_TYPE_PREFIX + base_type, (MODEL_TYPE_PREFIX + base_type).replace("_", "-")}:
+            supported.setdefault(key, {})["onnx"] = _StockTasks(supported, base_type)
+    return True
+
+
+class _StockTasks(Mapping):
+    """The base type's ONNX task table, read when Optimum asks (its own configs register lazily,
+    possibly after this module was imported), each constructor checking the K/V heads first."""
+
+    def __init__(self, supported: dict, base_type: str):
+        self._supported, self._base_type = supported, base_type
+
+    def _stock(self) -> dict:
+        return self._supported.get(self._base_type, {}).get("onnx", {})
+
+    def __getitem__(self, task):
+        return _checked_constructor(self._stock()[task])
+
+    def __iter__(self):
+        return iter(self._stock())
+
+    def __len__(self) -> int:
+        return len(self._stock())
+
+
+def _checked_constructor(constructor):
+    def construct(config, *args, **kwargs):
+        check_uniform_kv_heads(config)
+        return constructor(config, *args, **kwargs)
+
+    return construct
+
+
+# Loaded as remote code by `optimum-cli export onnx --trust-remote-code`: register right away.
+if "optimum.exporters.tasks" in sys.modules:
+    register_onnx_export()

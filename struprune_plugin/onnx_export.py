@@ -1,0 +1,119 @@
+"""ONNX export of a pruned folder through Optimum, with a token-for-token check in ONNX Runtime.
+
+Runs in the export environment (`scripts/install_export_env.sh`: optimum-onnx needs
+transformers < 4.58, which llm-compressor's environment cannot share). The pruned model types are
+registered with Optimum's TasksManager (stock ONNX configs of their base types), the folder is
+exported with `main_export` (task `text-generation-with-past`: KV cache inputs and outputs), the
+ONNX folder's config gets the base model type (ONNX Runtime needs no PyTorch classes), and greedy
+generation in `ORTModelForCausalLM` is compared with PyTorch's.
+
+    .venv-export/bin/python -m struprune_plugin.onnx_export runs/pruned runs/pruned-onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from . import modeling_struprune
+
+
+def export_onnx(
+    folder: str | os.PathLike, output: str | os.PathLike, task: str = "text-generation-with-past"
+):
+    """Export `folder` to `output` (model.onnx + config); returns the output path."""
+    from optimum.exporters.onnx import main_export
+    from transformers import AutoConfig
+
+    folder, output = Path(folder), Path(output)
+    if not modeling_struprune.register_onnx_export():
+        raise ImportError(
+            "Optimum's ONNX exporter is not installed here. Fix: run in the export environment "
+            "(bash scripts/install_export_env.sh; .venv-export/bin/python ...)"
+        )
+    modeling_struprune.check_uniform_kv_heads(AutoConfig.from_pretrained(folder))
+    # The folder's own modeling file (trust_remote_code) loads the classes under a
+    # `transformers_modules` module, which is how Optimum recognises a transformers model.
+    main_export(
+        str(folder),
+        str(output),
+        task=task,
+        library_name="transformers",
+        trust_remote_code=True,
+        do_validation=False,
+    )
+    _stock_onnx_config(output / "config.json")
+    return output
+
+
+def _stock_onnx_config(path: Path) -> None:
+    """The ONNX folder needs no PyTorch classes: give its config the base model type, which ONNX
+    Runtime's decoder reads to shape the KV cache (GQA types use num_key_value_heads)."""
+    data = json.loads(path.read_text())
+    prefix = modeling_struprune.MODEL_TYPE_PREFIX
+    if not data.get("model_type", "").startswith(prefix):
+        return
+    base = data["model_type"][len(prefix) :]
+    data["model_type"] = base
+    data["architectures"] = [modeling_struprune.PRUNED_CLASSES[base][1].__mro__[1].__name__]
+    data.pop("auto_map", None)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def compare_generation(folder: Path, onnx_dir: Path, prompts: torch.Tensor, new_tokens: int) -> dict:
+    """Greedy generation in PyTorch and in ONNX Runtime (with its KV cache), token for token."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    torch_model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    ort_model = ORTModelForCausalLM.from_pretrained(onnx_dir)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    mask = torch.ones_like(prompts)
+    with torch.no_grad():
+        expected = torch_model.generate(prompts, attention_mask=mask, **kwargs)
+        got = ort_model.generate(prompts, attention_mask=mask, **kwargs)
+        logit_diff = (
+            (torch_model(input_ids=prompts).logits - ort_model(input_ids=prompts, attention_mask=mask).logits)
+            .abs()
+            .max()
+            .item()
+        )
+    return {
+        "tokens_equal": bool(torch.equal(expected, got)),
+        "generated": int(expected.shape[1] - prompts.shape[1]),
+        "max_logit_diff": logit_diff,
+        "uses_kv_cache": bool(ort_model.use_cache),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a pruned (or dense) HF folder")
+    parser.add_argument("output", type=Path, help="where the ONNX model goes")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    export_onnx(args.folder, args.output)
+    seconds = time.perf_counter() - start
+    vocab = json.loads((args.folder / "config.json").read_text())["vocab_size"]
+    prompts = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    report = {
+        "export_seconds": seconds,
+        **compare_generation(args.folder, args.output, prompts, args.new_tokens),
+    }
+    print(json.dumps(report, indent=1))
+    return 0 if report["tokens_equal"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
