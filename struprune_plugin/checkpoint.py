@@ -56,7 +56,8 @@ def record_layout(model: nn.Module) -> dict:
         try:
             for key, value in fields.items():
                 setattr(config, key, value)
-            config.validate()
+            if hasattr(config, "validate"):  # transformers 5; the 4.5x line has no validate()
+                config.validate()
         except Exception:  # transformers raises several types here; restore and fall back
             for key, value in saved.items():
                 setattr(config, key, value)

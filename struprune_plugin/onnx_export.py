@@ -55,16 +55,21 @@ def export_onnx(
 
 
 def _stock_onnx_config(path: Path) -> None:
-    """The ONNX folder needs no PyTorch classes: give its config the base model type, which ONNX
-    Runtime's decoder reads to shape the KV cache (GQA types use num_key_value_heads)."""
+    """Make the ONNX folder's config say what ONNX Runtime's decoder needs (it builds no PyTorch
+    model): the base model type (GQA types shape the KV cache from num_key_value_heads), and a
+    num_attention_heads with hidden_size / num_attention_heads == head_dim, because that quotient
+    is what it uses as the cache's head size even when the config states head_dim. The real
+    per-layer head counts are in the ONNX graph and in `struprune_layout`."""
     data = json.loads(path.read_text())
     prefix = modeling_struprune.MODEL_TYPE_PREFIX
-    if not data.get("model_type", "").startswith(prefix):
-        return
-    base = data["model_type"][len(prefix) :]
-    data["model_type"] = base
-    data["architectures"] = [modeling_struprune.PRUNED_CLASSES[base][1].__mro__[1].__name__]
-    data.pop("auto_map", None)
+    if data.get("model_type", "").startswith(prefix):
+        base = data["model_type"][len(prefix) :]
+        data["model_type"] = base
+        data["architectures"] = [modeling_struprune.PRUNED_CLASSES[base][1].__mro__[1].__name__]
+        data.pop("auto_map", None)
+    head_dim, hidden = data.get("head_dim"), data.get("hidden_size")
+    if head_dim and hidden and hidden % head_dim == 0 and data.get("model_type") != "opt":
+        data["num_attention_heads"] = hidden // head_dim
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)

@@ -1,0 +1,90 @@
+"""ONNX export of pruned folders through Optimum, checked in ONNX Runtime token for token.
+
+Runs in the export environment (`bash scripts/install_export_env.sh`, transformers 4.57 +
+optimum-onnx), where it also covers pruning, saving and loading on the 4.5x transformers line;
+skipped in the main environment, which cannot have optimum-onnx.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("optimum.exporters.onnx")
+pytest.importorskip("optimum.onnxruntime")
+
+from transformers import AutoModelForCausalLM
+
+from conftest import VOCAB, logits, make_model
+from struprune_plugin.architectures import model_view
+from struprune_plugin.checkpoint import save_pruned
+from struprune_plugin.engine import PruneConfig, prune_model
+from struprune_plugin.onnx_export import compare_generation, export_onnx
+
+
+def _pruned(family, **kw):
+    model = make_model(family, layers=3)
+    calib = torch.randint(0, VOCAB, (4, 16))
+    settings = {"sparsity": 0.4, "temperature": 1.0, "admm_iterations": 1, **kw}
+    return prune_model(model, calib, PruneConfig(**settings), progress=False).model
+
+
+def heads(model):
+    return [lv.num_heads for lv in model_view(model).layer_views()]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_per_layer_widths_export_and_generate_token_for_token(family, tmp_path):
+    pruned = _pruned(family)
+    assert (
+        len(set(heads(pruned))) > 1
+        or len({lv.intermediate_size for lv in model_view(pruned).layer_views()}) > 1
+    )
+    folder = save_pruned(pruned, tmp_path / "pruned")
+    # the folder loads on this transformers line too, with identical logits
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(folder), ids), logits(pruned, ids))
+    onnx_dir = export_onnx(folder, tmp_path / "onnx")
+    assert (onnx_dir / "model.onnx").exists()
+    assert json.loads((onnx_dir / "config.json").read_text())["model_type"] == family
+    prompts = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    report = compare_generation(folder, onnx_dir, prompts, new_tokens=12)
+    assert report["uses_kv_cache"] and report["generated"] == 12
+    assert report["tokens_equal"], report
+    assert report["max_logit_diff"] < 1e-4
+
+
+def test_equal_widths_export_as_a_stock_model(tmp_path):
+    pruned = _pruned("llama", temperature=float("inf"), equal_widths=True)
+    folder = save_pruned(pruned, tmp_path / "pruned")
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+    onnx_dir = export_onnx(folder, tmp_path / "onnx")
+    prompts = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
+    assert compare_generation(folder, onnx_dir, prompts, new_tokens=8)["tokens_equal"]
+
+
+def test_per_layer_kv_heads_are_refused_with_a_fix(tmp_path):
+    pruned = _pruned("llama", head_unit="kv_group")
+    kv = [lv.num_kv_heads for lv in model_view(pruned).layer_views()]
+    if len(set(kv)) == 1:
+        pytest.skip(f"allocation happened to keep equal K/V heads {kv}")
+    folder = save_pruned(pruned, tmp_path / "pruned")
+    with pytest.raises(ValueError, match="head_unit='query'"):
+        export_onnx(folder, tmp_path / "onnx")
+
+
+def test_optimum_cli_exports_a_pruned_folder(tmp_path):
+    folder = save_pruned(_pruned("llama"), tmp_path / "pruned")
+    cli = os.path.join(os.path.dirname(sys.executable), "optimum-cli")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run(
+        [cli, "export", "onnx", "--model", str(folder), "--task", "text-generation-with-past",
+         "--trust-remote-code", str(tmp_path / "onnx")],
+        check=True, env=env, cwd=tmp_path, capture_output=True,
+    )  # fmt: skip
+    assert (tmp_path / "onnx" / "model.onnx").exists()
