@@ -130,6 +130,7 @@ def run_row(row: Row, args) -> dict:
         "wall_seconds": time.perf_counter() - start,
         "peak_mib": report["pruning"]["peak_memory_bytes"] / 2**20,
         "peak_kind": report["pruning"]["peak_memory_kind"],
+        "threads": report.get("environment", {}).get("threads"),
         "layers": report["layers"],
         "settings": report["pruning"]["settings"],
         "calibration": report.get("calibration"),
@@ -141,6 +142,11 @@ def _fmt(value, digits=2) -> str:
     if value is None:
         return "–"
     return f"{value:.3g}" if value >= 1e4 else f"{value:.{digits}f}"
+
+
+def _timing_mark(row: dict) -> str:
+    """† on rows timed before the statistics fix (every activation recorded twice)."""
+    return " †" if row.get("timing_note") else ""
 
 
 def temperature_of(row: dict) -> str:
@@ -165,21 +171,29 @@ def render(results: dict[str, dict], rows: list[Row], calib_samples: int) -> str
         "parameters. Peak = peak RSS of the pruning process on CPU (model included), CUDA max "
         "allocated on a GPU.",
         "",
-        "| method | sparsity (req / achieved) | params | ppl wiki | ppl news | prune s | peak MiB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| method | sparsity (req / achieved) | params | ppl wiki | ppl news | prune s | threads | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     if dense:
         lines.append(
             f"| dense | 0 | {dense['params_dense']:,} | {_fmt(dense['ppl_wiki_dense'])} | "
-            f"{_fmt(dense['ppl_news_dense'])} | | |"
+            f"{_fmt(dense['ppl_news_dense'])} | | | |"
         )
     for s in SPARSITIES:
         for r in sorted((r for r in main if r["sparsity"] == s), key=lambda r: METHODS.index(r["method"])):
             lines.append(
                 f"| {r['method']} | {r['sparsity']:.2f} / {r['achieved']:.4f} | {r['params']:,} | "
-                f"{_fmt(r['ppl_wiki'])} | {_fmt(r['ppl_news'])} | {r['prune_seconds']:.0f} | "
-                f"{r['peak_mib']:.0f} |"
+                f"{_fmt(r['ppl_wiki'])} | {_fmt(r['ppl_news'])} | {r['prune_seconds']:.0f}{_timing_mark(r)} | "
+                f"{r.get('threads') or 2} | {r['peak_mib']:.0f} |"
             )
+    if any(r.get("timing_note") for r in done):
+        lines += [
+            "",
+            "† timed before a fix of the statistics recorder, which added every activation twice: "
+            "the solver then worked on twice the tokens (slower, more memory). Perplexities are "
+            "unaffected (every statistic is normalised by its token count). Rows with 1 thread ran "
+            "two at a time on the 2 cores.",
+        ]
     if ablations:
         # Each variant is compared with the default at the same temperature: structprune-30 for
         # T = inf (the default), the T-1 row for the variants run at T = 1.
@@ -205,7 +219,9 @@ def render(results: dict[str, dict], rows: list[Row], calib_samples: int) -> str
             sweep = r["name"].startswith("ablation-T-")  # temperature rows compare with the default
             base = bases["inf"] if sweep else bases.get(t)
             rel = f"{r['ppl_wiki'] / base['ppl_wiki'] - 1:+.1%}" if base else ""
-            lines.append(f"| {r['note']} | {t} | {_fmt(r['ppl_wiki'])} | {rel} | {r['prune_seconds']:.0f} |")
+            lines.append(
+                f"| {r['note']} | {t} | {_fmt(r['ppl_wiki'])} | {rel} | {r['prune_seconds']:.0f}{_timing_mark(r)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -288,7 +304,10 @@ def main() -> None:
     for row in [] if args.report_only else selected:
         if row.name in results and not args.rerun:
             continue
-        results[row.name] = run_row(row, args)
+        row_result = run_row(row, args)
+        # Re-read before writing: several instances may fill the same file (one row each at a time).
+        results = {r["name"]: r for r in json.loads(json_path.read_text())} if json_path.exists() else {}
+        results[row.name] = row_result
         write_atomic(json_path, json.dumps(list(results.values()), indent=1))
         write_atomic(args.out.with_suffix(".md"), render(results, rows, args.calib_samples))
     table = render(results, rows, args.calib_samples)
