@@ -58,9 +58,7 @@ def load(backend: str, folder: Path, work: Path, threads: int):
     params = sum(p.numel() for p in torch_model.parameters())
     if backend == "torch":
         return torch_model, params
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    from struprune_plugin.onnx_export import export_onnx
+    from struprune_plugin.onnx_export import export_onnx, ort_model_class
 
     onnx_dir = work / f"{folder.name}-onnx"
     if not (onnx_dir / "model.onnx").exists():
@@ -69,7 +67,7 @@ def load(backend: str, folder: Path, work: Path, threads: int):
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
-    return ORTModelForCausalLM.from_pretrained(onnx_dir, session_options=options), params
+    return ort_model_class().from_pretrained(onnx_dir, session_options=options), params
 
 
 def measure(model, vocab: int, args) -> dict:

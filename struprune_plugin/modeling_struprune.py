@@ -153,26 +153,16 @@ def register_auto_classes() -> None:
             pass
 
 
-def check_uniform_kv_heads(config) -> None:
-    """ONNX Runtime's decoder (`ORTModelForCausalLM`) shapes every layer's KV cache from one K/V
-    head count, and Optimum's dummy inputs do the same: layers must keep equal K/V heads."""
+def kv_heads_per_layer(config) -> list[int] | None:
     layout = getattr(config, LAYOUT_KEY, None)
-    if layout and len(set(layout["num_key_value_heads"])) > 1:
-        raise ValueError(
-            f"this model keeps different K/V head counts per layer ({layout['num_key_value_heads']}); "
-            "ONNX export with a KV cache needs the same count in every layer. Fix: prune with "
-            "head_unit='query' (GQA models: query heads only, every K/V head kept), units=('mlp',), "
-            "or equal_widths=True"
-        )
-    if layout:
-        config.num_key_value_heads = layout["num_key_value_heads"][0]
+    return list(layout["num_key_value_heads"]) if layout else None
 
 
 def register_onnx_export() -> bool:
     """Let Optimum's ONNX exporter (`main_export`, `optimum-cli export onnx`) take the pruned model
     types with the stock ONNX configs of their base types. Per-layer query heads and MLP widths
-    need nothing more (the exporter traces the real modules); the K/V heads must be equal in every
-    layer. Returns False when Optimum's exporter is not installed."""
+    need nothing more (the exporter traces the real modules); per-layer K/V head counts get dummy
+    past key/values shaped layer by layer. Returns False when Optimum's exporter is missing."""
     try:
         from optimum.exporters.tasks import TasksManager
     except ImportError:
@@ -186,7 +176,7 @@ def register_onnx_export() -> bool:
 
 class _StockTasks(Mapping):
     """The base type's ONNX task table, read when Optimum asks (its own configs register lazily,
-    possibly after this module was imported), each constructor checking the K/V heads first."""
+    possibly after this module was imported), each constructor adapted to the layout."""
 
     def __init__(self, supported: dict, base_type: str):
         self._supported, self._base_type = supported, base_type
@@ -195,7 +185,7 @@ class _StockTasks(Mapping):
         return self._supported.get(self._base_type, {}).get("onnx", {})
 
     def __getitem__(self, task):
-        return _checked_constructor(self._stock()[task])
+        return _layout_constructor(self._stock()[task])
 
     def __iter__(self):
         return iter(self._stock())
@@ -204,12 +194,46 @@ class _StockTasks(Mapping):
         return len(self._stock())
 
 
-def _checked_constructor(constructor):
+def _layout_constructor(constructor):
+    """Optimum's constructors are partials of an OnnxConfig class; the stock classes shape the
+    dummy KV cache from one `num_key_value_heads`."""
+
     def construct(config, *args, **kwargs):
-        check_uniform_kv_heads(config)
+        heads = kv_heads_per_layer(config)
+        if heads and len(set(heads)) == 1:
+            config.num_key_value_heads = heads[0]
+        elif heads:
+            cls = _per_layer_kv_onnx_config(constructor.func)
+            return cls(config, *constructor.args, *args, **{**constructor.keywords, **kwargs})
         return constructor(config, *args, **kwargs)
 
     return construct
+
+
+def _per_layer_kv_onnx_config(config_cls: type) -> type:
+    stock = config_cls.DUMMY_PKV_GENERATOR_CLASS
+
+    class PerLayerPastKeyValues(stock):
+        def __init__(self, task, normalized_config, *args, **kwargs):
+            super().__init__(task, normalized_config, *args, **kwargs)
+            layout = getattr(normalized_config.config, LAYOUT_KEY)
+            self.layer_kv_heads, self.layer_head_dim = layout["num_key_value_heads"], int(layout["head_dim"])
+
+        def generate(self, input_name, framework="pt", int_dtype="int64", float_dtype="fp32"):
+            def tensor(heads):
+                shape = (self.batch_size, heads, self.sequence_length, self.layer_head_dim)
+                return self.random_float_tensor(shape, framework=framework, dtype=float_dtype)
+
+            return [(tensor(h), tensor(h)) for h in self.layer_kv_heads]
+
+    generators = tuple(
+        PerLayerPastKeyValues if g is stock else g for g in config_cls.DUMMY_INPUT_GENERATOR_CLASSES
+    )
+    return type(
+        f"StruPrune{config_cls.__name__}",
+        (config_cls,),
+        {"DUMMY_INPUT_GENERATOR_CLASSES": generators, "DUMMY_PKV_GENERATOR_CLASS": PerLayerPastKeyValues},
+    )
 
 
 # Loaded as remote code by `optimum-cli export onnx --trust-remote-code`: register right away.

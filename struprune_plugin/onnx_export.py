@@ -31,7 +31,6 @@ def export_onnx(
 ):
     """Export `folder` to `output` (model.onnx + config); returns the output path."""
     from optimum.exporters.onnx import main_export
-    from transformers import AutoConfig
 
     folder, output = Path(folder), Path(output)
     if not modeling_struprune.register_onnx_export():
@@ -39,7 +38,6 @@ def export_onnx(
             "Optimum's ONNX exporter is not installed here. Fix: run in the export environment "
             "(bash scripts/install_export_env.sh; .venv-export/bin/python ...)"
         )
-    modeling_struprune.check_uniform_kv_heads(AutoConfig.from_pretrained(folder))
     # The folder's own modeling file (trust_remote_code) loads the classes under a
     # `transformers_modules` module, which is how Optimum recognises a transformers model.
     main_export(
@@ -75,13 +73,35 @@ def _stock_onnx_config(path: Path) -> None:
     os.replace(tmp, path)
 
 
+def ort_model_class():
+    """`ORTModelForCausalLM` that also runs pruned models whose layers keep different K/V head
+    counts (or whose config cannot state them, OPT): the stock class builds the first step's
+    empty KV cache from one config head count; this one reads `struprune_layout`."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    class StruPruneORTModelForCausalLM(ORTModelForCausalLM):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, *args, **kwargs):
+            heads = modeling_struprune.kv_heads_per_layer(self.config)
+            if past_key_values is None and heads and self.key_value_input_names:
+                layout = getattr(self.config, modeling_struprune.LAYOUT_KEY)
+                past_key_values = tuple(
+                    tuple(
+                        torch.zeros(input_ids.shape[0], h, 0, int(layout["head_dim"]), dtype=self.dtype)
+                        for _ in range(2)
+                    )
+                    for h in heads
+                )
+            return super().forward(input_ids, attention_mask, past_key_values, *args, **kwargs)
+
+    return StruPruneORTModelForCausalLM
+
+
 def compare_generation(folder: Path, onnx_dir: Path, prompts: torch.Tensor, new_tokens: int) -> dict:
     """Greedy generation in PyTorch and in ONNX Runtime (with its KV cache), token for token."""
-    from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoModelForCausalLM
 
     torch_model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    ort_model = ORTModelForCausalLM.from_pretrained(onnx_dir)
+    ort_model = ort_model_class().from_pretrained(onnx_dir)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     mask = torch.ones_like(prompts)
     with torch.no_grad():
