@@ -110,6 +110,11 @@ def run_row(row: Row, args) -> dict:
     print("$", " ".join(cmd[2:]), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return row_from_report(row, folder, time.perf_counter() - start, args)
+
+
+def row_from_report(row: Row, folder: Path, wall_seconds: float | None, args) -> dict:
+    """A table row from the report `struprune prune` wrote (also for runs started elsewhere)."""
     report = json.loads((folder / "struprune_report.json").read_text())
     ppl = report.get("perplexity", {})
 
@@ -127,7 +132,7 @@ def run_row(row: Row, args) -> dict:
         "ppl_news_dense": get("news", "dense"),
         "prune_seconds": report["pruning"]["seconds"],
         "eval_seconds": report.get("eval_seconds"),
-        "wall_seconds": time.perf_counter() - start,
+        "wall_seconds": wall_seconds,
         "peak_mib": report["pruning"]["peak_memory_bytes"] / 2**20,
         "peak_kind": report["pruning"]["peak_memory_kind"],
         "threads": report.get("environment", {}).get("threads"),
@@ -284,6 +289,9 @@ def main() -> None:
     parser.add_argument("--rerun", action="store_true", help="run the selected rows even if already stored")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--collect", action="store_true", help="add the selected rows from finished run folders, run nothing"
+    )
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=RESULTS / "quality", help="stem of .json/.md/.png")
     args = parser.parse_args()
@@ -304,7 +312,12 @@ def main() -> None:
     for row in [] if args.report_only else selected:
         if row.name in results and not args.rerun:
             continue
-        row_result = run_row(row, args)
+        if args.collect:
+            if not (args.runs / row.name / "struprune_report.json").exists():
+                continue
+            row_result = row_from_report(row, args.runs / row.name, None, args)
+        else:
+            row_result = run_row(row, args)
         # Re-read before writing: several instances may fill the same file (one row each at a time).
         results = {r["name"]: r for r in json.loads(json_path.read_text())} if json_path.exists() else {}
         results[row.name] = row_result
