@@ -254,14 +254,23 @@ def plot(results: dict[str, dict], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    at30 = [r for r in main if r["sparsity"] == 0.3]
+    # The uniform methods (magnitude, Wanda-sp, StructPrune at T = inf) draw the same line: dashed
+    # styles keep them visible; StructPrune's finite-temperature allocations come from the ablations.
+    at30 = sorted((r for r in main if r["sparsity"] == 0.3), key=lambda r: METHODS.index(r["method"]))
+    at30 = [(f"{r['method']} (T = inf)" if r["method"] == "structprune" else r["method"], r) for r in at30]
+    at30 += [
+        (f"structprune (T = {temperature_of(results[name])})", results[name])
+        for name in ("ablation-T-1", "ablation-T-2")
+        if name in results
+    ]
+    styles = {"magnitude": ":", "wanda-sp": "--"}
     if at30:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
-        for r in sorted(at30, key=lambda r: METHODS.index(r["method"])):
+        for label, r in at30:
             idx = [layer["index"] for layer in r["layers"]]
             for ax, unit in zip(axes, ("mlp", "heads")):
                 kept = [layer[unit][1] / layer[unit][0] for layer in r["layers"]]
-                ax.plot(idx, kept, marker=".", label=r["method"])
+                ax.plot(idx, kept, styles.get(label, "-"), marker=".", label=label)
         axes[0].set(xlabel="layer", ylabel="MLP channels kept", ylim=(0, 1.05))
         axes[1].set(xlabel="layer", ylabel="query heads kept", ylim=(0, 1.05))
         axes[0].legend(fontsize=8)
