@@ -209,7 +209,14 @@ def allocate_global_threshold(
     bring the removed parameter count closer to the budget, never below a layer's minimum.
     """
     check_sparsity(sparsity)
-    target = sparsity * total_prunable
+    return threshold_budget(spaces, group_energies, sparsity * total_prunable)
+
+
+def threshold_budget(
+    spaces: dict[str, list[UnitSpace]], group_energies: dict[str, Sequence[torch.Tensor]], target: float
+) -> dict[str, list[int]]:
+    """`allocate_global_threshold` for an explicit number of parameters to remove: StructPrune's
+    energy split of one layer's budget between heads and MLP channels is this rule on one layer."""
     steps = []  # (energy per parameter, kind, layer, step cost)
     for kind, kind_spaces in spaces.items():
         for layer, (space, energies) in enumerate(zip(kind_spaces, group_energies[kind])):

@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-measure each layer's energy on the pruned prefix and re-allocate the rest of the budget",
     )
+    sp.add_argument(
+        "--kind-split",
+        choices=("ratio", "energy"),
+        default="ratio",
+        help="how a layer's budget is shared between heads and MLP channels: the allocation's ratio, "
+        "or one energy-per-parameter threshold over the layer's heads and channels",
+    )
     fp = p.add_argument_group("flap (method=flap)")
     fp.add_argument(
         "--no-bias-compensation", action="store_true", help="FLAP without folding removed means into biases"
@@ -240,6 +247,7 @@ def cmd_prune(args) -> int:
         refit=not args.no_refit,
         energy_samples=args.energy_samples or None,
         refresh_energies=args.refresh_energies,
+        kind_split=args.kind_split,
         bias_refit=args.bias_refit,
         bias_compensation=not args.no_bias_compensation,
     )

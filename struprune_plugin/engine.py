@@ -30,6 +30,7 @@ from .allocation import (
     allocate_softmax_budget,
     allocate_uniform,
     check_sparsity,
+    threshold_budget,
 )
 from .architectures import (
     LayerView,
@@ -65,6 +66,8 @@ ALL_METHODS = tuple(METHOD_NEEDS_CALIBRATION)
 #: Methods that run the energy pass and the per-layer solver; "global" allocates by one threshold
 #: over all groups' energies (the O(N) reference) instead of StructPrune's per-layer softmax.
 SOLVER_METHODS = ("structprune", "global")
+#: How StructPrune shares a layer's budget between heads and MLP channels (see `_kind_splitter`).
+KIND_SPLITS = ("ratio", "energy")
 
 
 @dataclass
@@ -89,6 +92,7 @@ class PruneConfig:
     normalisation: str = "log-z"
     energy_samples: int | None = 32  # calibration windows for the energy pass (None: all)
     refresh_energies: bool = False  # re-measure each layer's energy on the pruned prefix, re-allocate
+    kind_split: str = "ratio"  # heads vs MLP within a layer: allocation's ratio, or "energy" threshold
     admm_iterations: int = 4
     use_aux: bool = True  # SparseLLM auxiliary variables in the MLP solver
     refit: bool = True  # least-squares refit of the kept weights (o_proj, MLP)
@@ -117,6 +121,14 @@ class PruneConfig:
                 f"head_sparsity fixes the same head ratio in every layer, which only the uniform "
                 f"methods {tuple(NEEDS_CALIBRATION)} do; {self.method!r} allocates per layer. Fix: drop "
                 "head_sparsity, or use units=('mlp',) to keep every head"
+            )
+        if self.kind_split not in KIND_SPLITS:
+            raise StructPruneError(f"unknown kind_split {self.kind_split!r}; choose one of {KIND_SPLITS}")
+        if self.kind_split == "energy" and (self.method != "structprune" or self.equal_widths):
+            raise StructPruneError(
+                "kind_split='energy' moves budget between a layer's heads and MLP channels: it applies "
+                f"to method='structprune' without equal_widths (got method {self.method!r}, "
+                f"equal_widths={self.equal_widths}). Fix: kind_split='ratio'"
             )
         if self.bias_refit and (self.method not in SOLVER_METHODS or not self.refit):
             raise StructPruneError(
@@ -388,9 +400,11 @@ def _prune(
     if config.equal_widths:
         counts = allocate_equal(spaces, prunable_before, config.sparsity)
 
-    reallocate = None
+    reallocate = split = None
     if config.refresh_energies:
         reallocate = _reallocator(spaces, energies, counts, prunable_before * config.sparsity, config)
+    if config.kind_split == "energy" and len(spaces) > 1:
+        split = _kind_splitter(spaces, counts, carry=not config.refresh_energies)
 
     records, plans = [], []
     for i, lv in enumerate(
@@ -405,7 +419,7 @@ def _prune(
             pruned, plan = _prune_layer_flap(lv, remove, flap_stats[i], config, trace)
         elif config.method in SOLVER_METHODS:
             pruned, plan = prune_layer_structprune(
-                lv, i, batches, layer_forward, remove, config, trace, reallocate
+                lv, i, batches, layer_forward, remove, config, trace, reallocate, split
             )
         else:
             pruned, plan = _prune_layer_by_score(lv, i, batches, remove, config, trace)
@@ -511,6 +525,33 @@ def _reallocator(spaces, energies, counts, target: float, config: PruneConfig):
         return {kind: counts[kind][i] for kind in counts}
 
     return reallocate
+
+
+def _kind_splitter(spaces, counts, carry: bool):
+    """Energy split: the parameters the allocation removes from layer i are re-shared between its
+    heads and MLP channels by one threshold on energy per parameter over both kinds (the global
+    reference's rule, inside one layer). Output-side energies of heads (through o_proj) and of MLP
+    channels (through down_proj) are errors on the same residual stream, so one threshold compares
+    them; the ratio split instead gives heads the budget's share rounded to whole head steps, which
+    on small GQA layers can mean a third of the heads at 20 % sparsity.
+
+    A layer's choice misses its share by up to one step; with `carry` the difference moves to the
+    next layer, so the global budget stays exact (energy refresh re-allocates the rest itself)."""
+    pending = 0.0
+
+    def split(i: int, per_group: dict[str, torch.Tensor]) -> dict[str, int]:
+        nonlocal pending
+        target = sum(counts[k][i] * spaces[k][i].cost for k in spaces) + pending
+        layer = threshold_budget(
+            {k: [spaces[k][i]] for k in spaces}, {k: [per_group[k]] for k in spaces}, target
+        )
+        for kind in spaces:
+            counts[kind][i] = layer[kind][0]
+        if carry:
+            pending = target - sum(counts[k][i] * spaces[k][i].cost for k in spaces)
+        return {kind: counts[kind][i] for kind in spaces}
+
+    return split
 
 
 def _prune_layer_flap(lv: LayerView, remove: dict, stats: flap.FlapLayerStats, config: PruneConfig, trace):

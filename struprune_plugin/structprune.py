@@ -111,19 +111,23 @@ def prune_layer_structprune(
     config,
     trace,
     reallocate: Callable[[int, dict[str, float]], dict[str, int]] | None = None,
+    split: Callable[[int, dict[str, torch.Tensor]], dict[str, int]] | None = None,
 ) -> tuple[LayerView, LayerPlan]:
     """Prune one resident layer (heads, then MLP) with weight updates; returns the new view and plan.
 
     With `reallocate` (energy refresh) the layer's energies are measured again on the inputs the
     pruned prefix really produces, in the same pass that gathers the heads' statistics, and
-    `reallocate(index, energies)` returns this layer's counts under the re-allocated budget.
+    `reallocate(index, energies)` returns this layer's counts under the re-allocated budget. With
+    `split` (energy split) the same pass measures both kinds' group energies and
+    `split(index, group_energies)` re-shares the layer's budget between heads and MLP channels.
     """
     geometry = geometry_of(lv)
     plan = LayerPlan.dense(geometry)
     graph = build_layer_graph(lv, trace.hidden, trace.kwargs)
     rec = None
-    if remove.get("heads") or reallocate is not None:
-        kinds = config.units if reallocate is not None else ["heads"]
+    all_kinds = reallocate is not None or (split is not None and any(remove.values()))
+    if remove.get("heads") or all_kinds:
+        kinds = config.units if all_kinds else ["heads"]
         with torch.no_grad(), InputRecorder(taps_for(lv, kinds), index, grams=("o_in",)) as rec:
             for b in batches:
                 forward(lv.layer, b)
@@ -131,6 +135,8 @@ def prune_layer_structprune(
         per_group = group_energies(lv, moments, config.energy, config.head_unit, kinds)
         if reallocate is not None:
             remove = reallocate(index, layer_energies_of(lv, per_group, config.head_unit))
+        if split is not None:
+            remove = split(index, per_group)
     if remove.get("heads"):
         unit = resolve_head_unit(config.head_unit, geometry)
         plan.keep_heads, plan.keep_kv_heads = choose_heads(

@@ -131,3 +131,60 @@ def test_bias_refit_needs_a_solver_method():
 
     with pytest.raises(StructPruneError, match="bias_refit"):
         PruneConfig(method="wanda-sp", bias_refit=True).validate()
+
+
+@pytest.mark.parametrize("cheap", ["heads", "mlp"])
+def test_energy_split_gives_a_layers_budget_to_its_cheaper_kind(cheap):
+    """Scaling layer 0's o_proj (or down_proj) down makes removing its heads (or channels) nearly
+    free: the energy split must then spend the layer's budget there, unlike the ratio split, and the
+    global budget stays exact because the rounding difference moves on to the next layer."""
+    model = make_model("llama", layers=3)
+    lv = model_view(model).layer(0)
+    with torch.no_grad():
+        (lv.o if cheap == "heads" else lv.mlp_out).weight.mul_(1e-4)
+    calib = torch.randint(0, VOCAB, (4, 16))
+    base = dict(method="structprune", sparsity=0.3, admm_iterations=0)
+    ratio = prune_model(model, calib, PruneConfig(**base), progress=False)
+    energy = prune_model(model, calib, PruneConfig(**base, kind_split="energy"), progress=False)
+    tolerance = geometry_of(lv).mlp_channel_cost / energy.prunable_before
+    assert abs(energy.achieved_sparsity - 0.3) <= tolerance
+    heads_before, heads_ratio = ratio.layers[0].heads
+    heads_energy = energy.layers[0].heads[1]
+    if cheap == "heads":  # every removable query head goes (one must stay on each of the 2 K/V heads)
+        assert heads_energy == 2 < heads_ratio
+        assert energy.layers[0].mlp[1] > ratio.layers[0].mlp[1]
+    else:
+        assert heads_energy == heads_before > heads_ratio
+        assert energy.layers[0].mlp[1] < ratio.layers[0].mlp[1]
+    # The layer keeps its share of the budget to within one head step.
+    step = 2 * geometry_of(lv).head_dim * geometry_of(lv).hidden * 2
+    assert abs(energy.layers[0].removed_params - ratio.layers[0].removed_params) <= step
+
+
+@pytest.mark.parametrize("refresh", [False, True])
+def test_energy_split_keeps_the_budget_on_every_family(family, refresh):
+    model = make_model(family, layers=3)
+    calib = torch.randint(0, VOCAB, (4, 16))
+    config = PruneConfig(
+        method="structprune",
+        sparsity=0.45,
+        temperature=1.0 if refresh else float("inf"),
+        refresh_energies=refresh,
+        kind_split="energy",
+        admm_iterations=1,
+    )
+    result = prune_model(model, calib, config, progress=False)
+    tolerance = geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
+    assert abs(result.achieved_sparsity - 0.45) <= tolerance
+    assert logits(result.model, torch.randint(0, VOCAB, (1, 9))).isfinite().all()
+
+
+def test_energy_split_is_refused_where_it_cannot_apply():
+    from struprune_plugin.errors import StructPruneError
+
+    with pytest.raises(StructPruneError, match="kind_split"):
+        PruneConfig(method="global", kind_split="energy").validate()
+    with pytest.raises(StructPruneError, match="kind_split"):
+        PruneConfig(kind_split="energy", equal_widths=True).validate()
+    with pytest.raises(StructPruneError, match="unknown kind_split"):
+        PruneConfig(kind_split="size").validate()
