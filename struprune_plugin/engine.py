@@ -66,7 +66,7 @@ ALL_METHODS = tuple(METHOD_NEEDS_CALIBRATION)
 #: Methods that run the energy pass and the per-layer solver; "global" allocates by one threshold
 #: over all groups' energies (the O(N) reference) instead of StructPrune's per-layer softmax.
 SOLVER_METHODS = ("structprune", "global")
-#: How StructPrune shares a layer's budget between heads and MLP channels (see `_kind_splitter`).
+#: How StructPrune shares a layer's budget between heads and MLP channels (see `kind_splitter`).
 KIND_SPLITS = ("ratio", "energy")
 
 
@@ -404,7 +404,7 @@ def _prune(
     if config.refresh_energies:
         reallocate = _reallocator(spaces, energies, counts, prunable_before * config.sparsity, config)
     if config.kind_split == "energy" and len(spaces) > 1:
-        split = _kind_splitter(spaces, counts, carry=not config.refresh_energies)
+        split = kind_splitter(spaces, counts, carry=not config.refresh_energies)
 
     records, plans = [], []
     for i, lv in enumerate(
@@ -527,7 +527,7 @@ def _reallocator(spaces, energies, counts, target: float, config: PruneConfig):
     return reallocate
 
 
-def _kind_splitter(spaces, counts, carry: bool):
+def kind_splitter(spaces, counts, carry: bool = True):
     """Energy split: the parameters the allocation removes from layer i are re-shared between its
     heads and MLP channels by one threshold on energy per parameter over both kinds (the global
     reference's rule, inside one layer). Output-side energies of heads (through o_proj) and of MLP

@@ -22,6 +22,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from functools import partial, wraps
 from pathlib import Path
 from typing import Literal
@@ -41,6 +42,7 @@ from .engine import (
     LayerRecord,
     PruneConfig,
     allocate_layers,
+    kind_splitter,
     layer_forward,
     targeted_prunable_count,
     unit_spaces,
@@ -82,6 +84,9 @@ class StructPruneModifier(Modifier):
     energy_samples: int | None = Field(
         32, description="calibration samples for the energy pass (finite temperature only); None = all"
     )
+    kind_split: Literal["ratio", "energy"] = Field(
+        "ratio", description="a layer's heads vs MLP share: the allocation's ratio, or an energy threshold"
+    )
     admm_iterations: int = Field(4, ge=0, description="ADMM iterations of the MLP block solver")
     use_aux: bool = Field(True, description="SparseLLM auxiliary variables in the MLP solver")
     refit: bool = Field(True, description="least-squares refit of the kept weights")
@@ -100,6 +105,7 @@ class StructPruneModifier(Modifier):
     _config: PruneConfig | None = PrivateAttr(default=None)
     _view: ModelView | None = PrivateAttr(default=None)
     _counts: dict[str, list[int]] = PrivateAttr(default_factory=dict)
+    _split: Callable | None = PrivateAttr(default=None)
     _pending: dict[int, list[LayerBatch]] = PrivateAttr(default_factory=dict)
     _records: list[LayerRecord] = PrivateAttr(default_factory=list)
     _keep: dict[int, dict] = PrivateAttr(default_factory=dict)
@@ -126,6 +132,7 @@ class StructPruneModifier(Modifier):
             temperature=self.temperature,
             energy=self.energy,
             energy_samples=self.energy_samples,
+            kind_split=self.kind_split,
             admm_iterations=self.admm_iterations,
             use_aux=self.use_aux,
             refit=self.refit,
@@ -150,6 +157,8 @@ class StructPruneModifier(Modifier):
         else:
             ids = calibration_ids(state.data.calib, self.energy_samples)
             self._counts, _ = allocate_layers(model, ids, config)
+        if self.kind_split == "energy" and len(spaces) > 1:
+            self._split = kind_splitter(spaces, self._counts)
         if self.bias_refit:
             enable_output_biases(model, view)
         self._config, self._view = config, view
@@ -220,7 +229,7 @@ class StructPruneModifier(Modifier):
         # hooks; Torch-Pruning's tracing needs autograd, which the pipeline turned off.
         with HooksMixin.disable_hooks(), torch.enable_grad():
             pruned, plan = prune_layer_structprune(
-                lv, index, batches, layer_forward, remove, self._config, batches[0]
+                lv, index, batches, layer_forward, remove, self._config, batches[0], split=self._split
             )
         refresh_quantization_params(lv.layer)
         self._keep[index] = {"mlp": plan.keep_mlp, "heads": plan.keep_heads, "kv_heads": plan.keep_kv_heads}

@@ -98,6 +98,16 @@ def test_python_recipe_with_finite_temperature_matches_the_engine(tiny):
     assert_same_pruning(pruned, reference.model)
 
 
+def test_energy_split_matches_the_engine(tiny):
+    model, tokenizer, ids = tiny
+    settings = dict(sparsity=0.45, kind_split="energy", admm_iterations=1)
+    reference = prune_model(copy.deepcopy(model), ids, PruneConfig(**settings, batch_size=1), progress=False)
+    ratio = prune_model(copy.deepcopy(model), ids, PruneConfig(sparsity=0.45, batch_size=1), progress=False)
+    assert widths(reference.model) != widths(ratio.model), "the split should move budget between kinds"
+    pruned = run_oneshot(model, tokenizer, ids, [StructPruneModifier(**settings)])
+    assert_same_pruning(pruned, reference.model)
+
+
 def test_ignored_layers_stay_dense_and_mlp_only_keeps_heads(tiny):
     model, tokenizer, ids = tiny
     dense = copy.deepcopy(model)
