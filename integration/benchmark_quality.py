@@ -70,6 +70,7 @@ def planned_rows() -> list[Row]:
         ablation("admm-8", ["--admm-iterations", "8"], "ADMM 8 iterations"),
         ablation("no-aux", ["--no-aux"], "no SparseLLM auxiliary variables"),
         ablation("bias-refit", ["--bias-refit"], "refits also fit o_proj/down_proj biases"),
+        ablation("kind-split-energy", ["--kind-split", "energy"], "heads vs MLP split by energy threshold"),
         # Energy definitions only matter at a finite temperature: compared at T = 1.
         ablation("energy-wanda-T1", [*t1, "--energy", "wanda"], "Wanda-group energy"),
         ablation("energy-flap-T1", [*t1, "--energy", "flap"], "FLAP-fluctuation energy"),
