@@ -150,9 +150,24 @@ def _fmt(value, digits=2) -> str:
     return f"{value:.3g}" if value >= 1e4 else f"{value:.{digits}f}"
 
 
-def _timing_mark(row: dict) -> str:
-    """† on rows timed before the statistics fix (every activation recorded twice)."""
-    return " †" if row.get("timing_note") else ""
+#: Why some rows' times are not comparable with the others (the JSON stores the short note).
+TIMING_NOTES = {
+    "timed before the statistics fix (inputs recorded twice)": (
+        "timed before a fix of the statistics recorder, which added every activation twice: the solver "
+        "then worked on twice the tokens (slower, more memory). Perplexities are unaffected (every "
+        "statistic is normalised by its token count). Rows with 1 thread ran two at a time on the 2 cores."
+    ),
+    "contended": (
+        "timed while another job (tests or a side experiment) shared the 2 cores for part of the run: "
+        "the time is an upper bound. Perplexities are unaffected."
+    ),
+}
+MARKS = ("†", "‡", "§", "¶")
+
+
+def _timing_marks(rows: list[dict]) -> dict[str, str]:
+    notes = sorted({r["timing_note"] for r in rows if r.get("timing_note")}, key=list(TIMING_NOTES).index)
+    return {note: MARKS[i] for i, note in enumerate(notes)}
 
 
 def temperature_of(row: dict) -> str:
@@ -167,6 +182,11 @@ def render(results: dict[str, dict], rows: list[Row], calib_samples: int) -> str
     ablations = [r for r in done if r["group"] == "ablation"]
     dense = next((r for r in done if r["ppl_wiki_dense"]), None)
     machine = done[0]["machine"] if done else {}
+    marks = _timing_marks(done)
+
+    def mark(row: dict) -> str:
+        return f" {marks[row['timing_note']]}" if row.get("timing_note") else ""
+
     lines = [
         "# Quality benchmark (`integration/benchmark_quality.py`)",
         "",
@@ -189,17 +209,11 @@ def render(results: dict[str, dict], rows: list[Row], calib_samples: int) -> str
         for r in sorted((r for r in main if r["sparsity"] == s), key=lambda r: METHODS.index(r["method"])):
             lines.append(
                 f"| {r['method']} | {r['sparsity']:.2f} / {r['achieved']:.4f} | {r['params']:,} | "
-                f"{_fmt(r['ppl_wiki'])} | {_fmt(r['ppl_news'])} | {r['prune_seconds']:.0f}{_timing_mark(r)} | "
+                f"{_fmt(r['ppl_wiki'])} | {_fmt(r['ppl_news'])} | {r['prune_seconds']:.0f}{mark(r)} | "
                 f"{r.get('threads') or 2} | {r['peak_mib']:.0f} |"
             )
-    if any(r.get("timing_note") for r in done):
-        lines += [
-            "",
-            "† timed before a fix of the statistics recorder, which added every activation twice: "
-            "the solver then worked on twice the tokens (slower, more memory). Perplexities are "
-            "unaffected (every statistic is normalised by its token count). Rows with 1 thread ran "
-            "two at a time on the 2 cores.",
-        ]
+    for note, symbol in marks.items():
+        lines += ["", f"{symbol} {TIMING_NOTES[note]}"]
     if ablations:
         # Each variant is compared with the default at the same temperature: structprune-30 for
         # T = inf (the default), the T-1 row for the variants run at T = 1.
@@ -226,7 +240,7 @@ def render(results: dict[str, dict], rows: list[Row], calib_samples: int) -> str
             base = bases["inf"] if sweep else bases.get(t)
             rel = f"{r['ppl_wiki'] / base['ppl_wiki'] - 1:+.1%}" if base else ""
             lines.append(
-                f"| {r['note']} | {t} | {_fmt(r['ppl_wiki'])} | {rel} | {r['prune_seconds']:.0f}{_timing_mark(r)} |"
+                f"| {r['note']} | {t} | {_fmt(r['ppl_wiki'])} | {rel} | {r['prune_seconds']:.0f}{mark(r)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -302,6 +316,11 @@ def main() -> None:
     parser.add_argument(
         "--collect", action="store_true", help="add the selected rows from finished run folders, run nothing"
     )
+    parser.add_argument(
+        "--timing-note",
+        choices=tuple(TIMING_NOTES),
+        help="mark the stored --rows' times as not comparable (why: see the table's footnotes), run nothing",
+    )
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=RESULTS / "quality", help="stem of .json/.md/.png")
     args = parser.parse_args()
@@ -319,6 +338,12 @@ def main() -> None:
     selected = [by_name[n] for n in args.rows] if args.rows else rows  # --rows order is run order
     selected = [r for r in selected if args.group is None or r.group == args.group]
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.timing_note:
+        for row in selected:
+            if row.name in results:
+                results[row.name]["timing_note"] = args.timing_note
+        write_atomic(json_path, json.dumps(list(results.values()), indent=1))
+        args.report_only = True
     for row in [] if args.report_only else selected:
         if row.name in results and not args.rerun:
             continue
