@@ -171,7 +171,7 @@ class StructPruneModifier(Modifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         # Every modifier of the recipe has initialised by now, quantizers included.
-        check_quantization_groups(self._view, self._counts, self.mlp_round_to)
+        check_quantization_groups(self._view, self._counts, self.mlp_round_to, self._split is not None)
         for index, layer in enumerate(self._view.layers):
             if any(self._counts[kind][index] for kind in self._counts):
                 self._pending[index] = []
@@ -254,12 +254,20 @@ def _weight_group_size(module: torch.nn.Module) -> int | None:
     return getattr(weights, "group_size", None) if weights is not None else None
 
 
-def check_quantization_groups(view: ModelView, counts: dict[str, list[int]], mlp_round_to: int) -> None:
+def check_quantization_groups(
+    view: ModelView, counts: dict[str, list[int]], mlp_round_to: int, split: bool = False
+) -> None:
     """Group-wise weight quantization (W4A16: groups of 128 along the input) needs every pruned
-    input width to stay a multiple of the group size; fail before calibration, not in GPTQ."""
+    input width to stay a multiple of the group size; fail before calibration, not in GPTQ.
+    With the energy split a layer's budget may go to either kind, so both are checked."""
+
+    def shrinks(kind: str, index: int) -> bool:
+        own = counts.get(kind, [0] * (index + 1))[index]
+        return bool(own or (split and any(c[index] for c in counts.values())))
+
     for index, lv in enumerate(view.layer_views()):
         group = _weight_group_size(lv.mlp_out)
-        if group and counts.get("mlp", [0] * (index + 1))[index] and mlp_round_to % group:
+        if group and shrinks("mlp", index) and mlp_round_to % group:
             raise StructPruneError(
                 f"{type(lv.mlp_out).__name__} of decoder layer {index} is quantized in groups of {group} "
                 f"along its input, but pruned MLP widths are multiples of mlp_round_to={mlp_round_to} "
@@ -267,7 +275,7 @@ def check_quantization_groups(view: ModelView, counts: dict[str, list[int]], mlp
                 "e.g. scheme W8A8)"
             )
         group = _weight_group_size(lv.o)
-        if group and counts.get("heads", [0] * (index + 1))[index] and lv.head_dim % group:
+        if group and shrinks("heads", index) and lv.head_dim % group:
             raise StructPruneError(
                 f"o_proj of decoder layer {index} is quantized in groups of {group} along its input "
                 f"(heads x head_dim {lv.head_dim}), which removing heads cannot keep divisible. Fix: "

@@ -198,6 +198,18 @@ def test_group_quantization_needs_widths_in_whole_groups(tiny):
     assert model_view(pruned).layer(0).mlp_out.weight_scale.shape[1] == widths(pruned)[0][2] // 128
 
 
+def test_group_quantization_check_counts_heads_the_energy_split_may_remove(tiny):
+    """At 10 % the ratio split removes no head (0.8 of 8 rounds to none), but the energy split may
+    give any layer's budget to its heads, whose o_proj input (head_dim 16) cannot keep groups of 128."""
+    from struprune_plugin.errors import StructPruneError
+
+    model, tokenizer, ids = tiny
+    recipe = W4A16.replace("units: [mlp]", "kind_split: energy").format(round_to=128)
+    recipe = recipe.replace("sparsity: 0.3", "sparsity: 0.1")
+    with pytest.raises(StructPruneError, match="o_proj of decoder layer"):
+        run_oneshot(model, tokenizer, ids, recipe)
+
+
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
 
