@@ -52,46 +52,57 @@ def planned_rows() -> list[Row]:
         for s in SPARSITIES
         for m in ("structprune", "global", "flap", "wanda-sp", "magnitude")
     ]
-    # StructPrune removing MLP channels only: uniform allocation rounds the heads' share to whole
-    # head steps (a third of SmolLM2's query heads at 20 % and 30 %), which a side experiment found
-    # costly at 20 %.
+    # StructPrune with the references' heads vs MLP rule: heads take the allocation's share rounded
+    # to whole head steps (a third of SmolLM2's query heads at 20 and 30 %). Its loss against the
+    # default (MLP channels first) is what made mlp-first the default.
+    ratio = ["--kind-split", "ratio"]
     rows += [
-        Row(
-            f"structprune-mlp-{round(s * 100)}",
-            "structprune",
-            s,
-            ["--units", "mlp"],
-            label="structprune (MLP only)",
-        )
+        Row(f"structprune-ratio-{round(s * 100)}", "structprune", s, ratio, label="structprune (ratio split)")
         for s in SPARSITIES
     ]
     wiki = "wiki_test"
 
-    def ablation(name: str, flags: list[str], note: str) -> Row:
-        return Row(f"ablation-{name}", "structprune", 0.3, flags, wiki, "ablation", note)
+    def ablation(name: str, flags: list[str], note: str) -> list[Row]:
+        """The variant on the default, and on the ratio split (the default before mlp-first)."""
+        return [
+            Row(f"ablation-{name}", "structprune", 0.3, flags, wiki, "ablation", note),
+            Row(f"ablation-ratio-{name}", "structprune", 0.3, [*ratio, *flags], wiki, "ablation", note),
+        ]
 
     t1 = ["--temperature", "1"]
-    rows += [
+    variants = [
         # The temperature sweep (T = inf is the default and the main structprune-30 row).
-        ablation("T-0.5", ["--temperature", "0.5"], "temperature 0.5"),
-        ablation("T-1", t1, "temperature 1"),
-        ablation("T-2", ["--temperature", "2"], "temperature 2"),
-        ablation("T-4", ["--temperature", "4"], "temperature 4"),
-        ablation("T-inf", ["--temperature", "inf"], "temperature inf (uniform allocation)"),
+        ("T-0.5", ["--temperature", "0.5"], "temperature 0.5"),
+        ("T-1", t1, "temperature 1"),
+        ("T-2", ["--temperature", "2"], "temperature 2"),
+        ("T-4", ["--temperature", "4"], "temperature 4"),
+        ("T-inf", ["--temperature", "inf"], "temperature inf (uniform allocation)"),
         # Solver ablations at the default (uniform allocation).
-        ablation("admm-0", ["--admm-iterations", "0"], "ADMM 0 iterations (projection + refit)"),
-        ablation("admm-1", ["--admm-iterations", "1"], "ADMM 1 iteration"),
-        ablation("admm-8", ["--admm-iterations", "8"], "ADMM 8 iterations"),
-        ablation("no-aux", ["--no-aux"], "no SparseLLM auxiliary variables"),
-        ablation("bias-refit", ["--bias-refit"], "refits also fit o_proj/down_proj biases"),
-        ablation("kind-split-energy", ["--kind-split", "energy"], "heads vs MLP split by energy threshold"),
+        ("admm-0", ["--admm-iterations", "0"], "ADMM 0 iterations (projection + refit)"),
+        ("admm-1", ["--admm-iterations", "1"], "ADMM 1 iteration"),
+        ("admm-8", ["--admm-iterations", "8"], "ADMM 8 iterations"),
+        ("no-aux", ["--no-aux"], "no SparseLLM auxiliary variables"),
+        ("bias-refit", ["--bias-refit"], "refits also fit o_proj/down_proj biases"),
         # Energy definitions only matter at a finite temperature: compared at T = 1.
-        ablation("energy-wanda-T1", [*t1, "--energy", "wanda"], "Wanda-group energy"),
-        ablation("energy-flap-T1", [*t1, "--energy", "flap"], "FLAP-fluctuation energy"),
-        ablation("refresh-T1", [*t1, "--refresh-energies"], "energies refreshed on the pruned prefix"),
-        ablation("admm-0-T1", [*t1, "--admm-iterations", "0"], "ADMM 0 iterations (projection + refit)"),
-        ablation("bias-refit-T1", [*t1, "--bias-refit"], "refits also fit o_proj/down_proj biases"),
+        ("energy-wanda-T1", [*t1, "--energy", "wanda"], "Wanda-group energy"),
+        ("energy-flap-T1", [*t1, "--energy", "flap"], "FLAP-fluctuation energy"),
+        ("refresh-T1", [*t1, "--refresh-energies"], "energies refreshed on the pruned prefix"),
+        ("admm-0-T1", [*t1, "--admm-iterations", "0"], "ADMM 0 iterations (projection + refit)"),
+        ("bias-refit-T1", [*t1, "--bias-refit"], "refits also fit o_proj/down_proj biases"),
     ]
+    for name, flags, note in variants:
+        rows += ablation(name, flags, note)
+    rows.append(
+        Row(
+            "ablation-kind-split-energy",
+            "structprune",
+            0.3,
+            ["--kind-split", "energy"],
+            wiki,
+            "ablation",
+            "heads vs MLP split by one energy threshold per layer",
+        )
+    )
     return rows
 
 
@@ -234,35 +245,53 @@ def render(results: dict[str, dict], rows: list[Row], calib_samples: int) -> str
             )
     for note, symbol in marks.items():
         lines += ["", f"{symbol} {TIMING_NOTES[note]}"]
-    if ablations:
-        # Each variant is compared with the default at the same temperature: structprune-30 for
-        # T = inf (the default), the T-1 row for the variants run at T = 1.
-        bases = {"inf": results.get("structprune-30"), "1": results.get("ablation-T-1")}
-        lines += [
-            "",
-            "## StructPrune ablations at 30 % (Wikipedia test ppl)",
-            "",
-            "Default: temperature inf (uniform allocation), OBS energy, 4 ADMM iterations with "
-            "auxiliary variables, refit, energies from the dense first pass (32 windows). "
-            "Energy definitions only matter at a finite temperature, so they are compared at T = 1.",
-            "",
-            "| variant | T | ppl wiki | vs default (T = 1 rows: vs temperature 1) | prune s |",
-            "|---|---|---:|---:|---:|",
-        ]
-        if bases["inf"]:
-            r = bases["inf"]
-            lines.append(
-                f"| default (structprune-30) | inf | {_fmt(r['ppl_wiki'])} | | {r['prune_seconds']:.0f} |"
-            )
-        for r in ablations:
-            t = temperature_of(r)
-            sweep = r["name"].startswith("ablation-T-")  # temperature rows compare with the default
-            base = bases["inf"] if sweep else bases.get(t)
-            rel = f"{r['ppl_wiki'] / base['ppl_wiki'] - 1:+.1%}" if base else ""
-            lines.append(
-                f"| {r['note']} | {t} | {_fmt(r['ppl_wiki'])} | {rel} | {r['prune_seconds']:.0f}{mark(r)} |"
-            )
+    for prefix, default_name, title in (
+        ("ablation-", "structprune-30", "on the default (MLP channels first)"),
+        (
+            "ablation-ratio-",
+            "structprune-ratio-30",
+            "on the ratio split (heads + MLP by the allocation's ratio)",
+        ),
+    ):
+        rows_here = [r for r in ablations if is_ratio_ablation(r) == (prefix == "ablation-ratio-")]
+        if rows_here:
+            lines += _ablation_table(rows_here, results, prefix, default_name, title, mark)
     return "\n".join(lines) + "\n"
+
+
+def is_ratio_ablation(row: dict) -> bool:
+    return row["name"].startswith("ablation-ratio-")
+
+
+def _ablation_table(rows, results, prefix, default_name, title, mark) -> list[str]:
+    """Each variant against its base at the same temperature: the main 30 % row for T = inf (the
+    default), the base's T-1 row for the variants run at T = 1."""
+    bases = {"inf": results.get(default_name), "1": results.get(f"{prefix}T-1")}
+    lines = [
+        "",
+        f"## StructPrune ablations at 30 % {title} (Wikipedia test ppl)",
+        "",
+        "Base: temperature inf (uniform allocation), OBS energy, 4 ADMM iterations with auxiliary "
+        "variables, refit, energies from the dense first pass (32 windows). Energy definitions only "
+        "matter at a finite temperature, so they are compared at T = 1.",
+        "",
+        "| variant | T | ppl wiki | vs base (T = 1 rows: vs temperature 1) | prune s |",
+        "|---|---|---:|---:|---:|",
+    ]
+    if bases["inf"]:
+        r = bases["inf"]
+        lines.append(
+            f"| base ({default_name}) | inf | {_fmt(r['ppl_wiki'])} | | {r['prune_seconds']:.0f}{mark(r)} |"
+        )
+    for r in rows:
+        t = temperature_of(r)
+        sweep = r["name"].startswith(f"{prefix}T-")  # temperature rows compare with the T = inf base
+        base = bases["inf"] if sweep else bases.get(t)
+        rel = f"{r['ppl_wiki'] / base['ppl_wiki'] - 1:+.1%}" if base else ""
+        lines.append(
+            f"| {r['note']} | {t} | {_fmt(r['ppl_wiki'])} | {rel} | {r['prune_seconds']:.0f}{mark(r)} |"
+        )
+    return lines
 
 
 def plot(results: dict[str, dict], out: Path) -> list[Path]:
@@ -297,8 +326,12 @@ def plot(results: dict[str, dict], out: Path) -> list[Path]:
     )
     at30 = [(f"{r['method']} (T = inf)" if r["method"] == "structprune" else r["method"], r) for r in at30]
     at30 += [
-        (f"structprune (T = {temperature_of(results[name])})", results[name])
-        for name in ("ablation-T-1", "ablation-T-2")
+        (
+            f"structprune{' ratio split' if is_ratio_ablation(results[name]) else ''} "
+            f"(T = {temperature_of(results[name])})",
+            results[name],
+        )
+        for name in ("ablation-T-1", "ablation-T-2", "ablation-ratio-T-1")
         if name in results
     ]
     styles = {"magnitude": ":", "wanda-sp": "--"}

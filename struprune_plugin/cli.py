@@ -112,10 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--kind-split",
-        choices=("ratio", "energy"),
-        default="ratio",
-        help="how a layer's budget is shared between heads and MLP channels: the allocation's ratio, "
-        "or one energy-per-parameter threshold over the layer's heads and channels",
+        choices=("auto", "mlp-first", "ratio", "energy"),
+        default="auto",
+        help="how a layer's budget is shared between heads and MLP channels: mlp-first (channels "
+        "take it, heads only what capped channels cannot; StructPrune's default), the allocation's "
+        "ratio (the references' default), or one energy-per-parameter threshold over the layer",
     )
     fp = p.add_argument_group("flap (method=flap)")
     fp.add_argument(

@@ -66,8 +66,11 @@ ALL_METHODS = tuple(METHOD_NEEDS_CALIBRATION)
 #: Methods that run the energy pass and the per-layer solver; "global" allocates by one threshold
 #: over all groups' energies (the O(N) reference) instead of StructPrune's per-layer softmax.
 SOLVER_METHODS = ("structprune", "global")
-#: How StructPrune shares a layer's budget between heads and MLP channels (see `kind_splitter`).
-KIND_SPLITS = ("ratio", "energy")
+#: How a layer's budget is shared between heads and MLP channels: "mlp-first" (MLP channels take
+#: it, heads only the overflow; StructPrune's measured best), "ratio" (the allocation's own share,
+#: the references' rule), "energy" (one threshold over the layer's groups, see `kind_splitter`);
+#: "auto" is mlp-first for StructPrune and ratio for every other method.
+KIND_SPLITS = ("auto", "mlp-first", "ratio", "energy")
 
 
 @dataclass
@@ -92,13 +95,24 @@ class PruneConfig:
     normalisation: str = "log-z"
     energy_samples: int | None = 32  # calibration windows for the energy pass (None: all)
     refresh_energies: bool = False  # re-measure each layer's energy on the pruned prefix, re-allocate
-    kind_split: str = "ratio"  # heads vs MLP within a layer: allocation's ratio, or "energy" threshold
+    kind_split: str = "auto"  # heads vs MLP within a layer: see KIND_SPLITS
     admm_iterations: int = 4
     use_aux: bool = True  # SparseLLM auxiliary variables in the MLP solver
     refit: bool = True  # least-squares refit of the kept weights (o_proj, MLP)
     bias_refit: bool = False  # the refits also fit o_proj/down_proj biases (mean compensation)
     # FLAP only (method="flap"):
     bias_compensation: bool = True  # fold removed channels' mean output into o_proj/down_proj biases
+
+    @property
+    def split_rule(self) -> str:
+        """`kind_split` with "auto" resolved for this method."""
+        if self.kind_split != "auto":
+            return self.kind_split
+        return "mlp-first" if self.method == "structprune" else "ratio"
+
+    @property
+    def channels_first(self) -> bool:
+        return self.split_rule == "mlp-first"
 
     def validate(self) -> None:
         check_sparsity(self.sparsity)
@@ -124,12 +138,18 @@ class PruneConfig:
             )
         if self.kind_split not in KIND_SPLITS:
             raise StructPruneError(f"unknown kind_split {self.kind_split!r}; choose one of {KIND_SPLITS}")
-        if self.kind_split == "energy" and (self.method != "structprune" or self.equal_widths):
+        if self.kind_split in ("mlp-first", "energy") and self.method != "structprune":
             raise StructPruneError(
-                "kind_split='energy' moves budget between a layer's heads and MLP channels: it applies "
-                f"to method='structprune' without equal_widths (got method {self.method!r}, "
-                f"equal_widths={self.equal_widths}). Fix: kind_split='ratio'"
+                f"kind_split={self.kind_split!r} is StructPrune's rule; the reference method "
+                f"{self.method!r} shares a layer's budget as published. Fix: kind_split='auto' or 'ratio'"
             )
+        if self.kind_split == "energy" and self.equal_widths:
+            raise StructPruneError(
+                "kind_split='energy' chooses each layer's heads vs MLP share from its own energies, so "
+                "the widths would differ between layers. Fix: kind_split='mlp-first' or drop equal_widths"
+            )
+        if self.split_rule == "mlp-first" and self.head_sparsity is not None:
+            raise StructPruneError("head_sparsity fixes the heads' share; kind_split='mlp-first' moves it")
         if self.bias_refit and (self.method not in SOLVER_METHODS or not self.refit):
             raise StructPruneError(
                 "bias_refit fits biases in the solver's least-squares refits: it needs "
@@ -398,12 +418,12 @@ def _prune(
         counts = allocate_uniform(spaces, prunable_before, config.sparsity, config.head_sparsity)
 
     if config.equal_widths:
-        counts = allocate_equal(spaces, prunable_before, config.sparsity)
+        counts = allocate_equal(spaces, prunable_before, config.sparsity, config.channels_first)
 
     reallocate = split = None
     if config.refresh_energies:
         reallocate = _reallocator(spaces, energies, counts, prunable_before * config.sparsity, config)
-    if config.kind_split == "energy" and len(spaces) > 1:
+    if config.split_rule == "energy" and len(spaces) > 1:
         split = kind_splitter(spaces, counts, carry=not config.refresh_energies)
 
     records, plans = [], []
@@ -478,7 +498,9 @@ def _energy_allocation(model, view, batches, calibration_ids, config, spaces, pr
         counts = allocate_global_threshold(spaces, groups, prunable, config.sparsity)
     else:
         normalised = {kind: normalise(values, config.normalisation) for kind, values in energies.items()}
-        counts = allocate_softmax(spaces, normalised, prunable, config.sparsity, config.temperature)
+        counts = allocate_softmax(
+            spaces, normalised, prunable, config.sparsity, config.temperature, config.channels_first
+        )
     return counts, energies, energy_batches is batches
 
 
@@ -518,7 +540,11 @@ def _reallocator(spaces, energies, counts, target: float, config: PruneConfig):
         done = sum(counts[k][j] * spaces[k][j].cost for k in spaces for j in range(i))
         normalised = {k: normalise(v, config.normalisation)[i:] for k, v in energies.items()}
         rest = allocate_softmax_budget(
-            {k: s[i:] for k, s in spaces.items()}, normalised, max(0.0, target - done), config.temperature
+            {k: s[i:] for k, s in spaces.items()},
+            normalised,
+            max(0.0, target - done),
+            config.temperature,
+            config.channels_first,
         )
         for kind in counts:
             counts[kind][i:] = rest[kind]

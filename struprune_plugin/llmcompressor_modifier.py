@@ -84,8 +84,10 @@ class StructPruneModifier(Modifier):
     energy_samples: int | None = Field(
         32, description="calibration samples for the energy pass (finite temperature only); None = all"
     )
-    kind_split: Literal["ratio", "energy"] = Field(
-        "ratio", description="a layer's heads vs MLP share: the allocation's ratio, or an energy threshold"
+    kind_split: Literal["mlp-first", "ratio", "energy"] = Field(
+        "mlp-first",
+        description="a layer's heads vs MLP share: MLP channels first (heads take the overflow), the "
+        "allocation's ratio, or an energy threshold",
     )
     admm_iterations: int = Field(4, ge=0, description="ADMM iterations of the MLP block solver")
     use_aux: bool = Field(True, description="SparseLLM auxiliary variables in the MLP solver")
@@ -150,10 +152,14 @@ class StructPruneModifier(Modifier):
         config.validate()
         spaces = unit_spaces([geometry_of(lv) for lv in view.layer_views()], config)
         if self.equal_widths:
-            self._counts = allocate_equal(spaces, targeted_prunable_count(model, config), self.sparsity)
+            self._counts = allocate_equal(
+                spaces, targeted_prunable_count(model, config), self.sparsity, config.channels_first
+            )
         elif math.isinf(self.temperature):
             # Uniform allocation needs no energies, hence no extra pass over the data.
-            self._counts = allocate_uniform(spaces, targeted_prunable_count(model, config), self.sparsity)
+            self._counts = allocate_uniform(
+                spaces, targeted_prunable_count(model, config), self.sparsity, None, config.channels_first
+            )
         else:
             ids = calibration_ids(state.data.calib, self.energy_samples)
             self._counts, _ = allocate_layers(model, ids, config)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from struprune_plugin.allocation import allocate_softmax, allocate_uniform, fill_evenly
+from struprune_plugin.allocation import allocate_equal, allocate_softmax, allocate_uniform, fill_evenly
 from struprune_plugin.errors import GQAConstraintError, InvalidSparsityError
 from struprune_plugin.groups import LayerGeometry, UnitSpace, unit_space
 
@@ -141,6 +141,67 @@ def test_infinite_temperature_is_uniform():
         uniform = allocate_uniform(spaces, total, sparsity)
         assert allocate_softmax(spaces, energies, total, sparsity, 1e9) == uniform
         assert allocate_softmax(spaces, energies, total, sparsity, float("inf")) == uniform
+
+
+# --- MLP-first split (StructPrune's default) --------------------------------------------------
+
+
+def _removed(counts, spaces) -> float:
+    return sum(c * s.cost for k in counts for c, s in zip(counts[k], spaces[k]))
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5, 0.7, 0.76, 0.85])
+def test_mlp_first_removes_heads_only_where_channels_run_out(sparsity):
+    spaces = _smol_spaces(6)
+    total = 6 * _prunable(SMOL)
+    counts = allocate_uniform(spaces, total, sparsity, channels_first=True)
+    assert abs(_removed(counts, spaces) - sparsity * total) <= SMOL.mlp_channel_cost / 2 + 1e-6
+    h, m = spaces["heads"][0], spaces["mlp"][0]
+    # Brute force per layer: the fewest feasible heads that, with every removable channel gone,
+    # still reach the layer's (uniform) share of the budget.
+    share = sparsity * total / 6
+    fewest = min(c for c in range(0, h.max_remove + 1, h.step) if c * h.cost + m.max_remove * m.cost >= share)
+    assert counts["heads"] == [fewest] * 6
+    if sparsity * total <= 6 * m.max_remove * m.cost:
+        assert counts["heads"] == [0] * 6
+        only_mlp = allocate_uniform({"mlp": spaces["mlp"]}, total, sparsity)
+        assert counts["mlp"] == only_mlp["mlp"]  # below the channels' cap: MLP-only pruning
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0, float("inf")])
+@pytest.mark.parametrize("sparsity", [0.3, 0.8])
+def test_mlp_first_keeps_each_layers_allocated_total(temperature, sparsity):
+    """The split moves parameters between a layer's kinds, never between layers (within rounding)."""
+    gen = torch.Generator().manual_seed(1)
+    spaces = _smol_spaces(8)
+    energies = {k: torch.randn(8, generator=gen).tolist() for k in spaces}
+    total = 8 * _prunable(SMOL)
+    ratio = allocate_softmax(spaces, energies, total, sparsity, temperature)
+    first = allocate_softmax(spaces, energies, total, sparsity, temperature, channels_first=True)
+    assert abs(_removed(first, spaces) - sparsity * total) <= SMOL.mlp_channel_cost / 2 + 1e-6
+    h, m = spaces["heads"][0], spaces["mlp"][0]
+    for i in range(8):
+        layer_ratio = ratio["heads"][i] * h.cost + ratio["mlp"][i] * m.cost
+        layer_first = first["heads"][i] * h.cost + first["mlp"][i] * m.cost
+        assert abs(layer_first - layer_ratio) <= h.step * h.cost + 2 * m.cost
+        assert first["heads"][i] <= ratio["heads"][i] or first["mlp"][i] == m.max_remove
+
+
+def test_mlp_first_equal_widths():
+    spaces = _smol_spaces(4)
+    total = 4 * _prunable(SMOL)
+    m = spaces["mlp"][0]
+    for sparsity in (0.3, 0.8):
+        counts = allocate_equal(spaces, total, sparsity, channels_first=True)
+        assert len(set(counts["heads"])) == len(set(counts["mlp"])) == 1
+        assert abs(_removed(counts, spaces) - sparsity * total) <= 4 * m.cost / 2 + 1e-6
+        assert (counts["heads"][0] == 0) == (sparsity * total <= 4 * m.max_remove * m.cost)
+
+
+def test_mlp_first_and_a_fixed_head_ratio_exclude_each_other():
+    spaces = _smol_spaces(2)
+    with pytest.raises(InvalidSparsityError, match="choose one"):
+        allocate_uniform(spaces, 2 * _prunable(SMOL), 0.3, head_sparsity=1 / 3, channels_first=True)
 
 
 def test_low_temperature_prunes_low_energy_layers_first():

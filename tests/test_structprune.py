@@ -10,11 +10,14 @@ from struprune_plugin.architectures import geometry_of, model_view
 from struprune_plugin.engine import PruneConfig, prune_model
 
 
+@pytest.mark.parametrize("split", ["mlp-first", "ratio"])
 @pytest.mark.parametrize("temperature", [0.5, float("inf")])
-def test_budget_and_shapes_on_every_family(family, temperature):
+def test_budget_and_shapes_on_every_family(family, temperature, split):
     model = make_model(family, layers=3)
     calib = torch.randint(0, VOCAB, (6, 24))
-    config = PruneConfig(method="structprune", sparsity=0.4, temperature=temperature, admm_iterations=2)
+    config = PruneConfig(
+        method="structprune", sparsity=0.4, temperature=temperature, admm_iterations=2, kind_split=split
+    )
     result = prune_model(model, calib, config, progress=False)
     tolerance = geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
     assert abs(result.achieved_sparsity - 0.4) <= tolerance
@@ -41,10 +44,45 @@ def test_infinite_temperature_allocates_like_the_uniform_baselines():
     sp = prune_model(
         model,
         calib,
-        PruneConfig(method="structprune", sparsity=0.35, temperature=float("inf")),
+        PruneConfig(method="structprune", sparsity=0.35, temperature=float("inf"), kind_split="ratio"),
         progress=False,
     )
     assert [(r.heads, r.mlp) for r in sp.layers] == [(r.heads, r.mlp) for r in uniform.layers]
+
+
+def test_default_split_is_mlp_only_pruning_until_the_channels_run_out():
+    """Below the MLP channels' capacity the default (mlp-first) prunes exactly as units=('mlp',)
+    does: same widths and the same weights. Above it, heads take the overflow and no more."""
+    model = make_model("llama", layers=3)
+    calib = torch.randint(0, VOCAB, (4, 16))
+    base = dict(method="structprune", admm_iterations=1)
+    default = prune_model(model, calib, PruneConfig(**base, sparsity=0.3), progress=False)
+    only_mlp = prune_model(model, calib, PruneConfig(**base, sparsity=0.3, units=("mlp",)), progress=False)
+    assert [(r.heads, r.mlp) for r in default.layers] == [(r.heads, r.mlp) for r in only_mlp.layers]
+    assert all(r.heads[0] == r.heads[1] for r in default.layers)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(logits(default.model, ids), logits(only_mlp.model, ids))
+
+    g = geometry_of(model_view(model).layer(0))
+    capacity = 3 * (g.intermediate - 1) * g.mlp_channel_cost / default.prunable_before
+    high = prune_model(model, calib, PruneConfig(**base, sparsity=capacity + 0.05), progress=False)
+    # The overflow (5 % of the budget) is less than one head step (one query head per K/V head),
+    # so every layer loses exactly one step and its channels cover the rest.
+    assert all(r.heads == (8, 6) and r.mlp[1] <= 6 for r in high.layers)
+    tolerance = g.mlp_channel_cost / high.prunable_before
+    assert abs(high.achieved_sparsity - capacity - 0.05) <= tolerance
+
+
+def test_split_rules_resolve_per_method_and_refuse_what_cannot_apply():
+    from struprune_plugin.errors import StructPruneError
+
+    assert PruneConfig().split_rule == "mlp-first"
+    assert PruneConfig(method="flap").split_rule == "ratio"
+    assert PruneConfig(method="global").split_rule == "ratio"
+    with pytest.raises(StructPruneError, match="reference method 'wanda-sp'"):
+        PruneConfig(method="wanda-sp", kind_split="mlp-first").validate()
+    with pytest.raises(StructPruneError, match="head_sparsity"):
+        PruneConfig(method="structprune", head_sparsity=1 / 4).validate()
 
 
 def test_zero_sparsity_leaves_the_model_unchanged():
@@ -116,7 +154,9 @@ def test_bias_refit_gives_biases_that_survive_a_reload(tmp_path):
 
     model = make_model("llama", layers=2)
     calib = torch.randint(0, VOCAB, (4, 20))
-    config = PruneConfig(method="structprune", sparsity=0.4, admm_iterations=1, bias_refit=True)
+    config = PruneConfig(
+        method="structprune", sparsity=0.4, admm_iterations=1, bias_refit=True, kind_split="ratio"
+    )
     result = prune_model(model, calib, config, progress=False)
     lv = model_view(result.model).layer(0)
     assert lv.o.bias is not None and lv.o.bias.abs().sum() > 0
@@ -144,7 +184,7 @@ def test_energy_split_gives_a_layers_budget_to_its_cheaper_kind(cheap):
         (lv.o if cheap == "heads" else lv.mlp_out).weight.mul_(1e-4)
     calib = torch.randint(0, VOCAB, (4, 16))
     base = dict(method="structprune", sparsity=0.3, admm_iterations=0)
-    ratio = prune_model(model, calib, PruneConfig(**base), progress=False)
+    ratio = prune_model(model, calib, PruneConfig(**base, kind_split="ratio"), progress=False)
     energy = prune_model(model, calib, PruneConfig(**base, kind_split="energy"), progress=False)
     tolerance = geometry_of(lv).mlp_channel_cost / energy.prunable_before
     assert abs(energy.achieved_sparsity - 0.3) <= tolerance
