@@ -119,16 +119,20 @@ def _smol_spaces(layers: int, head_unit: str = "query"):
     return {k: [unit_space(k, SMOL, head_unit) for _ in range(layers)] for k in ("heads", "mlp")}
 
 
+def _removed(counts, spaces) -> float:
+    return sum(c * s.cost for k in counts for c, s in zip(counts[k], spaces[k]))
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
 @pytest.mark.parametrize("temperature", [1e-3, 0.1, 0.5, 2.0, 1e3, float("inf")])
-@pytest.mark.parametrize("sparsity", [0.2, 0.3, 0.5])
-def test_softmax_budget_within_one_group(temperature, sparsity):
+@pytest.mark.parametrize("sparsity", [0.2, 0.3, 0.5, 0.8])
+def test_softmax_budget_within_one_group(temperature, sparsity, channels_first):
     gen = torch.Generator().manual_seed(0)
     spaces = _smol_spaces(12)
     energies = {k: torch.randn(12, generator=gen).tolist() for k in spaces}
     total = 12 * _prunable(SMOL)
-    counts = allocate_softmax(spaces, energies, total, sparsity, temperature)
-    removed = sum(c * s.cost for k in counts for c, s in zip(counts[k], spaces[k]))
-    assert abs(removed - sparsity * total) <= SMOL.mlp_channel_cost / 2 + 1e-6
+    counts = allocate_softmax(spaces, energies, total, sparsity, temperature, channels_first)
+    assert abs(_removed(counts, spaces) - sparsity * total) <= SMOL.mlp_channel_cost / 2 + 1e-6
     for k in counts:
         assert all(0 <= c <= s.max_remove and c % s.step == 0 for c, s in zip(counts[k], spaces[k]))
 
@@ -144,10 +148,6 @@ def test_infinite_temperature_is_uniform():
 
 
 # --- MLP-first split (StructPrune's default) --------------------------------------------------
-
-
-def _removed(counts, spaces) -> float:
-    return sum(c * s.cost for k in counts for c, s in zip(counts[k], spaces[k]))
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5, 0.7, 0.76, 0.85])
