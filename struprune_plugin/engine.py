@@ -148,8 +148,6 @@ class PruneConfig:
                 "kind_split='energy' chooses each layer's heads vs MLP share from its own energies, so "
                 "the widths would differ between layers. Fix: kind_split='mlp-first' or drop equal_widths"
             )
-        if self.split_rule == "mlp-first" and self.head_sparsity is not None:
-            raise StructPruneError("head_sparsity fixes the heads' share; kind_split='mlp-first' moves it")
         if self.bias_refit and (self.method not in SOLVER_METHODS or not self.refit):
             raise StructPruneError(
                 "bias_refit fits biases in the solver's least-squares refits: it needs "
