@@ -3,14 +3,26 @@
 For every model (the dense SmolLM2 and the pruned folders the quality benchmark wrote,
 runs/quality/structprune-{20,30,50}): parameters, checkpoint size, and
 
-* prefill: one forward over a 512-token prompt (batch 1), tokens/s = 512 / median time;
-* decode: greedy generation of 64 tokens after a 64-token prompt with the KV cache;
-  tokens/s = 64 / (median generate time - median prefill time of that prompt).
+* prefill (batch 1): one forward over a 512-token prompt that yields the next token's logits, as
+  generation's first step does (PyTorch: `logits_to_keep=1`; Optimum's ONNX graph always
+  computes the logits of every position, a cost pruning cannot shrink);
+* decode, at every `--batch` size, two ways over the same greedy tokens (64 new tokens after a
+  64-token prompt, KV cache, end-of-sequence disabled so every run makes all of them):
+  - `generate()`: the host's generation loop, what a transformers / Optimum user calls;
+    tokens/s = batch x 63 decode steps / (generate time - the prompt's prefill time);
+  - `model loop`: a plain greedy loop that owns the KV cache and calls the model directly
+    (PyTorch: the module's forward; ONNX Runtime: `InferenceSession.run` on the exported graph),
+    as a serving engine does. Its tokens are checked against `generate()`'s.
+
+The gap between the two is per-token Python work in the host's loop (logits processors, stopping
+criteria, input conversion) that is the same for dense and pruned models. A least-squares fit of
+time per decode step against parameter count splits every configuration's step into a fixed
+part and a part proportional to the weights; it is printed under the table.
 
 `--backend torch` runs in the main environment; `--backend ort` exports each folder with
 Optimum (struprune_plugin.onnx_export) and runs `ORTModelForCausalLM`, so it needs the export
 environment (`bash scripts/install_export_env.sh`). Rows of both backends accumulate in
-integration/results/speed.{json,md}. The target: speed-up >= 0.9 x (dense / pruned parameters).
+integration/results/speed.{json,md,png}. Target: speed-up >= 0.9 x (dense / pruned parameters).
 
     .venv/bin/python integration/benchmark_speed.py --backend torch
     .venv-export/bin/python integration/benchmark_speed.py --backend ort
@@ -19,132 +31,371 @@ integration/results/speed.{json,md}. The target: speed-up >= 0.9 x (dense / prun
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from tqdm import tqdm
 
 from struprune_plugin.zoo import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "integration" / "results" / "speed"
 DEFAULT_PRUNED = [ROOT / "runs" / "quality" / f"structprune-{p}" for p in (20, 30, 50)]
+TARGET = 0.9
+BACKENDS = ("torch", "ort")
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds_of(fn: Callable[..., object], *args: object) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
 
 
-def load(backend: str, folder: Path, work: Path, threads: int):
-    """The model to time, and its parameter count (read from the PyTorch model)."""
+@dataclass
+class Runner:
+    """One model under one backend: the three things the benchmark times."""
+
+    prefill: Callable[[torch.Tensor], object]
+    generate: Callable[[torch.Tensor, int], torch.Tensor]
+    #: greedy decode owning its KV cache: (all tokens, seconds spent after the prompt's step)
+    model_loop: Callable[[torch.Tensor, int], tuple[torch.Tensor, float]]
+
+
+def _generate_fn(model) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    def generate(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        with torch.inference_mode():
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,  # every run makes all its tokens, without a logits processor
+                pad_token_id=pad,
+            )
+        if out.shape[1] != prompt.shape[1] + new_tokens:
+            raise RuntimeError(f"generate() made {out.shape[1] - prompt.shape[1]} tokens, not {new_tokens}")
+        return out
+
+    return generate
+
+
+def torch_runner(folder: Path) -> tuple[Runner, int]:
     from transformers import AutoModelForCausalLM
 
     import struprune_plugin  # noqa: F401  (registers the pruned model classes)
 
-    torch_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    params = sum(p.numel() for p in torch_model.parameters())
-    if backend == "torch":
-        return torch_model, params
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    last_only = (
+        {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    )
+
+    def prefill(ids: torch.Tensor):
+        with torch.inference_mode():
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids), **last_only).logits
+
+    def model_loop(prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+        with torch.inference_mode():
+            mask = torch.ones_like(prompt)
+            out = model(input_ids=prompt, attention_mask=mask, use_cache=True, **last_only)
+            tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+            start = time.perf_counter()
+            for _ in range(new_tokens - 1):
+                mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
+                out = model(
+                    input_ids=tokens[-1],
+                    attention_mask=mask,
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
+                tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+            seconds = time.perf_counter() - start
+        return torch.cat([prompt, *tokens], dim=1), seconds
+
+    params = sum(p.numel() for p in model.parameters())
+    return Runner(prefill, _generate_fn(model), model_loop), params
+
+
+def ort_runner(folder: Path, work: Path, threads: int) -> tuple[Runner, int]:
+    import numpy as np
+    import onnxruntime
+    from transformers import AutoModelForCausalLM
+
+    import struprune_plugin  # noqa: F401
     from struprune_plugin.onnx_export import export_onnx, ort_model_class
 
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
     onnx_dir = work / f"{folder.name}-onnx"
     if not (onnx_dir / "model.onnx").exists():
         export_onnx(folder, onnx_dir)
-    import onnxruntime
-
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
-    return ort_model_class().from_pretrained(onnx_dir, session_options=options), params
-
-
-def measure(model, vocab: int, args) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    long_prompt = torch.randint(0, vocab, (1, args.prefill_len), generator=gen)
-    prompt = torch.randint(0, vocab, (1, args.decode_prompt), generator=gen)
-
-    def forward(ids):
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
-
-    def generate():
-        with torch.no_grad():
-            model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
-                do_sample=False,
+    model = ort_model_class().from_pretrained(onnx_dir, session_options=options)
+    session = model.session
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    past_names = [n for n in inputs if n.startswith("past_key_values.")]
+    for name in past_names:
+        if not all(isinstance(d, int) for d in inputs[name].shape[1::2]):
+            raise RuntimeError(
+                f"{name}: the graph does not fix its head count / head size ({inputs[name].shape})"
             )
 
-    prefill = median_seconds(lambda: forward(long_prompt), args.repeats)
-    prompt_prefill = median_seconds(lambda: forward(prompt), args.repeats)
-    total = median_seconds(generate, args.repeats)
-    return {
-        "prefill_tok_s": args.prefill_len / prefill,
-        "decode_tok_s": args.new_tokens / max(total - prompt_prefill, 1e-9),
-        "prefill_s": prefill,
-        "generate_s": total,
-    }
+    def prefill(ids: torch.Tensor):
+        with torch.inference_mode():
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+    def model_loop(prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+        ids = prompt.numpy()
+        batch = ids.shape[0]
+        feeds = {
+            n: np.zeros((batch, inputs[n].shape[1], 0, inputs[n].shape[3]), dtype=np.float32)
+            for n in past_names
+        }
+        if "use_cache_branch" in inputs:
+            feeds["use_cache_branch"] = np.array([False])
+        tokens, start, past = [], 0.0, 0
+        for step in range(new_tokens):
+            if step == 1:
+                start = time.perf_counter()
+            length = ids.shape[1]
+            feeds["input_ids"] = ids
+            feeds["attention_mask"] = np.ones((batch, past + length), dtype=np.int64)
+            if "position_ids" in inputs:
+                feeds["position_ids"] = np.broadcast_to(
+                    np.arange(past, past + length, dtype=np.int64), (batch, length)
+                )
+            result = dict(zip(outputs, session.run(None, feeds)))
+            ids = result["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+            tokens.append(ids)
+            past += length
+            feeds.update({n: result[n.replace("past_key_values.", "present.")] for n in past_names})
+            if "use_cache_branch" in inputs:
+                feeds["use_cache_branch"] = np.array([True])
+        seconds = time.perf_counter() - start
+        return torch.cat([prompt, torch.from_numpy(np.concatenate(tokens, axis=1))], dim=1), seconds
+
+    return Runner(prefill, _generate_fn(model), model_loop), params
+
+
+def measure(runners: dict[str, Runner], vocab: int, batch: int, args) -> dict[str, dict]:
+    """Every model's timings at one batch size. The models take turns within each repeat, so a
+    drift of the machine's speed (other tenants, clock changes) lands on all of them alike instead
+    of on whichever model was measured during it; the first round is a warm-up."""
+    gen = torch.Generator().manual_seed(batch)
+    prompt = torch.randint(0, vocab, (batch, args.decode_prompt), generator=gen)
+    long_prompt = torch.randint(0, vocab, (1, args.prefill_len), generator=gen)
+    steps = args.new_tokens - 1
+    times: dict[tuple[str, str], list[float]] = {}
+    rounds = tqdm(range(args.repeats + 1), desc=f"batch {batch}: rounds over {len(runners)} models")
+    for round_ in rounds:
+        for name, runner in runners.items():
+            sample = {
+                "prompt_prefill": seconds_of(runner.prefill, prompt),
+                "generate": seconds_of(runner.generate, prompt, args.new_tokens),
+                "loop": runner.model_loop(prompt, args.new_tokens)[1],
+            }
+            if batch == 1:
+                sample["prefill"] = seconds_of(runner.prefill, long_prompt)
+            for key, value in sample.items():
+                if round_:
+                    times.setdefault((name, key), []).append(value)
+    rows = {}
+    for name, runner in runners.items():
+        med = {key: statistics.median(v) for (n, key), v in times.items() if n == name}
+        decode = max(med["generate"] - med["prompt_prefill"], 1e-9)
+        tokens, _ = runner.model_loop(prompt, args.new_tokens)
+        row: dict = {"batch": batch}
+        if batch == 1:
+            row.update(prefill_s=med["prefill"], prefill_tok_s=args.prefill_len / med["prefill"])
+        row.update(
+            generate_s=med["generate"],
+            generate_step_ms=1e3 * decode / steps,
+            generate_tok_s=batch * steps / decode,
+            loop_step_ms=1e3 * med["loop"] / steps,
+            loop_tok_s=batch * steps / med["loop"],
+            loop_tokens_match_generate=bool(torch.equal(tokens, runner.generate(prompt, args.new_tokens))),
+            repeats=args.repeats,
+        )
+        rows[name] = row
+    return rows
 
 
 def checkpoint_mib(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
 
 
+def _speedups(rows: list[dict], key: str) -> list[tuple[dict, float, float]]:
+    """(row, speed-up over the dense row of the same backend and batch, parameter ratio)."""
+    out = []
+    for r in rows:
+        dense = next(
+            (
+                d
+                for d in rows
+                if (d["backend"], d["batch"], d["model"]) == (r["backend"], r["batch"], "dense")
+            ),
+            None,
+        )
+        if dense is not None and key in r and key in dense:
+            out.append((r, r[key] / dense[key], dense["params"] / r["params"]))
+    return out
+
+
+def step_fit(rows: list[dict], key: str) -> tuple[float, float] | None:
+    """Least squares: ms per decode step = fixed + slope x parameters (millions)."""
+    pts = [(r["params"] / 1e6, r[key]) for r in rows if key in r]
+    if len(pts) < 2:
+        return None
+    mx = statistics.fmean(x for x, _ in pts)
+    my = statistics.fmean(y for _, y in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    return my - slope * mx, slope
+
+
+def _met(speedup: float, ratio: float, is_dense: bool) -> str:
+    return "" if is_dense else ("yes" if speedup >= TARGET * ratio else "no")
+
+
 def render(rows: list[dict]) -> str:
+    order = sorted(rows, key=lambda r: (BACKENDS.index(r["backend"]), r["batch"], -r["params"]))
     lines = [
         "# Speed benchmark (`integration/benchmark_speed.py`)",
         "",
-        "Batch 1, float32, CPU. Prefill: one forward over 512 tokens. Decode: 64 greedy tokens after a "
-        "64-token prompt with the KV cache (generate time minus the prompt's prefill). Medians of the "
-        "repeats. Target: speed-up >= 0.9 x (dense / pruned parameters).",
+        f"float32, CPU. Target: speed-up >= {TARGET} x (dense / pruned parameters). Medians of the "
+        "repeats; the models take turns within every repeat.",
         "",
-        "| backend | model | params | checkpoint MiB | prefill tok/s | decode tok/s | prefill x | decode x | params ratio | target met |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "## Prefill (batch 1, 512-token prompt)",
+        "",
+        "PyTorch computes the last position's logits (as generation does); Optimum's ONNX graph "
+        "computes the logits of all 512 positions.",
+        "",
+        "| backend | model | params | checkpoint MiB | prefill tok/s | speed-up | params ratio | target met |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    for backend in ("torch", "ort"):
-        group = [r for r in rows if r["backend"] == backend]
+    for r, x, ratio in _speedups([r for r in order if r["batch"] == 1], "prefill_tok_s"):
+        lines.append(
+            f"| {r['backend']} ({r['threads']} threads) | {r['model']} | {r['params']:,} | "
+            f"{r['checkpoint_mib']:.0f} | {r['prefill_tok_s']:.0f} | {x:.2f} | {ratio:.2f} | "
+            f"{_met(x, ratio, r['model'] == 'dense')} |"
+        )
+    lines += [
+        "",
+        "## Decode (64-token prompt, 64 new greedy tokens, KV cache)",
+        "",
+        "`generate()`: the host's generation loop. Model loop: a greedy loop that owns the KV cache and "
+        "calls the model (PyTorch forward / `InferenceSession.run`); its tokens equal `generate()`'s "
+        "where the last column says so.",
+        "",
+        "| backend | batch | model | generate() tok/s | speed-up | model loop tok/s | speed-up | params ratio "
+        "| target met: generate() / loop | same tokens |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    gen = {id(r): x for r, x, _ in _speedups(order, "generate_tok_s")}
+    for r, x, ratio in _speedups(order, "loop_tok_s"):
+        g = gen[id(r)]
+        met = "" if r["model"] == "dense" else f"{_met(g, ratio, False)} / {_met(x, ratio, False)}"
+        lines.append(
+            f"| {r['backend']} ({r['threads']} threads) | {r['batch']} | {r['model']} | {r['generate_tok_s']:.1f} "
+            f"| {g:.2f} | {r['loop_tok_s']:.1f} | {x:.2f} | {ratio:.2f} | {met} | "
+            f"{'yes' if r['loop_tokens_match_generate'] else 'NO'} |"
+        )
+    lines += [
+        "",
+        "## Where a decode step's time goes",
+        "",
+        "Least-squares fit over the models of each configuration: ms per step = fixed + slope x "
+        "parameters. The fixed part (per-token work that does not shrink with the weights: Python in "
+        "the host's loop, kernel launches, attention over the cache, the unpruned embedding lookup) "
+        "caps the speed-up below the parameter ratio; the slope is the weight-streaming cost.",
+        "",
+        "| backend | batch | loop | dense ms/step | fixed ms | ms per 1M params | fixed share of dense |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for backend, batch in sorted(
+        {(r["backend"], r["batch"]) for r in order}, key=lambda k: (BACKENDS.index(k[0]), k[1])
+    ):
+        group = [r for r in order if (r["backend"], r["batch"]) == (backend, batch)]
         dense = next((r for r in group if r["model"] == "dense"), None)
-        for r in sorted(group, key=lambda r: -r["params"]):
-            if dense is None:
-                continue
-            px = r["prefill_tok_s"] / dense["prefill_tok_s"]
-            dx = r["decode_tok_s"] / dense["decode_tok_s"]
-            ratio = dense["params"] / r["params"]
-            met = "" if r is dense else ("yes" if min(px, dx) >= 0.9 * ratio else "no")
-            lines.append(
-                f"| {backend} ({r['threads']} threads) | {r['model']} | {r['params']:,} | "
-                f"{r['checkpoint_mib']:.0f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
-                f"{px:.2f} | {dx:.2f} | {ratio:.2f} | {met} |"
-            )
+        for key, name in (("generate_step_ms", "generate()"), ("loop_step_ms", "model loop")):
+            fit = step_fit(group, key)
+            if fit and dense:
+                fixed, slope = fit
+                lines.append(
+                    f"| {backend} | {batch} | {name} | {dense[key]:.1f} | {fixed:.1f} | {slope:.3f} | "
+                    f"{fixed / dense[key]:.0%} |"
+                )
     return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], out: Path) -> Path | None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    series = [("prefill_tok_s", "prefill", "s")]
+    series += [("generate_tok_s", "decode generate()", "o"), ("loop_tok_s", "decode model loop", "^")]
+    top = 1.0
+    for key, name, marker in series:
+        for backend, batch in sorted({(r["backend"], r["batch"]) for r in rows}):
+            pts = [
+                (ratio, x)
+                for r, x, ratio in _speedups(rows, key)
+                if (r["backend"], r["batch"]) == (backend, batch) and r["model"] != "dense"
+            ]
+            if pts:
+                pts.sort()
+                top = max(top, *(p for pair in pts for p in pair))
+                ax.plot(
+                    *zip(*pts),
+                    ls={"torch": "-", "ort": "--"}[backend],
+                    marker=marker,
+                    label=f"{backend} b{batch}: {name}",
+                )
+    grid = [1.0, top * 1.05]
+    ax.plot(grid, grid, color="grey", lw=1, label="= parameter ratio")
+    ax.plot(grid, [TARGET * g for g in grid], color="grey", lw=1, ls=":", label=f"target {TARGET} x ratio")
+    ax.set(xlabel="dense / pruned parameters", ylabel="speed-up over dense")
+    ax.set_title("SmolLM2-135M pruned 20/30/50 %: speed-up vs parameter ratio (CPU)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out.with_suffix(".png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=("torch", "ort"), default="torch")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch")
     parser.add_argument("--pruned", type=Path, nargs="*", default=DEFAULT_PRUNED)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--decode-prompt", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "speed")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="stem of the .json/.md results")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="stem of the .json/.md/.png results")
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (one prefill step and one decode step)")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     args.work.mkdir(parents=True, exist_ok=True)
@@ -156,25 +407,33 @@ def main() -> int:
         models.append((folder.name, folder))
     path = args.out.with_suffix(".json")
     rows = json.loads(path.read_text()) if path.exists() else []
+    rows = [r for r in rows if "batch" in r]  # rows of the earlier format (no batch) are dropped
+    runners, params, vocab = {}, {}, None
     for name, folder in models:
-        model, params = load(args.backend, folder, args.work, args.threads)
+        if args.backend == "torch":
+            runners[name], params[name] = torch_runner(folder)
+        else:
+            runners[name], params[name] = ort_runner(folder, args.work, args.threads)
         vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-        row = {
-            "backend": args.backend,
-            "model": name,
-            "params": params,
-            "checkpoint_mib": checkpoint_mib(folder),
-            "threads": args.threads,
-            **measure(model, vocab, args),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        }
-        print(json.dumps({k: v for k, v in row.items() if k != "machine"}))
-        rows = [r for r in rows if (r["backend"], r["model"]) != (args.backend, name)] + [row]
-        del model
+    for batch in args.batch:
+        for name, measured in measure(runners, vocab, batch, args).items():
+            row = {
+                "backend": args.backend,
+                "model": name,
+                "params": params[name],
+                "checkpoint_mib": checkpoint_mib(dict(models)[name]),
+                "threads": args.threads,
+                **measured,
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            }
+            print(json.dumps({k: v for k, v in row.items() if k != "machine"}), flush=True)
+            key = (args.backend, name, batch)
+            rows = [r for r in rows if (r["backend"], r["model"], r["batch"]) != key] + [row]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1))
     table = render(rows)
     args.out.with_suffix(".md").write_text(table)
+    plot(rows, args.out)
     print(table)
     return 0
 
