@@ -13,6 +13,8 @@ runs/quality/structprune-{20,30,50}): parameters, checkpoint size, and
   - `model loop`: a plain greedy loop that owns the KV cache and calls the model directly
     (PyTorch: the module's forward; ONNX Runtime: `InferenceSession.run` on the exported graph),
     as a serving engine does. Its tokens are checked against `generate()`'s.
+  ONNX Runtime's `generate()` session runs without intra-op spinning and the loop's with it,
+  each the faster setting for its workload (`struprune_plugin.onnx_export.cpu_session_options`).
 
 The gap between the two is per-token Python work in the host's loop (logits processors, stopping
 criteria, input conversion) that is the same for dense and pruned models. A least-squares fit of
@@ -129,19 +131,21 @@ def torch_runner(folder: Path) -> tuple[Runner, int]:
 
 def ort_runner(folder: Path, work: Path, threads: int) -> tuple[Runner, int]:
     import numpy as np
-    import onnxruntime
     from transformers import AutoModelForCausalLM
 
     import struprune_plugin  # noqa: F401
-    from struprune_plugin.onnx_export import export_onnx, ort_model_class
+    from struprune_plugin.onnx_export import cpu_session_options, export_onnx, ort_model_class
 
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
     onnx_dir = work / f"{folder.name}-onnx"
     if not (onnx_dir / "model.onnx").exists():
         export_onnx(folder, onnx_dir)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    model = ort_model_class().from_pretrained(onnx_dir, session_options=options)
+    # generate() interleaves PyTorch work with session calls: no spinning. Prefill and the model
+    # loop only call the session: spinning threads answer faster (see cpu_session_options).
+    generating = ort_model_class().from_pretrained(onnx_dir, session_options=cpu_session_options(threads))
+    model = ort_model_class().from_pretrained(
+        onnx_dir, session_options=cpu_session_options(threads, spinning=True)
+    )
     session = model.session
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
@@ -186,7 +190,7 @@ def ort_runner(folder: Path, work: Path, threads: int) -> tuple[Runner, int]:
         seconds = time.perf_counter() - start
         return torch.cat([prompt, torch.from_numpy(np.concatenate(tokens, axis=1))], dim=1), seconds
 
-    return Runner(prefill, _generate_fn(model), model_loop), params
+    return Runner(prefill, _generate_fn(generating), model_loop), params
 
 
 def measure(runners: dict[str, Runner], vocab: int, batch: int, args) -> dict[str, dict]:
