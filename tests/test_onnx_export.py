@@ -24,7 +24,7 @@ from conftest import VOCAB, logits, make_model
 from struprune_plugin.architectures import model_view
 from struprune_plugin.checkpoint import save_pruned
 from struprune_plugin.engine import PruneConfig, prune_model
-from struprune_plugin.onnx_export import compare_generation, export_onnx
+from struprune_plugin.onnx_export import compare_generation, cpu_session_options, export_onnx, ort_model_class
 
 
 def _pruned(family, **kw):
@@ -66,6 +66,11 @@ def test_equal_widths_export_as_a_stock_model(tmp_path):
     onnx_dir = export_onnx(folder, tmp_path / "onnx")
     prompts = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
     assert compare_generation(folder, onnx_dir, prompts, new_tokens=8)["tokens_equal"]
+    # the CPU generation options reach the session ONNX Runtime builds
+    session = ort_model_class().from_pretrained(onnx_dir, session_options=cpu_session_options(1)).session
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 @pytest.mark.parametrize("family", ["llama_mha", "opt"])
