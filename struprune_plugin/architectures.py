@@ -230,9 +230,10 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
     """
     view = model_view(model)
     counts = (layout["num_attention_heads"], layout["num_key_value_heads"], layout["intermediate_sizes"])
-    if any(len(c) != len(view.layers) for c in counts):
+    lengths = sorted({len(c) for c in counts})
+    if lengths != [len(view.layers)]:
         raise UnsupportedArchitectureError(
-            f"layout records {len(counts[0])} layers but the model has {len(view.layers)}"
+            f"layout records {' / '.join(map(str, lengths))} layers but the model has {len(view.layers)}"
         )
     hd = int(layout["head_dim"])
     for lv, n_q, n_kv, width in zip(view.layer_views(), *counts):
@@ -252,6 +253,12 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
             lv.layer.fc1 = _resized_linear(lv.layer.fc1, hidden, width)
             lv.layer.fc2 = _resized_linear(lv.layer.fc2, width, hidden)
         layer_view(lv.layer, lv.family).refresh_bookkeeping()
+
+
+def context_length(config) -> int | None:
+    """Positions the model was built for (every supported family states max_position_embeddings)."""
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def is_uniform(layout: dict) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +22,16 @@ import torch
 from torch import nn
 
 from .architectures import apply_layout, is_uniform, layer_layout
-from .errors import LayoutMismatchError, OutputExistsError
+from .errors import CheckpointError, LayoutMismatchError
+from .modeling_struprune import check_layout
+from .outputs import (
+    MANIFEST,
+    check_output_folder,
+    remove_stale_temps,
+    temp_sibling,
+    terminate_as_exception,
+    write_text_atomic,
+)
 
 LAYOUT_KEY = "struprune_layout"
 
@@ -82,9 +90,7 @@ def patch_config_json(folder: str | os.PathLike, fields: dict) -> None:
     path = Path(folder) / "config.json"
     data = json.loads(path.read_text())
     data.update(fields)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_loader_files(folder: str | os.PathLike) -> None:
@@ -179,13 +185,6 @@ def needs_layout_loader(config) -> bool:
     return mismatch
 
 
-def _same_folder(a: Path, b: str | os.PathLike | None) -> bool:
-    try:
-        return b is not None and Path(b).exists() and a.resolve() == Path(b).resolve()
-    except OSError:
-        return False
-
-
 def save_pruned(
     model: nn.Module,
     output: str | os.PathLike,
@@ -193,46 +192,151 @@ def save_pruned(
     overwrite: bool = False,
     write_extras: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write model (+ tokenizer, + whatever `write_extras` puts in the folder) to `output` atomically."""
-    output = Path(output)
-    if _same_folder(output, getattr(model.config, "_name_or_path", None)):
-        raise OutputExistsError(
-            f"{output} is the folder the model was loaded from; refusing to overwrite the source "
-            "checkpoint. Fix: choose another --output folder"
-        )
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output} already exists. Fix: choose a new folder or pass --overwrite")
+    """Write model (+ tokenizer, + whatever `write_extras` puts in the folder) to `output` atomically.
+
+    The folder is built as a hidden sibling and renamed into place, so a crash or SIGTERM leaves
+    either the old folder or the new one (and the sibling is removed, or by the next run if the
+    process was killed outright). `overwrite` replaces only a folder struprune wrote (see
+    `outputs.check_output_folder`); the folder the model came from is never a valid output."""
+    output = check_output_folder(output, [getattr(model.config, "_name_or_path", None)], overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        model.save_pretrained(tmp)
-        write_loader_files(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if write_extras is not None:
-            write_extras(tmp)
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    remove_stale_temps(output)
+    tmp = temp_sibling(output)
+    with terminate_as_exception():
+        try:
+            model.save_pretrained(tmp)
+            write_loader_files(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if write_extras is not None:
+                write_extras(tmp)
+            files = sorted(p.name for p in tmp.iterdir())
+            write_text_atomic(
+                tmp / MANIFEST, json.dumps({"written_by": "struprune", "files": files}, indent=1)
+            )
+            if output.exists():
+                old = temp_sibling(output, "old")
+                os.replace(output, old)
+                os.replace(tmp, output)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return output
 
 
+#: Weight files that are pickles: loading one can run arbitrary code, so they are never loaded.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
 def _weight_files(folder: Path) -> list[str]:
+    """The folder's safetensors files; a folder with only pickled weights is refused, not loaded."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(
+                f"{index} is not a valid safetensors index ({err}). Fix: restore the index written "
+                "with the weights, or re-save the model"
+            ) from err
+        absent = [f for f in files if not (folder / f).is_file()]
+        if absent:
+            raise CheckpointError(
+                f"{index} names weight files that are missing: {absent}. Fix: copy them back"
+            )
     else:
-        files = [p.name for p in folder.glob("*.safetensors")]
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
-        raise LayoutMismatchError(f"{folder} has no .safetensors weights")
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+        if pickles:
+            raise CheckpointError(
+                f"{folder} holds its weights only as pickles ({', '.join(pickles)}); struprune loads "
+                "weights from .safetensors only, since unpickling a file can run code it carries. Fix: "
+                "convert it where you trust the file: AutoModelForCausalLM.from_pretrained(folder)"
+                ".save_pretrained(new_folder) writes safetensors"
+            )
+        raise CheckpointError(
+            f"{folder} has no weights (no *.safetensors file). Fix: point at the folder that holds "
+            "model.safetensors next to config.json"
+        )
     return files
+
+
+def _first_line(err: BaseException) -> str:
+    """Library messages run to many lines; an error of ours is one line (the cause stays chained)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def check_weight_files(folder: Path) -> list[str]:
+    """Open every weight file's header, so an empty, truncated or corrupted file is named with a fix
+    instead of failing deep inside the loader (safetensors checks that the header covers the file)."""
+    from safetensors import safe_open
+
+    files = _weight_files(folder)
+    for name in files:
+        try:
+            with safe_open(folder / name, framework="pt"):
+                pass
+        except Exception as err:  # SafetensorError, OSError: the library's message goes along
+            size = (folder / name).stat().st_size
+            raise CheckpointError(
+                f"{folder / name} ({size:,} bytes) is not a readable safetensors file: {_first_line(err)}. It is "
+                "empty, truncated or corrupted. Fix: copy or re-save the checkpoint again"
+            ) from err
+    return files
+
+
+def read_model_config(folder: str | os.PathLike):
+    """The folder's config, after checking what loading will need: a readable config.json of a
+    known model type, readable safetensors weights, and a layout its own fields do not contradict."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json. Fix: pass a Hugging Face model folder")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({_first_line(err)}). Fix: restore the file (re-save the model)"
+        ) from err
+    if not isinstance(data, dict) or not data.get("model_type"):
+        raise CheckpointError(f"{path} has no model_type. Fix: restore the config.json saved with the model")
+    check_weight_files(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, TypeError) as err:
+        from . import modeling_struprune
+
+        known = sorted(
+            {
+                *modeling_struprune.PRUNED_CLASSES,
+                *(f"struprune_{t}" for t in modeling_struprune.PRUNED_CLASSES),
+            }
+        )
+        if data.get("auto_map"):
+            raise CheckpointError(
+                f"{path}: model_type {data['model_type']!r} comes with its own code (auto_map), which is "
+                f"not run unasked; struprune knows {', '.join(known)}. Fix: use a folder of one of those "
+                "types, or, if you trust where the folder came from, load it with trust_remote_code=True "
+                "(ONNX export: --trust-remote-code)"
+            ) from err
+        raise CheckpointError(
+            f"{path}: transformers cannot build a config of model_type {data['model_type']!r} ({_first_line(err)}). "
+            f"struprune handles {', '.join(known)}. Fix: use a model of one of those types"
+        ) from err
+    layout = getattr(config, LAYOUT_KEY, None)
+    if layout:
+        try:
+            check_layout(config, layout)
+        except ValueError as err:
+            raise LayoutMismatchError(f"{path}: {err}") from err
+        check_weights_match_layout(folder, layout)
+    return config
 
 
 def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -245,17 +349,19 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pruned(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load any checkpoint written by `save_pruned` (or a plain HF folder) onto the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Load any checkpoint written by `save_pruned` (or a plain HF folder) onto the CPU.
+
+    Weights come from safetensors only; the folder's config is checked against its layout and its
+    weights first (`read_model_config`), and no code from the folder runs."""
+    from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
-    config = AutoConfig.from_pretrained(folder)
-    layout = getattr(config, LAYOUT_KEY, None)
-    if layout:
-        check_weights_match_layout(folder, layout)
+    config = read_model_config(folder)
     if not needs_layout_loader(config) or config.model_type.startswith("struprune_"):
         # plain configs, and folders whose classes shrink their own layers (modeling_struprune)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or config.dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype or config.dtype or torch.float32, use_safetensors=True
+        )
         return model.eval()
     from accelerate import init_empty_weights
 

@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .data import cache_dir, ensure_texts, sample_calibration, tokenize
-from .errors import StructPruneError
+from .errors import CheckpointError, StructPruneError
 
 EVAL_TEXTS = ("wiki_test", "news")
 
@@ -28,14 +28,35 @@ def _units(value: str) -> tuple[str, ...]:
     return tuple(u.strip() for u in value.split(",") if u.strip())
 
 
+def _int_at_least(least: int):
+    """An argparse type: an integer >= `least`, refused with the option's own usage line otherwise."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {number}")
+        return number
+
+    return parse
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--texts", type=_units, default=EVAL_TEXTS, help="comma-separated: wiki_test,wiki_valid,news"
     )
-    p.add_argument("--eval-seq-len", type=int, default=512, help="perplexity window length (tokens)")
-    p.add_argument("--eval-stride", type=int, default=None, help="window stride (default: = seq len)")
-    p.add_argument("--eval-max-windows", type=int, default=None, help="cap windows per text (quick runs)")
-    p.add_argument("--eval-batch-size", type=int, default=4)
+    p.add_argument(
+        "--eval-seq-len", type=_int_at_least(2), default=512, help="perplexity window length (tokens)"
+    )
+    p.add_argument(
+        "--eval-stride", type=_int_at_least(1), default=None, help="window stride (default: = seq len)"
+    )
+    p.add_argument(
+        "--eval-max-windows", type=_int_at_least(1), default=None, help="cap windows per text (quick runs)"
+    )
+    p.add_argument("--eval-batch-size", type=_int_at_least(1), default=4)
     p.add_argument(
         "--bos",
         choices=("auto", "on", "off"),
@@ -47,6 +68,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="struprune", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("prepare", help="build the default model (SmolLM2-135M) and the texts into the cache")
@@ -70,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove exactly this fraction of heads in every layer (must be feasible under GQA)",
     )
     p.add_argument(
-        "--mlp-round-to", type=int, default=1, help="keep every MLP width a multiple of this (e.g. 8 or 64)"
+        "--mlp-round-to",
+        type=_int_at_least(1),
+        default=1,
+        help="keep every MLP width a multiple of this (e.g. 8 or 64)",
     )
     p.add_argument(
         "--skip-layers",
@@ -91,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=math.inf, help="allocation temperature; inf = uniform (default)"
     )
     sp.add_argument("--energy", default="obs", choices=("obs", "wanda", "flap"), help="group energy")
-    sp.add_argument("--admm-iterations", type=int, default=4)
+    sp.add_argument("--admm-iterations", type=_int_at_least(0), default=4)
     sp.add_argument("--no-aux", action="store_true", help="MLP solver without SparseLLM auxiliary variables")
     sp.add_argument("--no-refit", action="store_true", help="no least-squares refit of kept weights")
     sp.add_argument(
@@ -101,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--energy-samples",
-        type=int,
+        type=_int_at_least(0),
         default=32,
         help="calibration windows for the energy pass (0 = all); one mean per layer needs few",
     )
@@ -122,16 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument(
         "--no-bias-compensation", action="store_true", help="FLAP without folding removed means into biases"
     )
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
-    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--calib-samples", type=_int_at_least(1), default=128, help="calibration windows")
+    p.add_argument("--calib-len", type=_int_at_least(2), default=512, help="tokens per calibration window")
     p.add_argument("--calib-text", default="wiki_train", help="split to sample calibration windows from")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (streamed)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="calibration batch size (streamed)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument(
         "--output", type=Path, default=None, help="output folder (default runs/<model>-<method>-<s>)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output folder, only if struprune wrote it and it holds nothing else",
+    )
+    p.add_argument(
+        "--allow-shortfall",
+        action="store_true",
+        help="prune as far as the units allow when --sparsity is out of reach (exit 0, noted in the report)",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
     p.add_argument("--no-progress", action="store_true")
     _add_eval_args(p)
@@ -157,33 +191,59 @@ def _bos(mode: str, tokenizer) -> int | None:
     return default_bos(tokenizer)
 
 
-def _weights_key(folder: Path) -> str:
-    parts = [str(folder.resolve())]
-    for f in [*sorted(folder.glob("*.safetensors")), folder / "config.json"]:
-        st = f.stat()
-        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+def folder_digest(folder: Path) -> str:
+    """The content of every file in a model folder: weights in any format, config and tokenizer
+    each change a perplexity, and a file replaced in place keeps neither size nor mtime honest."""
+    from .zoo import file_sha256
+
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return hashlib.sha256("|".join(f"{f.name}:{file_sha256(f)}" for f in files).encode()).hexdigest()
 
 
-def evaluate_texts(model, tokenizer, args, progress: bool, cache_key: str | None = None) -> dict:
-    """Perplexity on each requested text; results of a dense model are cached by folder + protocol.
+def _dense_cache_key(digest: str, args, text: str, bos: int | None) -> str:
+    """Cache key of a dense perplexity: the folder's content and every evaluation setting."""
+    from .data import TEXT_SHA256
 
-    `model` may be a callable that loads the model, so a fully cached evaluation loads nothing.
-    """
+    settings = [
+        digest,
+        text,
+        TEXT_SHA256.get(text, ""),
+        args.eval_seq_len,
+        args.eval_stride,
+        args.eval_max_windows,
+        args.eval_batch_size,
+        bos,
+        torch.device(args.device).type,
+        __version__,
+    ]
+    return hashlib.sha256("|".join(map(str, settings)).encode()).hexdigest()[:24]
+
+
+def evaluate_texts(
+    model,
+    tokenizer,
+    args,
+    progress: bool,
+    dense_of: Path | None = None,
+    inputs: tuple[dict[str, torch.Tensor], int | None] | None = None,
+) -> dict:
+    """Perplexity on each of `args.texts`; the dense model's results are cached by folder content +
+    protocol (`dense_of` names its folder). `model` may be a callable that loads the model, so a
+    fully cached evaluation loads nothing; `inputs` are `eval_inputs`' ids and BOS when known."""
     from .evaluation import perplexity
+    from .outputs import write_text_atomic
 
-    corpus = ensure_texts()
-    bos = _bos(args.bos, tokenizer)
+    token_ids, bos = inputs or eval_inputs(model, tokenizer, args)
     results = {}
-    for text in args.texts:
-        key = f"{cache_key}-{text}-{args.eval_seq_len}-{args.eval_stride}-{args.eval_max_windows}-{bos}"
-        cached = cache_dir() / "ppl" / f"{key}.json"
-        if cache_key and cached.exists():
+    for text, ids in token_ids.items():
+        cached = (
+            cache_dir() / "ppl" / f"{_dense_cache_key(dense_of, args, text, bos)}.json" if dense_of else None
+        )
+        if cached is not None and cached.exists():
             results[text] = json.loads(cached.read_text())
             continue
         if callable(model) and not isinstance(model, torch.nn.Module):
             model = model()
-        ids = tokenize(tokenizer, corpus.read(text))
         ppl = perplexity(
             model,
             ids,
@@ -197,20 +257,54 @@ def evaluate_texts(model, tokenizer, args, progress: bool, cache_key: str | None
             desc=f"ppl {text}",
         ).as_dict()
         results[text] = ppl
-        if cache_key:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps(ppl))
+        if cached is not None:
+            write_text_atomic(cached, json.dumps(ppl))
     return results
 
 
-def _load(folder: Path, device: str):
+def eval_inputs(model, tokenizer, args) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The evaluation texts as ids, checked against the model (vocabulary, positions) up front, so
+    a run does not prune for minutes and then fail in its evaluation."""
+    from .evaluation import check_windows
+
+    corpus = ensure_texts()
+    bos = _bos(args.bos, tokenizer)
+    ids = {text: tokenize(tokenizer, corpus.read(text)) for text in args.texts}
+    for text, tokens in ids.items():
+        try:
+            check_windows(model, tokens, args.eval_seq_len, bos)
+        except StructPruneError as err:
+            raise type(err)(f"evaluation text {text!r}: {err}") from err
+    return ids, bos
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
+def _load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
+    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if not present:
+        raise CheckpointError(
+            f"{folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}). Fix: save the "
+            "tokenizer of the model it came from into the folder (tokenizer.save_pretrained(folder))"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # transformers raises many kinds here, some with misleading advice
+        raise CheckpointError(
+            f"{folder}: the tokenizer ({', '.join(present)}) cannot be loaded: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}. Fix: restore the tokenizer files saved "
+            "with the model"
+        ) from err
+
+
+def _load(folder: Path, device: str):
     from .checkpoint import load_pruned
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = load_pruned(folder).to(device)
-    return model, tokenizer
+    model = load_pruned(folder).to(device)  # checks the folder's config and weights first
+    return model, _load_tokenizer(folder)
 
 
 def cmd_prepare(_args) -> int:
@@ -226,6 +320,7 @@ def cmd_prune(args) -> int:
     from .architectures import model_view
     from .checkpoint import save_pruned
     from .engine import METHOD_NEEDS_CALIBRATION, PruneConfig, prune_model
+    from .outputs import check_output_folder
     from .report import plot_layer_widths, render_markdown, write_report
     from .zoo import resolve_model
 
@@ -251,14 +346,15 @@ def cmd_prune(args) -> int:
         kind_split=args.kind_split,
         bias_refit=args.bias_refit,
         bias_compensation=not args.no_bias_compensation,
+        allow_shortfall=args.allow_shortfall,
     )
     config.validate()
     folder = resolve_model(args.model)
     output = args.output or Path("runs") / f"{folder.name}-{args.method}-{round(args.sparsity * 100)}"
-    if output.exists() and not args.overwrite:
-        raise StructPruneError(f"{output} already exists. Fix: choose another --output or pass --overwrite")
+    check_output_folder(output, [folder], args.overwrite)  # before any work
     model, tokenizer = _load(folder, "cpu")
     model_view(model)  # unsupported architectures fail here, before any work
+    inputs = None if args.no_eval else eval_inputs(model, tokenizer, args)
     report: dict = {"struprune_version": __version__, "model": {"name": folder.name, "path": str(folder)}}
     calibration = None
     if METHOD_NEEDS_CALIBRATION[args.method]:
@@ -283,6 +379,7 @@ def cmd_prune(args) -> int:
         "head_unit": args.head_unit,
         "requested_sparsity": result.requested_sparsity,
         "achieved_sparsity": result.achieved_sparsity,
+        "budget_missed": result.budget_missed,
         "seconds": result.seconds,
         "device": args.device,
         "peak_memory_bytes": result.peak_memory_bytes,
@@ -303,13 +400,13 @@ def cmd_prune(args) -> int:
     }
     if not args.no_eval:
         # Pruning ran first so its memory figure is not inflated by evaluation buffers; the dense
-        # reference is cached per folder and protocol, and otherwise reloaded from disk.
+        # reference is cached per folder content and protocol, and otherwise reloaded from disk.
         t0 = time.perf_counter()
-        pruned_ppl = evaluate_texts(pruned.to(args.device), tokenizer, args, progress)
+        pruned_ppl = evaluate_texts(pruned.to(args.device), tokenizer, args, progress, inputs=inputs)
         report["eval_seconds"] = time.perf_counter() - t0
         pruned.to("cpu")
         dense_ppl = evaluate_texts(
-            lambda: _load(folder, args.device)[0], tokenizer, args, progress, cache_key=_weights_key(folder)
+            lambda: _load(folder, args.device)[0], tokenizer, args, progress, dense_of=folder, inputs=inputs
         )
         report["perplexity"] = {t: {"dense": dense_ppl[t], "pruned": pruned_ppl[t]} for t in args.texts}
 
@@ -321,12 +418,26 @@ def cmd_prune(args) -> int:
     save_pruned(pruned, output, tokenizer=tokenizer, overwrite=args.overwrite, write_extras=write_extras)
     print(render_markdown(report))
     print(f"saved pruned model and report to {output}")
+    if result.budget_missed:
+        print(f"struprune: warning: {result.budget_missed}", file=sys.stderr)
+        if not args.allow_shortfall:
+            print(
+                "struprune: the model was saved, but the budget was missed: exit 3. Fix: pass "
+                "--allow-shortfall to accept it, or change --units / --mlp-round-to",
+                file=sys.stderr,
+            )
+            return EXIT_BUDGET_MISSED
     return 0
 
 
 def cmd_eval(args) -> int:
+    from .devices import resolve_device
+    from .outputs import check_output_file
     from .zoo import resolve_model
 
+    resolve_device(args.device)
+    if args.output:
+        check_output_file(args.output, "--output")
     folder = resolve_model(args.folder)
     model, tokenizer = _load(folder, args.device)
     results = evaluate_texts(model, tokenizer, args, not args.no_progress)
@@ -335,9 +446,15 @@ def cmd_eval(args) -> int:
             f"{text}: ppl {r['ppl']:.3f} ({r['tokens']:,} tokens, {r['windows']} windows of {r['seq_len']})"
         )
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"folder": str(folder), "perplexity": results}, indent=2))
+        from .outputs import write_text_atomic
+
+        write_text_atomic(args.output, json.dumps({"folder": str(folder), "perplexity": results}, indent=2))
     return 0
+
+
+#: Exit codes: 2 bad input (nothing written), 3 the model was saved but missed its sparsity budget.
+EXIT_BAD_INPUT = 2
+EXIT_BUDGET_MISSED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,8 +463,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except StructPruneError as err:
+        if args.debug:
+            raise
         print(f"struprune: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        if args.debug:
+            raise
+        print(
+            f"struprune: error: {type(err).__name__}: {err}\n"
+            "(unexpected: rerun with --debug for the traceback, and report it if the input was valid)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -35,14 +35,16 @@ from .allocation import (
 from .architectures import (
     LayerView,
     ModelView,
+    context_length,
     enable_output_biases,
     geometry_of,
     model_view,
     parameter_count,
 )
 from .checkpoint import record_layout
+from .devices import resolve_device
 from .energies import ENERGIES, normalise
-from .errors import CalibrationDataError, StructPruneError
+from .errors import BudgetMissedError, CalibrationDataError, NonFiniteWeightError, StructPruneError
 from .groups import (
     UNIT_KINDS,
     LayerPlan,
@@ -89,6 +91,8 @@ class PruneConfig:
     batch_size: int = 8
     device: str = "cpu"
     trace_tokens: int = 16
+    # Prune as far as the units allow when the request is out of reach, instead of refusing.
+    allow_shortfall: bool = False
     # StructPrune only (method="structprune"):
     temperature: float = math.inf  # softmax over normalised layer energies; inf = uniform (measured best)
     energy: str = "obs"  # group energy: "obs", "wanda" or "flap"
@@ -102,6 +106,13 @@ class PruneConfig:
     bias_refit: bool = False  # the refits also fit o_proj/down_proj biases (mean compensation)
     # FLAP only (method="flap"):
     bias_compensation: bool = True  # fold removed channels' mean output into o_proj/down_proj biases
+
+    def __post_init__(self) -> None:
+        # units="mlp" would otherwise be read letter by letter; lists become hashable tuples
+        if isinstance(self.units, str):
+            self.units = tuple(u.strip() for u in self.units.split(",") if u.strip())
+        self.units = tuple(self.units)
+        self.skip_layers = tuple(self.skip_layers)
 
     @property
     def split_rule(self) -> str:
@@ -124,7 +135,10 @@ class PruneConfig:
             raise StructPruneError(f"temperature must be > 0 (inf for uniform); got {self.temperature}")
         bad = [u for u in self.units if u not in UNIT_KINDS]
         if bad or not self.units:
-            raise StructPruneError(f"units must be a non-empty subset of {UNIT_KINDS}; got {self.units}")
+            raise StructPruneError(
+                f"units must be a non-empty subset of {UNIT_KINDS}; got {list(self.units)} "
+                f"({', '.join(map(repr, bad)) or 'empty'} not known). Fix: e.g. units=('mlp', 'heads')"
+            )
         if self.refresh_energies and self.method != "structprune":
             raise StructPruneError(
                 "refresh_energies re-allocates StructPrune's softmax budget; it applies to "
@@ -155,8 +169,17 @@ class PruneConfig:
             )
         if self.energy_samples is not None and self.energy_samples < 1:
             raise CalibrationDataError("energy_samples must be >= 1 (or None for every window)")
-        if self.batch_size < 1:
-            raise CalibrationDataError("batch_size must be >= 1")
+        for name, least in (
+            ("batch_size", 1),
+            ("admm_iterations", 0),
+            ("min_query_per_kv", 1),
+            ("mlp_round_to", 1),
+            ("trace_tokens", 2),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise StructPruneError(f"{name} must be an integer >= {least}; got {value!r}")
+        resolve_device(self.device)
         uniform = self.method in NEEDS_CALIBRATION or (
             self.method == "structprune" and math.isinf(self.temperature) and not self.refresh_energies
         )
@@ -198,6 +221,7 @@ class PruneResult:
     peak_memory_kind: str
     plans: list[LayerPlan] = field(default_factory=list)  # kept indices per layer, in dense numbering
     layer_energies: dict[str, list[float]] | None = None  # StructPrune's first pass (raw, per kind)
+    budget_missed: str | None = None  # why the achieved sparsity is off the request, when it is
 
     def summary(self) -> dict:
         data = asdict(self)
@@ -227,6 +251,54 @@ def check_skip_layers(config: PruneConfig, num_layers: int) -> None:
         )
     if len(set(config.skip_layers)) >= num_layers:
         raise StructPruneError("skip_layers names every decoder layer: nothing is left to prune")
+
+
+def budget_tolerance(spaces: dict[str, list], prunable: int, config: PruneConfig) -> float:
+    """How far the achieved sparsity may lie from the request by rounding alone: one step of the
+    coarsest unit any layer removes (equal widths: half an MLP step in every layer), at least 0.5
+    percentage points. Anything further is a missed budget that must be reported."""
+    coarsest = max(s.step * s.cost for kind in spaces.values() for s in kind)
+    equal = sum(s.step * s.cost for s in spaces.get("mlp", [])) / 2 if config.equal_widths else 0
+    return max(0.005, coarsest / prunable, equal / prunable)
+
+
+def check_budget_reachable(spaces: dict[str, list], prunable: int, config: PruneConfig) -> float:
+    """Refuse, before any work, a sparsity the units cannot reach (every layer keeps at least one
+    channel and its minimum heads; `units` and `skip_layers` limit what can go at all). Returns the
+    largest reachable sparsity."""
+    reachable = sum(s.max_remove * s.cost for kind in spaces.values() for s in kind) / prunable
+    if (
+        config.sparsity > reachable + budget_tolerance(spaces, prunable, config)
+        and not config.allow_shortfall
+    ):
+        raise BudgetMissedError(
+            f"sparsity {config.sparsity:g} is out of reach: with units {list(config.units)} at most "
+            f"{reachable:.4f} of the prunable parameters can go (units not listed stay whole, every layer "
+            "keeps at least one MLP channel and its minimum of heads). Fix: lower the sparsity, add units (--units mlp,heads), "
+            "or accept the shortfall (--allow-shortfall, PruneConfig(allow_shortfall=True))"
+        )
+    return reachable
+
+
+def missed_budget(requested: float, achieved: float, tolerance: float) -> str | None:
+    """A sentence for the log and the report when the achieved sparsity is off the request."""
+    if abs(achieved - requested) <= tolerance:
+        return None
+    return (
+        f"achieved sparsity {achieved:.4f} misses the requested {requested:.4f} by "
+        f"{abs(achieved - requested):.4f} (rounding alone explains up to {tolerance:.4f})"
+    )
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """NaN/inf weights make every score meaningless and survive into the saved model: refuse them."""
+    for name, param in model.named_parameters():
+        if not param.is_meta and param.is_floating_point() and not torch.isfinite(param).all():
+            bad = int((~torch.isfinite(param)).sum())
+            raise NonFiniteWeightError(
+                f"the model's weight {name} holds {bad} NaN/inf values, so no pruning decision (and no "
+                "saved model) could be trusted. Fix: repair or re-download the checkpoint"
+            )
 
 
 def targeted_prunable_count(model: nn.Module, config: PruneConfig) -> int:
@@ -302,8 +374,18 @@ def layer_forward(layer: nn.Module, batch: LayerBatch) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def check_calibration(ids: torch.Tensor | None, vocab_size: int | None) -> torch.Tensor:
-    if ids is None or not isinstance(ids, torch.Tensor) or ids.numel() == 0:
+def check_calibration(
+    ids: torch.Tensor | None, vocab_size: int | None, context: int | None = None
+) -> torch.Tensor:
+    if ids is not None and not isinstance(ids, torch.Tensor):
+        try:  # nested lists or arrays of token ids are fine
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise CalibrationDataError(
+                f"calibration ids must be a (samples, length) tensor of token ids; got a "
+                f"{type(ids).__name__} torch cannot convert ({err}). Fix: torch.tensor(ids) with equal lengths"
+            ) from err
+    if ids is None or ids.numel() == 0:
         raise CalibrationDataError(
             "this method needs calibration data and none was given. Fix: pass token ids of shape "
             "(samples, length), e.g. from struprune_plugin.data.sample_calibration"
@@ -314,6 +396,11 @@ def check_calibration(ids: torch.Tensor | None, vocab_size: int | None) -> torch
         )
     if ids.dtype not in (torch.long, torch.int32, torch.int64):
         raise CalibrationDataError(f"calibration ids must be integer token ids; got {ids.dtype}")
+    if context is not None and ids.shape[1] > context:
+        raise CalibrationDataError(
+            f"calibration windows of {ids.shape[1]} tokens exceed the model's {context} positions "
+            f"(max_position_embeddings): it never saw such contexts. Fix: --calib-len {context} or less"
+        )
     if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
         raise CalibrationDataError(
             f"calibration ids fall outside the vocabulary [0, {vocab_size}). Fix: tokenize with the "
@@ -376,13 +463,15 @@ def _prune(
     needs_calibration = METHOD_NEEDS_CALIBRATION[config.method]
     vocab = getattr(model.config, "vocab_size", None)
     if needs_calibration or calibration_ids is not None:
-        calibration_ids = check_calibration(calibration_ids, vocab)
+        calibration_ids = check_calibration(calibration_ids, vocab, context_length(model.config))
 
     views = view.layer_views()
     geometries = [geometry_of(lv) for lv in views]
     spaces = unit_spaces(geometries, config)
     prunable_before = targeted_prunable_count(model, config)
     params_before = parameter_count(model)
+    check_budget_reachable(spaces, prunable_before, config)
+    check_finite_weights(model)
 
     with torch.no_grad():
         trace_ids = (
@@ -461,12 +550,16 @@ def _prune(
     record_layout(model)
     model.to(home)
     prunable_after = targeted_prunable_count(model, config)
+    achieved = 1.0 - prunable_after / prunable_before
+    missed = missed_budget(config.sparsity, achieved, budget_tolerance(spaces, prunable_before, config))
+    if missed:
+        log.warning("%s", missed)
     return PruneResult(
         model=model,
         config=config,
         layers=records,
         requested_sparsity=config.sparsity,
-        achieved_sparsity=1.0 - prunable_after / prunable_before,
+        achieved_sparsity=achieved,
         prunable_before=prunable_before,
         prunable_after=prunable_after,
         params_before=params_before,
@@ -476,6 +569,7 @@ def _prune(
         peak_memory_kind="",
         plans=plans,
         layer_energies=energies,
+        budget_missed=missed,
     )
 
 
@@ -514,7 +608,9 @@ def allocate_layers(
             f"allocate_layers needs method 'structprune' or 'global', not {config.method!r}"
         )
     view = model_view(model)
-    calibration_ids = check_calibration(calibration_ids, getattr(model.config, "vocab_size", None))
+    calibration_ids = check_calibration(
+        calibration_ids, getattr(model.config, "vocab_size", None), context_length(model.config)
+    )
     spaces = unit_spaces([geometry_of(lv) for lv in view.layer_views()], config)
     was_training = model.training
     model.eval()

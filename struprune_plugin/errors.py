@@ -41,3 +41,24 @@ class LayoutMismatchError(StructPruneError):
 
 class DataIntegrityError(StructPruneError):
     """A cached model or text file does not match its recorded checksum."""
+
+
+class OutputPathError(StructPruneError):
+    """An output path that cannot be written, or whose writing would destroy other data."""
+
+
+class CheckpointError(StructPruneError):
+    """A model folder that cannot be read as it is: unreadable weights, missing files, a config that
+    contradicts its own layout or weights, or a file type that is never loaded (pickles)."""
+
+
+class DeviceError(StructPruneError):
+    """A compute device that this torch build or machine does not have."""
+
+
+class BudgetMissedError(StructPruneError):
+    """The requested sparsity cannot be reached (or was missed) under the chosen units and limits."""
+
+
+class NonFiniteWeightError(StructPruneError):
+    """NaN or inf in the model's own weights: no pruning decision or saved model can be trusted."""

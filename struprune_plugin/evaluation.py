@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architectures import context_length
 from .errors import CalibrationDataError
 
 
@@ -44,6 +45,31 @@ def _windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, i
     return out
 
 
+def check_windows(model: nn.Module, token_ids: torch.Tensor, seq_len: int, bos_token_id: int | None) -> None:
+    """Refuse evaluation input the model cannot take, before the first forward: ids beyond its
+    embedding (a tokenizer of another model) and windows longer than its positions. Otherwise the
+    first is a crash inside torch.embedding, and the second either that (learned positions) or a
+    perplexity measured where the model was never trained (RoPE past its context)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise CalibrationDataError(f"the window length must be >= 2 tokens; got {seq_len!r}")
+    rows = model.get_input_embeddings().num_embeddings
+    ids = token_ids.reshape(-1)
+    top = max(int(ids.max()) if ids.numel() else -1, -1 if bos_token_id is None else bos_token_id)
+    if top >= rows or (ids.numel() and int(ids.min()) < 0):
+        raise CalibrationDataError(
+            f"token id {top} does not exist in the model, whose embedding has {rows} rows: the tokenizer "
+            "belongs to another model. Fix: evaluate with the model's own tokenizer (the one in its folder)"
+        )
+    window = seq_len + (bos_token_id is not None)
+    context = context_length(model.config)
+    if context is not None and window > context:
+        raise CalibrationDataError(
+            f"windows of {window} tokens ({seq_len}{' + BOS' if bos_token_id is not None else ''}) exceed "
+            f"the model's {context} positions (max_position_embeddings). Fix: --eval-seq-len "
+            f"{context - (bos_token_id is not None)} or less"
+        )
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -57,9 +83,13 @@ def perplexity(
     progress: bool = True,
     desc: str = "perplexity",
 ) -> Perplexity:
-    stride = stride or seq_len
+    check_windows(model, token_ids, seq_len, bos_token_id)
+    stride = seq_len if stride is None else stride
     if not 0 < stride <= seq_len:
         raise CalibrationDataError(f"stride must be in (0, seq_len={seq_len}]; got {stride}")
+    for name, value in (("batch_size", batch_size), ("max_windows", max_windows)):
+        if value is not None and value < 1:
+            raise CalibrationDataError(f"{name} must be >= 1 (max_windows: or None for all); got {value}")
     ids = token_ids.reshape(-1)
     windows = _windows(ids.numel(), seq_len, stride)
     if not windows:

@@ -24,7 +24,6 @@ import re
 import time
 from collections.abc import Callable
 from functools import partial, wraps
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -48,6 +47,7 @@ from .engine import (
     unit_spaces,
 )
 from .errors import CalibrationDataError, StructPruneError
+from .outputs import check_output_file, write_text_atomic
 from .structprune import prune_layer_structprune
 
 __all__ = ["StructPruneModifier", "register"]
@@ -146,6 +146,8 @@ class StructPruneModifier(Modifier):
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
         view = model_view(model)  # unsupported architectures fail here, before any calibration
+        if self.report_path is not None:
+            check_output_file(self.report_path, "report_path")  # not only after the whole run
         skip = ignored_layers(model, view, self.ignore)
         device = str(next(model.parameters()).device)
         config = self.prune_config(skip, device)
@@ -216,11 +218,7 @@ class StructPruneModifier(Modifier):
                 "kept": self._keep,
                 "layout": layout,
             }
-            path = Path(self.report_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(report, indent=1, default=list))
-            tmp.replace(path)
+            write_text_atomic(self.report_path, json.dumps(report, indent=1, default=list))
         return True
 
     # -- one layer ---------------------------------------------------------------------------

@@ -46,19 +46,58 @@ def _resized(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     )
 
 
-def apply_layout(model: nn.Module, layout: dict) -> None:
-    """Shrink every decoder layer to the widths `layout` records (weights are loaded afterwards)."""
-    layers = model.model.decoder.layers if hasattr(model.model, "decoder") else model.model.layers
-    counts = (layout["num_attention_heads"], layout["num_key_value_heads"], layout["intermediate_sizes"])
-    if any(len(c) != len(layers) for c in counts):
+_COUNT_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_sizes")
+
+
+def check_layout(config, layout: dict) -> None:
+    """Refuse a config whose own fields contradict its recorded layout.
+
+    The attention modules take head_dim from the config, not from the weights: a config whose
+    head_dim was edited (16 -> 32) still loads weights of the right shapes, but every head is then
+    read as half as many heads twice as wide, with other RoPE frequencies, and the logits are wrong
+    without a word. Layer counts and the GQA grouping are checked for the same reason."""
+    fix = "Fix: restore the config.json the pruning run wrote (or re-save the pruned model)"
+    missing = [k for k in ("family", "head_dim", *_COUNT_KEYS) if k not in layout]
+    if missing:
+        raise ValueError(f"{LAYOUT_KEY} in config.json lacks {missing}. {fix}")
+    layers = config.num_hidden_layers
+    lengths = {k: len(layout[k]) for k in _COUNT_KEYS}
+    wrong = {k: n for k, n in lengths.items() if n != layers}
+    if wrong:
         raise ValueError(
-            f"{LAYOUT_KEY} records {len(counts[0])} decoder layers but the config builds {len(layers)}: "
-            "the folder's config.json is inconsistent. Fix: re-save the pruned model"
+            f"config.json builds {layers} decoder layers (num_hidden_layers), but {LAYOUT_KEY} records "
+            + ", ".join(f"{n} entries in {k}" for k, n in wrong.items())
+            + f". {fix}"
         )
     hd = int(layout["head_dim"])
+    if layout["family"] == "opt":
+        config_hd, field = (
+            config.hidden_size // config.num_attention_heads,
+            "hidden_size / num_attention_heads",
+        )
+    else:
+        config_hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        field = "head_dim"
+    if config_hd != hd:
+        raise ValueError(
+            f"config.json gives head_dim {config_hd} ({field}) but {LAYOUT_KEY} records {hd}: the "
+            f"attention would read the weights as heads of {config_hd} and compute wrong outputs. {fix}"
+        )
+    for i, (n_q, n_kv, width) in enumerate(zip(*(layout[k] for k in _COUNT_KEYS))):
+        if min(n_q, n_kv, width) < 1 or n_q % n_kv:
+            raise ValueError(
+                f"{LAYOUT_KEY}: decoder layer {i} records {n_q} query heads over {n_kv} K/V heads and "
+                f"{width} MLP channels, which no model has. {fix}"
+            )
+
+
+def apply_layout(model: nn.Module, layout: dict) -> None:
+    """Shrink every decoder layer to the widths `layout` records (weights are loaded afterwards)."""
+    check_layout(model.config, layout)
+    layers = model.model.decoder.layers if hasattr(model.model, "decoder") else model.model.layers
+    counts = tuple(layout[k] for k in _COUNT_KEYS)
+    hd = int(layout["head_dim"])
     for layer, n_q, n_kv, width in zip(layers, *counts):
-        if n_q % n_kv:
-            raise ValueError(f"{LAYOUT_KEY}: {n_q} query heads over {n_kv} K/V heads is not a GQA grouping")
         attn = layer.self_attn
         hidden = attn.q_proj.in_features
         attn.q_proj = _resized(attn.q_proj, hidden, n_q * hd)

@@ -2,10 +2,15 @@
 
 Runs in the export environment (`scripts/install_export_env.sh`: optimum-onnx needs
 transformers < 4.58, which llm-compressor's environment cannot share). The pruned model types are
-registered with Optimum's TasksManager (stock ONNX configs of their base types), the folder is
-exported with `main_export` (task `text-generation-with-past`: KV cache inputs and outputs), the
+registered with AutoConfig / AutoModelForCausalLM and with Optimum's TasksManager (stock ONNX
+configs of their base types), the folder is loaded with the plugin's own classes and exported with
+Optimum's exporter functions (task `text-generation-with-past`: KV cache inputs and outputs), the
 ONNX folder's config gets the base model type (ONNX Runtime needs no PyTorch classes), and greedy
 generation in `ORTModelForCausalLM` is compared with PyTorch's.
+
+A pruned folder carries a copy of `modeling_struprune.py` and an `auto_map`; that copy is code
+from wherever the folder came from, so it runs only with `--trust-remote-code`
+(`trust_remote_code=True`), as in transformers and Optimum.
 
     .venv-export/bin/python -m struprune_plugin.onnx_export runs/pruned runs/pruned-onnx
 """
@@ -18,6 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,29 +31,74 @@ import torch
 
 from . import modeling_struprune
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+#: The tasks this module exports: decoder-only generation, with or without the KV cache.
+TEXT_GENERATION_TASKS = ("text-generation", "text-generation-with-past")
+
+
+def load_causal_lm(folder: str | os.PathLike, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The folder's causal LM in float32 (as Optimum's exporter loads it), built by the plugin's
+    registered classes (stock transformers classes for plain folders) through `load_pruned`. The folder's own
+    `modeling_struprune.py` is imported only with `trust_remote_code=True`: without it
+    transformers resolves the `struprune_*` model type from the registry and never reads the
+    `auto_map` code, and a model type nobody registered fails instead of running the folder's code."""
+    if not trust_remote_code:
+        from .checkpoint import load_pruned  # safetensors only, config checked against its layout
+
+        return load_pruned(folder, dtype=torch.float32)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        folder, trust_remote_code=True, dtype=torch.float32, use_safetensors=True
+    ).eval()
+
 
 def export_onnx(
-    folder: str | os.PathLike, output: str | os.PathLike, task: str = "text-generation-with-past"
-):
-    """Export `folder` to `output` (model.onnx + config); returns the output path."""
-    from optimum.exporters.onnx import main_export
+    folder: str | os.PathLike,
+    output: str | os.PathLike,
+    task: str = "text-generation-with-past",
+    trust_remote_code: bool = False,
+) -> Path:
+    """Export `folder` to `output` (model.onnx + config); returns the output path.
 
-    folder, output = Path(folder), Path(output)
+    The model is loaded here (`load_causal_lm`) and handed to Optimum's exporter functions rather
+    than to `main_export` / `onnx_export_from_model`: those tell a transformers model by its class's
+    module name (`TasksManager.infer_library_from_model` accepts `transformers...` only, which the
+    folder's remote code, imported as `transformers_modules...`, happens to match) and refuse the
+    plugin's classes. The steps are theirs for a decoder-only model: the ONNX config from
+    `TasksManager`, `get_decoder_models_for_export`, config / generation config / tokenizer next to
+    the graph, `export_models`, and the config's post-processing (tied-weight deduplication).
+    `trust_remote_code=True` runs the folder's `modeling_struprune.py` instead of the plugin's."""
+    if task not in TEXT_GENERATION_TASKS:
+        raise ValueError(f"task {task!r} is not exported here; use one of {TEXT_GENERATION_TASKS}")
     if not modeling_struprune.register_onnx_export():
         raise ImportError(
             "Optimum's ONNX exporter is not installed here. Fix: run in the export environment "
             "(bash scripts/install_export_env.sh; .venv-export/bin/python ...)"
         )
-    # The folder's own modeling file (trust_remote_code) loads the classes under a
-    # `transformers_modules` module, which is how Optimum recognises a transformers model.
-    main_export(
-        str(folder),
-        str(output),
-        task=task,
-        library_name="transformers",
-        trust_remote_code=True,
-        do_validation=False,
+    from optimum.exporters.onnx import export_models
+    from optimum.exporters.tasks import TasksManager
+    from optimum.exporters.utils import get_decoder_models_for_export
+    from optimum.utils.save_utils import maybe_save_preprocessors
+
+    folder, output = Path(folder), Path(output)
+    model = load_causal_lm(folder, trust_remote_code)
+    model.config.use_cache = task.endswith("-with-past")
+    constructor = TasksManager.get_exporter_config_constructor(
+        exporter="onnx", model=model, task=task, library_name="transformers"
     )
+    onnx_config = constructor(model.config, int_dtype="int64", float_dtype="fp32")
+    models_and_configs = get_decoder_models_for_export(model, onnx_config)
+    onnx_files = [f"{name}.onnx" for name in models_and_configs]
+    output.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(output)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(output)
+    maybe_save_preprocessors(folder, output, trust_remote_code=trust_remote_code)
+    export_models(models_and_onnx_configs=models_and_configs, output_dir=output, output_names=onnx_files)
+    onnx_config.post_process_exported_models(output, models_and_configs, onnx_files)
     _stock_onnx_config(output / "config.json")
     return output
 
@@ -111,11 +162,12 @@ def ort_model_class():
     return StruPruneORTModelForCausalLM
 
 
-def compare_generation(folder: Path, onnx_dir: Path, prompts: torch.Tensor, new_tokens: int) -> dict:
-    """Greedy generation in PyTorch and in ONNX Runtime (with its KV cache), token for token."""
-    from transformers import AutoModelForCausalLM
-
-    torch_model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+def compare_generation(
+    folder: Path, onnx_dir: Path, prompts: torch.Tensor, new_tokens: int, trust_remote_code: bool = False
+) -> dict:
+    """Greedy generation in PyTorch and in ONNX Runtime (with its KV cache), token for token. The
+    PyTorch side uses the plugin's classes; `trust_remote_code=True` runs the folder's own code."""
+    torch_model = load_causal_lm(folder, trust_remote_code)
     ort_model = ort_model_class().from_pretrained(onnx_dir, session_options=cpu_session_options())
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     mask = torch.ones_like(prompts)
@@ -141,15 +193,23 @@ def main() -> int:
     parser.add_argument("folder", type=Path, help="a pruned (or dense) HF folder")
     parser.add_argument("output", type=Path, help="where the ONNX model goes")
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="load the model with the folder's own modeling_struprune.py (runs code from the folder) "
+        "instead of the plugin's classes",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
-    export_onnx(args.folder, args.output)
+    export_onnx(args.folder, args.output, trust_remote_code=args.trust_remote_code)
     seconds = time.perf_counter() - start
     vocab = json.loads((args.folder / "config.json").read_text())["vocab_size"]
     prompts = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
     report = {
         "export_seconds": seconds,
-        **compare_generation(args.folder, args.output, prompts, args.new_tokens),
+        **compare_generation(
+            args.folder, args.output, prompts, args.new_tokens, trust_remote_code=args.trust_remote_code
+        ),
     }
     print(json.dumps(report, indent=1))
     return 0 if report["tokens_equal"] else 1

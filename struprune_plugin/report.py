@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from .outputs import write_text_atomic
+
 TEXT_LABELS = {
     "wiki_test": "Wikipedia subset (test)",
     "wiki_valid": "Wikipedia subset (valid)",
@@ -80,9 +82,7 @@ def write_report(
         (json_path, json.dumps(report, indent=2, default=str)),
         (md_path, render_markdown(report)),
     ):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return json_path, md_path
 
 

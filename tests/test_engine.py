@@ -100,7 +100,9 @@ def test_units_and_head_unit_choices():
     groups = prune_model(
         model,
         calib,
-        PruneConfig(method="wanda-sp", sparsity=0.4, units=("heads",), head_unit="kv_group"),
+        PruneConfig(
+            method="wanda-sp", sparsity=0.4, units=("heads",), head_unit="kv_group", allow_shortfall=True
+        ),
         progress=False,
     )
     assert all(r.kv_heads[1] < r.kv_heads[0] for r in groups.layers)

@@ -44,11 +44,17 @@ def test_bad_calibration(calib, match):
 
 
 def test_nan_activations_are_reported_with_their_layer():
+    """Finite weights can still produce NaN activations (overflow in low precision): simulated by
+    a norm whose output turns NaN at one token; NaN weights themselves are refused earlier."""
     model = make_model("llama")
-    with torch.no_grad():
-        model.model.embed_tokens.weight[7] = float("nan")
+
+    def poison(_module, _args, out):
+        out = out.clone()
+        out[0, 3] = float("nan")
+        return out
+
+    model.model.layers[0].input_layernorm.register_forward_hook(poison)
     calib = _calib()
-    calib[0, 3] = 7
     with pytest.raises(NonFiniteActivationError, match=r"NaN/inf in the input of attn_in in decoder layer 0"):
         prune_model(model, calib, PruneConfig(method="wanda-sp"), progress=False)
 

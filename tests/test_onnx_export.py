@@ -95,3 +95,53 @@ def test_optimum_cli_exports_a_pruned_folder(tmp_path):
         check=True, env=env, cwd=tmp_path, capture_output=True,
     )  # fmt: skip
     assert (tmp_path / "onnx" / "model.onnx").exists()
+
+
+def _planted_folder(tmp_path):
+    """A pruned folder with per-layer widths whose copy of modeling_struprune.py has been tampered
+    with: importing it writes a marker file, so a test can tell whether the folder's code ran."""
+    folder = save_pruned(_pruned("llama"), tmp_path / "pruned")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "struprune_llama" and "auto_map" in config
+    marker = tmp_path / "folder-code-ran"
+    with open(folder / "modeling_struprune.py", "a") as f:
+        f.write(f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    return folder, marker
+
+
+def _export_cli(folder, tmp_path, *flags):
+    """`python -m struprune_plugin.onnx_export` in a fresh process (a remote-code import cannot leak
+    into this one), with its own module cache; returns its JSON report."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    run = subprocess.run(
+        [sys.executable, "-m", "struprune_plugin.onnx_export", str(folder), str(tmp_path / "onnx"),
+         "--new-tokens", "6", *flags],
+        env=env, cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout[run.stdout.index("{") :])
+
+
+def test_export_never_runs_the_folders_code_without_trust_remote_code(tmp_path):
+    folder, marker = _planted_folder(tmp_path)
+    report = _export_cli(folder, tmp_path)
+    assert report["tokens_equal"] and report["uses_kv_cache"] and report["generated"] == 6, report
+    assert not marker.exists(), "the export ran the folder's modeling_struprune.py"
+    assert not (tmp_path / "onnx" / "modeling_struprune.py").exists()
+
+
+def test_trust_remote_code_runs_the_folders_code(tmp_path):
+    folder, marker = _planted_folder(tmp_path)
+    report = _export_cli(folder, tmp_path, "--trust-remote-code")
+    assert report["tokens_equal"], report
+    assert marker.read_text() == "ran"
+
+
+def test_unregistered_model_type_refuses_instead_of_running_the_folders_code(tmp_path):
+    folder, marker = _planted_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "struprune_unknown"  # no class is registered for it; the auto_map stays
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        export_onnx(folder, tmp_path / "onnx")
+    assert not marker.exists()

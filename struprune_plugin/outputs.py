@@ -1,0 +1,227 @@
+"""Where results may be written, checked before any work, and written so nothing is half-done.
+
+A pruning run takes minutes to hours, so a bad output path must fail before the model is even
+loaded, not after the evaluation. And `--overwrite` is dangerous: replacing a folder deletes what
+was in it. It may therefore replace only a folder that struprune itself wrote (its manifest lists
+every file in it, so nothing foreign is lost) and never one that holds, or lies inside, the model
+being read. Temporary folders carry the writer's process id, so a later run can tell the debris of
+a killed run from the work of a live one and remove it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import OutputExistsError, OutputPathError
+
+#: Written last into every folder `save_pruned` produces: the files it wrote, nothing else.
+MANIFEST = "struprune_manifest.json"
+#: Files that folders written before the manifest existed may hold (model, tokenizer, report).
+_LEGACY_FILES = re.compile(
+    r"(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|added_tokens\.json|vocab\.json"
+    r"|merges\.txt|chat_template\.(jinja|json)|modeling_struprune\.py|struprune_report\.(json|md)"
+    r"|layer_widths\.png)"
+)
+_TEMP = re.compile(r"\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)-[0-9a-f]+")
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve(strict=False)
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_parent_writable(path: Path, what: str) -> None:
+    """The folder that will receive `path` (or its nearest existing ancestor) takes a new file.
+
+    Probed by creating one, since permission bits alone lie (root, ACLs, read-only mounts)."""
+    for ancestor in [path.parent, *path.parent.parents]:
+        if ancestor.exists() and not ancestor.is_dir():
+            raise OutputPathError(
+                f"{what} {path} cannot be created: {ancestor} is a file, not a folder. Fix: choose a "
+                "path whose parent folders are folders"
+            )
+    base = _nearest_existing(path.parent)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".struprune-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputPathError(
+            f"{what} {path} cannot be written: {base} does not accept new files ({err.strerror}). "
+            "Fix: choose a writable location"
+        ) from err
+
+
+def struprune_files(folder: Path) -> set[str] | None:
+    """The files `folder` may hold as a struprune output, or None if struprune did not write it."""
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            return {*json.loads(manifest.read_text())["files"], MANIFEST}
+        except (ValueError, KeyError, TypeError, OSError):
+            return None
+    config = folder / "config.json"
+    try:
+        legacy = config.is_file() and "struprune_layout" in json.loads(config.read_text())
+    except (ValueError, OSError):
+        legacy = False
+    if legacy:
+        return {p.name for p in folder.iterdir() if p.is_file() and _LEGACY_FILES.fullmatch(p.name)}
+    return None
+
+
+def foreign_content(folder: Path) -> list[str]:
+    """Entries of `folder` that struprune did not write; every entry if it wrote none of them."""
+    entries = sorted(p.name for p in folder.iterdir())
+    ours = struprune_files(folder)
+    if ours is None:
+        return entries
+    return [name for name in entries if name not in ours or not (folder / name).is_file()]
+
+
+def check_output_folder(
+    output: str | os.PathLike, sources: Iterable[str | os.PathLike | None] = (), overwrite: bool = False
+) -> Path:
+    """Refuse an output folder that would lose data or cannot be written; call before any work.
+
+    `sources` are the folders being read (the model): the output may neither be, contain nor lie
+    inside one. An existing output is replaced only with `overwrite` and only when it holds nothing
+    but a previous struprune output."""
+    output = Path(output)
+    target = _resolved(output)
+    for source in sources:
+        if not source or not Path(source).exists():  # "" (a model built in memory) is no folder
+            continue
+        src = _resolved(source)
+        if _within(target, src) or _within(src, target):
+            relation = "is" if target == src else "lies inside" if _within(target, src) else "contains"
+            raise OutputPathError(
+                f"output folder {output} {relation} the input model folder {source}; writing there could "
+                "destroy the checkpoint being read. Fix: choose an --output folder outside it"
+            )
+    if _within(Path.cwd().resolve(), target):
+        raise OutputPathError(
+            f"output folder {output} is the current folder or one above it; replacing it would delete "
+            "your work. Fix: choose a new folder, e.g. runs/my-pruned"
+        )
+    if output.exists() or output.is_symlink():
+        if not output.is_dir() or output.is_symlink():
+            raise OutputPathError(
+                f"output {output} exists and is not a folder. Fix: choose a new folder name"
+            )
+        if not overwrite:
+            raise OutputExistsError(
+                f"{output} already exists. Fix: choose another --output folder or pass --overwrite"
+            )
+        foreign = foreign_content(target)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise OutputExistsError(
+                f"--overwrite replaces only a folder written by struprune, and {output} holds other "
+                f"content ({shown}). Nothing was deleted. Fix: choose a new --output folder, or move "
+                "those files away yourself"
+            )
+    _check_parent_writable(target, "output folder")
+    return output
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """A file that will be written at the end of a run can be: checked at the start."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{what} {path} is a folder. Fix: name a file, e.g. {path / 'result.json'}")
+    _check_parent_writable(_resolved(path), what)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write via a sibling temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def temp_sibling(output: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling of `output` that names this process, so stale ones can be recognised."""
+    return output.parent / f".{output.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(output: Path) -> list[Path]:
+    """Delete temporary siblings of `output` left by runs that were killed (their process is gone)."""
+    import shutil
+
+    removed = []
+    if not output.parent.is_dir():
+        return removed
+    for entry in output.parent.iterdir():
+        match = _TEMP.fullmatch(entry.name)
+        if match and match["name"] == output.name and not _alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived during a write: unwinds like Ctrl-C so temporary files are removed."""
+
+
+@contextlib.contextmanager
+def terminate_as_exception() -> Iterator[None]:
+    """Turn SIGTERM into an exception for the duration of a write, so `finally` blocks run.
+
+    By default SIGTERM kills the process on the spot and leaves half-written temporary folders.
+    Only the main thread can take signals, and a handler the application installed is respected."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
