@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .architectures import apply_layout, is_uniform, layer_layout
-from .errors import CheckpointError, LayoutMismatchError
+from .errors import CheckpointError, LayoutMismatchError, first_line
 from .modeling_struprune import check_layout
 from .outputs import (
     MANIFEST,
@@ -265,11 +265,6 @@ def _weight_files(folder: Path) -> list[str]:
     return files
 
 
-def _first_line(err: BaseException) -> str:
-    """Library messages run to many lines; an error of ours is one line (the cause stays chained)."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def check_weight_files(folder: Path) -> list[str]:
     """Open every weight file's header, so an empty, truncated or corrupted file is named with a fix
     instead of failing deep inside the loader (safetensors checks that the header covers the file)."""
@@ -283,7 +278,7 @@ def check_weight_files(folder: Path) -> list[str]:
         except Exception as err:  # SafetensorError, OSError: the library's message goes along
             size = (folder / name).stat().st_size
             raise CheckpointError(
-                f"{folder / name} ({size:,} bytes) is not a readable safetensors file: {_first_line(err)}. It is "
+                f"{folder / name} ({size:,} bytes) is not a readable safetensors file: {first_line(err)}. It is "
                 "empty, truncated or corrupted. Fix: copy or re-save the checkpoint again"
             ) from err
     return files
@@ -302,7 +297,7 @@ def read_model_config(folder: str | os.PathLike):
         data = json.loads(path.read_text())
     except ValueError as err:
         raise CheckpointError(
-            f"{path} is not valid JSON ({_first_line(err)}). Fix: restore the file (re-save the model)"
+            f"{path} is not valid JSON ({first_line(err)}). Fix: restore the file (re-save the model)"
         ) from err
     if not isinstance(data, dict) or not data.get("model_type"):
         raise CheckpointError(f"{path} has no model_type. Fix: restore the config.json saved with the model")
@@ -326,7 +321,7 @@ def read_model_config(folder: str | os.PathLike):
                 "(ONNX export: --trust-remote-code)"
             ) from err
         raise CheckpointError(
-            f"{path}: transformers cannot build a config of model_type {data['model_type']!r} ({_first_line(err)}). "
+            f"{path}: transformers cannot build a config of model_type {data['model_type']!r} ({first_line(err)}). "
             f"struprune handles {', '.join(known)}. Fix: use a model of one of those types"
         ) from err
     layout = getattr(config, LAYOUT_KEY, None)

@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .data import cache_dir, ensure_texts, sample_calibration, tokenize
-from .errors import CheckpointError, StructPruneError
+from .errors import CheckpointError, StructPruneError, first_line
 
 EVAL_TEXTS = ("wiki_test", "news")
 
@@ -234,11 +234,10 @@ def evaluate_texts(
     from .outputs import write_text_atomic
 
     token_ids, bos = inputs or eval_inputs(model, tokenizer, args)
+    digest = folder_digest(dense_of) if dense_of else None
     results = {}
     for text, ids in token_ids.items():
-        cached = (
-            cache_dir() / "ppl" / f"{_dense_cache_key(dense_of, args, text, bos)}.json" if dense_of else None
-        )
+        cached = cache_dir() / "ppl" / f"{_dense_cache_key(digest, args, text, bos)}.json" if digest else None
         if cached is not None and cached.exists():
             results[text] = json.loads(cached.read_text())
             continue
@@ -295,7 +294,7 @@ def _load_tokenizer(folder: Path):
     except Exception as err:  # transformers raises many kinds here, some with misleading advice
         raise CheckpointError(
             f"{folder}: the tokenizer ({', '.join(present)}) cannot be loaded: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}. Fix: restore the tokenizer files saved "
+            f"{first_line(err)}. Fix: restore the tokenizer files saved "
             "with the model"
         ) from err
 

@@ -62,3 +62,8 @@ class BudgetMissedError(StructPruneError):
 
 class NonFiniteWeightError(StructPruneError):
     """NaN or inf in the model's own weights: no pruning decision or saved model can be trusted."""
+
+
+def first_line(err: BaseException) -> str:
+    """Library messages run to many lines; an error of ours is one line (the cause stays chained)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
