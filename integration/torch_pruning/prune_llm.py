@@ -35,6 +35,7 @@ from struprune_plugin.cli import evaluate_texts
 from struprune_plugin.data import ensure_texts, sample_calibration, tokenize
 from struprune_plugin.engine import PruneConfig, unit_spaces
 from struprune_plugin.memory import RssSampler
+from struprune_plugin.outputs import check_output_folder
 from struprune_plugin.tp_adapter import (
     StructPruneImportance,
     finish,
@@ -112,12 +113,17 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument(
         "--results",
-        type=Path,
+        type=lambda value: Path(value) if value else None,  # Path("") would be "." and truthy
         default=Path(__file__).resolve().parents[1] / "results" / "torch_pruning",
         help="stem of the shared results table (.json/.md); '' to skip",
     )
     args = parser.parse_args()
     folder = resolve_model(args.model)
+    output = (
+        args.output
+        or Path("runs/torch_pruning") / f"{folder.name}-tp-{args.importance}-{round(args.sparsity * 100)}"
+    )
+    check_output_folder(output, [folder], overwrite=True)  # before the work, not after it
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     corpus = ensure_texts()
@@ -147,11 +153,6 @@ def main() -> int:
     seconds = time.perf_counter() - start
     achieved = 1 - prunable_parameter_count(model) / prunable_before
     print(f"pruned {achieved:.4f} of the prunable parameters in {seconds:.0f} s", file=sys.stderr)
-    output = (
-        args.output
-        or Path("runs/torch_pruning") / f"{folder.name}-tp-{args.importance}-{round(args.sparsity * 100)}"
-    )
-    save_pruned(model, output, tokenizer=tokenizer, overwrite=True)
     eval_args = argparse.Namespace(
         texts=args.texts.split(","),
         bos="auto",
@@ -181,7 +182,15 @@ def main() -> int:
             "seed": 0,
         },
     }
-    (output / "tp_report.json").write_text(json.dumps(report, indent=1))
+    # the report goes into the folder as part of the save, so the folder's manifest lists it and a
+    # later run's --overwrite may replace it
+    save_pruned(
+        model,
+        output,
+        tokenizer=tokenizer,
+        overwrite=True,
+        write_extras=lambda tmp: (tmp / "tp_report.json").write_text(json.dumps(report, indent=1)),
+    )
     if args.results:
         update_results(args.results, report, args.model)
     print(json.dumps({k: v for k, v in report.items() if k not in ("layers", "allocation")}, indent=1))
