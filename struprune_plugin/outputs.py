@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -186,15 +187,16 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temps(output: Path) -> list[Path]:
     """Delete temporary siblings of `output` left by runs that were killed (their process is gone)."""
-    import shutil
-
     removed = []
     if not output.parent.is_dir():
         return removed
     for entry in output.parent.iterdir():
         match = _TEMP.fullmatch(entry.name)
         if match and match["name"] == output.name and not _alive(int(match["pid"])):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
 
@@ -224,4 +226,4 @@ def terminate_as_exception() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
