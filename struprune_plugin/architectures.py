@@ -97,6 +97,66 @@ class ModelView:
 _ATTN_NAMES = ("self_attn",)
 _LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
 
+#: The submodules each family's solver, surgery and checkpoint code were built and tested for. A
+#: layer with others is refused: Gemma's decoder layer, for one, matches the Llama module names but
+#: adds norms around the MLP and after attention, which change what the least-squares refits and
+#: output-side energies measure. Extra modules are never silently ignored.
+_KNOWN_CHILDREN = {
+    "llama": {
+        "layer": {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"},
+        "self_attn": {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "rotary_emb"},
+        "mlp": {*_LLAMA_MLP, "act_fn"},
+    },
+    "opt": {
+        "layer": {
+            "self_attn",
+            "activation_fn",
+            "self_attn_layer_norm",
+            "fc1",
+            "fc2",
+            "final_layer_norm",
+            "dropout",
+        },
+        "self_attn": {"q_proj", "k_proj", "v_proj", "out_proj", "dropout"},
+    },
+}
+#: The MLP activation each family's solver assumes (the ADMM auxiliary-variable steps and the
+#: refits are written for SiLU; OPT's fc1 -> ReLU -> fc2).
+_ACTIVATIONS = {"llama": ("SiLU", torch.nn.functional.silu), "opt": ("ReLU", torch.relu)}
+
+
+def check_understood(layer: nn.Module, family: str) -> None:
+    """Refuse a layer holding modules or an activation the engine was not built for, before any
+    work: pruning on an unchecked assumption gives a silently wrong model, or a run wasted at save."""
+    known = _KNOWN_CHILDREN[family]
+    parts = {"layer": layer, "self_attn": layer.self_attn, "mlp": getattr(layer, "mlp", None)}
+    extra = [
+        f"{'' if part == 'layer' else part + '.'}{name}"
+        for part, allowed in known.items()
+        for name, _ in parts[part].named_children()
+        if name not in allowed
+    ]
+    if extra:
+        raise UnsupportedArchitectureError(
+            f"decoder layer {type(layer).__name__} holds modules the engine does not model: "
+            f"{', '.join(extra)}. Pruning it would rest on untested assumptions (e.g. norms around the "
+            "MLP change what the refits fit). Supported: Llama, Mistral, Qwen2, Qwen3 and OPT layers"
+        )
+    act = layer.mlp.act_fn if family == "llama" else layer.activation_fn
+    name, reference = _ACTIVATIONS[family]
+    probe = torch.linspace(-6, 6, 97)
+    try:
+        with torch.no_grad():
+            matches = torch.allclose(act(probe), reference(probe), atol=1e-6)
+    except Exception:  # an activation that cannot take a plain tensor is not the one assumed
+        matches = False
+    if not matches:
+        raise UnsupportedArchitectureError(
+            f"decoder layer {type(layer).__name__}: the MLP activation {type(act).__name__} is not "
+            f"{name}, which the MLP solver's auxiliary-variable steps and refits are exact for. "
+            f"Supported: {name} in {'Llama, Mistral, Qwen2, Qwen3' if family == 'llama' else 'OPT'} layers"
+        )
+
 
 def _find_backbone(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     for path in ("model", "model.decoder", "decoder", ""):
@@ -196,6 +256,7 @@ def model_view(model: nn.Module) -> ModelView:
     family = detect_family(layers[0])
     for layer in layers:
         layer_view(layer, family)  # every layer must be recognisable, not just the first
+        check_understood(layer, family)
     names = ("embed_tokens", "embed_positions", "project_in", "rotary_emb")
     pre = tuple(getattr(backbone, n) for n in names if isinstance(getattr(backbone, n, None), nn.Module))
     if not pre:

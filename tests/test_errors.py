@@ -98,3 +98,52 @@ def test_head_ratio_impossible_under_gqa():
 def test_head_sparsity_with_a_per_layer_allocator_is_rejected():
     with pytest.raises(StructPruneError, match="head_sparsity"):
         PruneConfig(method="structprune", head_sparsity=0.5).validate()
+
+
+def _small(config_cls, model_cls, **extra):
+    config = config_cls(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        intermediate_size=96,
+        vocab_size=VOCAB,
+        **extra,
+    )
+    return model_cls(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (
+            "gemma3",
+            r"Gemma3DecoderLayer holds modules .*pre_feedforward_layernorm, post_feedforward_layernorm",
+        ),
+        ("gemma2", r"Gemma2DecoderLayer holds modules .*pre_feedforward_layernorm"),
+        ("llama-gelu", r"activation GELUTanh is not SiLU"),
+    ],
+)
+def test_layers_the_engine_was_not_built_for_are_refused_before_any_work(build, match):
+    """Gemma's layers carry the Llama module names (and passed detection), but add norms around the
+    MLP and use GELU-tanh: nothing may be pruned on assumptions untested for them."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    model = {
+        "gemma3": lambda: _small(Gemma3TextConfig, Gemma3ForCausalLM),
+        "gemma2": lambda: _small(Gemma2Config, Gemma2ForCausalLM),
+        "llama-gelu": lambda: _small(LlamaConfig, LlamaForCausalLM, hidden_act="gelu_pytorch_tanh"),
+    }[build]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for config in (PruneConfig(method="structprune"), PruneConfig(method="magnitude")):
+        with pytest.raises(UnsupportedArchitectureError, match=match):
+            prune_model(model, _calib(), config, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
