@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
@@ -45,7 +46,22 @@ def _int_at_least(least: int):
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--texts", type=_units, default=EVAL_TEXTS, help="comma-separated: wiki_test,wiki_valid,news"
+        "--texts",
+        type=_units,
+        default=None,
+        help="built-in texts, comma-separated: wiki_test,wiki_valid,news (default wiki_test,news "
+        "unless --text is given)",
+    )
+    p.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="your own evaluation text (repeatable): a .txt, .jsonl/.json, .parquet/.csv file or a "
+        "datasets save_to_disk folder",
+    )
+    p.add_argument(
+        "--text-field", default="text", help="the field holding the text in JSON-lines and dataset sources"
     )
     p.add_argument(
         "--eval-seq-len", type=_int_at_least(2), default=512, help="perplexity window length (tokens)"
@@ -149,7 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--calib-samples", type=_int_at_least(1), default=128, help="calibration windows")
     p.add_argument("--calib-len", type=_int_at_least(2), default=512, help="tokens per calibration window")
-    p.add_argument("--calib-text", default="wiki_train", help="split to sample calibration windows from")
+    p.add_argument(
+        "--calib-text", default="wiki_train", help="built-in split to sample calibration windows from"
+    )
+    p.add_argument(
+        "--calib-data",
+        default=None,
+        metavar="SOURCE",
+        help="your own calibration text instead: a .txt, .jsonl/.json, .parquet/.csv file or a datasets "
+        "save_to_disk folder (field: --text-field)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="calibration batch size (streamed)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -200,14 +225,12 @@ def folder_digest(folder: Path) -> str:
     return hashlib.sha256("|".join(f"{f.name}:{file_sha256(f)}" for f in files).encode()).hexdigest()
 
 
-def _dense_cache_key(digest: str, args, text: str, bos: int | None) -> str:
-    """Cache key of a dense perplexity: the folder's content and every evaluation setting."""
-    from .data import TEXT_SHA256
-
+def _dense_cache_key(digest: str, args, text: str, text_sha256: str, bos: int | None) -> str:
+    """Cache key of a dense perplexity: the folder's content, the text's and every evaluation setting."""
     settings = [
         digest,
         text,
-        TEXT_SHA256.get(text, ""),
+        text_sha256,
         args.eval_seq_len,
         args.eval_stride,
         args.eval_max_windows,
@@ -225,7 +248,7 @@ def evaluate_texts(
     args,
     progress: bool,
     dense_of: Path | None = None,
-    inputs: tuple[dict[str, torch.Tensor], int | None] | None = None,
+    inputs: EvalInputs | None = None,
 ) -> dict:
     """Perplexity on each of `args.texts`; the dense model's results are cached by folder content +
     protocol (`dense_of` names its folder). `model` may be a callable that loads the model, so a
@@ -233,11 +256,13 @@ def evaluate_texts(
     from .evaluation import perplexity
     from .outputs import write_text_atomic
 
-    token_ids, bos = inputs or eval_inputs(model, tokenizer, args)
+    inputs = inputs or eval_inputs(model, tokenizer, args)
+    bos = inputs.bos
     digest = folder_digest(dense_of) if dense_of else None
     results = {}
-    for text, ids in token_ids.items():
-        cached = cache_dir() / "ppl" / f"{_dense_cache_key(digest, args, text, bos)}.json" if digest else None
+    for text, ids in inputs.ids.items():
+        key = _dense_cache_key(digest, args, text, inputs.sources[text]["sha256"], bos) if digest else None
+        cached = cache_dir() / "ppl" / f"{key}.json" if key else None
         if cached is not None and cached.exists():
             results[text] = json.loads(cached.read_text())
             continue
@@ -261,20 +286,48 @@ def evaluate_texts(
     return results
 
 
-def eval_inputs(model, tokenizer, args) -> tuple[dict[str, torch.Tensor], int | None]:
+@dataclass
+class EvalInputs:
+    """Evaluation texts as token ids by label, where each came from, and the BOS choice."""
+
+    ids: dict[str, torch.Tensor]
+    sources: dict[str, dict]
+    bos: int | None
+
+
+def evaluation_texts(args) -> dict[str, tuple[str, dict]]:
+    """Label -> (text, description) for the built-in texts and the user's `--text` sources."""
+    from .data import TEXT_SHA256
+    from .sources import read_text_source
+
+    user = list(getattr(args, "text", None) or [])
+    builtin = args.texts if args.texts is not None else (() if user else EVAL_TEXTS)
+    corpus = ensure_texts() if builtin else None
+    texts = {
+        name: (corpus.read(name), {"source": name, "kind": "built-in", "sha256": TEXT_SHA256[name]})
+        for name in builtin
+    }
+    for given in user:
+        source = read_text_source(given, getattr(args, "text_field", "text"))
+        label = source.label if source.label not in texts else source.path
+        texts[label] = (source.text, source.describe())
+    return texts
+
+
+def eval_inputs(model, tokenizer, args) -> EvalInputs:
     """The evaluation texts as ids, checked against the model (vocabulary, positions) up front, so
     a run does not prune for minutes and then fail in its evaluation."""
     from .evaluation import check_windows
 
-    corpus = ensure_texts()
     bos = _bos(args.bos, tokenizer)
-    ids = {text: tokenize(tokenizer, corpus.read(text)) for text in args.texts}
-    for text, tokens in ids.items():
+    texts = evaluation_texts(args)
+    ids = {label: tokenize(tokenizer, text) for label, (text, _) in texts.items()}
+    for label, tokens in ids.items():
         try:
             check_windows(model, tokens, args.eval_seq_len, bos)
         except StructPruneError as err:
-            raise type(err)(f"evaluation text {text!r}: {err}") from err
-    return ids, bos
+            raise type(err)(f"evaluation text {label!r}: {err}") from err
+    return EvalInputs(ids=ids, sources={label: info for label, (_, info) in texts.items()}, bos=bos)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
@@ -313,6 +366,22 @@ def cmd_prepare(_args) -> int:
     print(f"texts: {corpus.root}")
     print(f"model: {ensure_smollm2()}")
     return 0
+
+
+def calibration_text(args) -> tuple[str, dict]:
+    """The calibration text (the user's --calib-data, else the built-in split) and its origin."""
+    from .data import TEXT_SHA256
+    from .sources import read_text_source
+
+    if args.calib_data:
+        source = read_text_source(args.calib_data, args.text_field)
+        return source.text, source.describe()
+    return ensure_texts().read(args.calib_text), {
+        "split": args.calib_text,
+        "source": args.calib_text,
+        "kind": "built-in",
+        "sha256": TEXT_SHA256.get(args.calib_text),
+    }
 
 
 def cmd_prune(args) -> int:
@@ -357,12 +426,12 @@ def cmd_prune(args) -> int:
     report: dict = {"struprune_version": __version__, "model": {"name": folder.name, "path": str(folder)}}
     calibration = None
     if METHOD_NEEDS_CALIBRATION[args.method]:
-        corpus = ensure_texts()
+        text, origin = calibration_text(args)
         calibration = sample_calibration(
-            tokenize(tokenizer, corpus.read(args.calib_text)), args.calib_samples, args.calib_len, args.seed
+            tokenize(tokenizer, text), args.calib_samples, args.calib_len, args.seed
         )
         report["calibration"] = {
-            "split": args.calib_text,
+            **origin,
             "samples": args.calib_samples,
             "seq_len": args.calib_len,
             "seed": args.seed,
@@ -407,7 +476,8 @@ def cmd_prune(args) -> int:
         dense_ppl = evaluate_texts(
             lambda: _load(folder, args.device)[0], tokenizer, args, progress, dense_of=folder, inputs=inputs
         )
-        report["perplexity"] = {t: {"dense": dense_ppl[t], "pruned": pruned_ppl[t]} for t in args.texts}
+        report["perplexity"] = {t: {"dense": dense_ppl[t], "pruned": pruned_ppl[t]} for t in inputs.ids}
+        report["evaluation_texts"] = inputs.sources
 
     def write_extras(tmp: Path) -> None:
         write_report(report, tmp)

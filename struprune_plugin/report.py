@@ -34,7 +34,9 @@ def render_markdown(report: dict) -> str:
     if report.get("calibration"):
         c = report["calibration"]
         lines.append(
-            f"- calibration: {c['samples']} x {c['seq_len']} tokens from `{c['split']}`, seed {c['seed']}"
+            f"- calibration: {c['samples']} x {c['seq_len']} tokens from `{c.get('split') or c['source']}`"
+            + (f" (sha256 {c['sha256'][:12]})" if c.get("kind") not in (None, "built-in") else "")
+            + f", seed {c['seed']}"
         )
     lines += [
         f"- pruning wall time {p['seconds']:.1f} s on {p['device']}; peak memory "
@@ -58,6 +60,11 @@ def render_markdown(report: dict) -> str:
                 f"| {TEXT_LABELS.get(text, text)} | {_fmt_ppl(dense and dense['ppl'])} | "
                 f"{_fmt_ppl(pruned and pruned['ppl'])} | {tokens:,} |"
             )
+        for label, origin in (report.get("evaluation_texts") or {}).items():
+            if origin.get("kind") != "built-in":
+                lines.append(
+                    f"- `{label}`: {origin['source']} ({origin['kind']}, sha256 {origin['sha256'][:12]})"
+                )
         lines.append("")
     lines += [
         "| layer | query heads | KV heads | MLP channels | removed params |",

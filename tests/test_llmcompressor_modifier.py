@@ -224,3 +224,30 @@ def test_every_shipped_recipe_runs_on_the_tiny_model(tiny, recipe):
         assert all(a[:2] == d[:2] for a, d in zip(after, dense))
     x = torch.randint(3, model.config.vocab_size, (1, 9))
     assert torch.isfinite(logits(pruned, x)).all()
+
+
+def test_oneshot_calibrates_on_a_local_jsonl_file(tiny, tmp_path):
+    """Users' own data reaches the modifier the llm-compressor way: a local JSON-lines file loaded by
+    `datasets`, tokenized by `oneshot` itself from its `text` column."""
+    from struprune_plugin.data import ensure_texts
+
+    model, tokenizer, _ = tiny
+    paragraphs = [p for p in ensure_texts().read("wiki_valid").split("\n") if len(p) > 300][:SAMPLES]
+    path = tmp_path / "calib.jsonl"
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+    reference = copy.deepcopy(model)
+    pruned = oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=dataset,
+        recipe=StructPruneModifier(sparsity=0.3),
+        num_calibration_samples=len(paragraphs),
+        max_seq_length=LENGTH,
+        output_dir=str(tmp_path / "out"),
+    )
+    assert all(w[2] < 384 for w in widths(pruned))
+    prunable = lambda m: sum(lin.weight.numel() for lv in model_view(m).layer_views() for lin in lv.linears)  # noqa: E731
+    assert 1 - prunable(pruned) / prunable(reference) == pytest.approx(0.3, abs=0.01)
+    ids = torch.randint(3, 4096, (1, 12))
+    assert torch.equal(logits(load_pruned(tmp_path / "out"), ids), logits(pruned, ids))
