@@ -1,10 +1,11 @@
 """ADMM block solver for one decoder layer's MLP chain, and least-squares refits (method.md section 4).
 
 Row convention: tokens are rows. X (n x d) is the MLP input, W_gate/W_up (I x d), W_down (d x I),
-z = X W_up^T, s = X W_gate^T, p = SiLU(s) * z, Y = p W_down^T (the dense output, the target).
+z = X W_up^T, s = X W_gate^T, p = f(s) * z, Y = p W_down^T (the dense output, the target), where f is
+the layer's own activation (SiLU for Llama/Mistral/Qwen, GELU or GELU-tanh elsewhere, ReLU).
 
 Objective (SparseLLM's auxiliary variables decouple the chain):
-    a||z - X W_up^T||^2 + a||s - X W_gate^T||^2 + b||Y - p W_down^T||^2 + g||p - SiLU(s) * z||^2
+    a||z - X W_up^T||^2 + a||s - X W_gate^T||^2 + b||Y - p W_down^T||^2 + g||p - f(s) * z||^2
 with the weights split as W = Q, Q constrained to keep k channels (gate/up rows and the down column
 chosen together), scaled dual L and penalty rho:
     W <- ridge least squares towards the targets and Q - L     (closed form, Cholesky)
@@ -20,10 +21,57 @@ that a, b, g and rho mean the same for any calibration size.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An MLP activation as the solver needs it: the function, its value and slope together (the
+    s-step's gradient), and a bound on f'^2 (the step size comes from a curvature bound)."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    value_and_slope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    slope_sq_bound: float
+
+
+def _silu_value_and_slope(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    sig = torch.sigmoid(s)
+    return torch.mul(s, sig), (1 - sig).mul_(s).add_(1).mul_(sig)  # SiLU'(s) = sig (1 + s (1 - sig))
+
+
+def _gelu_value_and_slope(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cdf = torch.erf(s * (1 / math.sqrt(2))).add_(1).mul_(0.5)
+    pdf = torch.exp(-0.5 * s * s).mul_(1 / math.sqrt(2 * math.pi))
+    return s * cdf, cdf.add_(s * pdf)  # GELU'(s) = Phi(s) + s phi(s)
+
+
+def _gelu_tanh_value_and_slope(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    c, k = math.sqrt(2 / math.pi), 0.044715
+    t = torch.tanh(c * (s + k * s.pow(3)))
+    value = 0.5 * s * (1 + t)
+    slope = 0.5 * (1 + t) + 0.5 * s * (1 - t * t) * c * (1 + 3 * k * s * s)
+    return value, slope
+
+
+def _relu_value_and_slope(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.relu(s), (s > 0).to(s.dtype)
+
+
+#: The activations the solver is exact for, by name: |SiLU'| <= 1.1, |GELU'| <= 1.129 (at s = 1.414).
+ACTIVATIONS: dict[str, Activation] = {
+    "silu": Activation("silu", F.silu, _silu_value_and_slope, 1.21),
+    "gelu": Activation("gelu", F.gelu, _gelu_value_and_slope, 1.28),
+    "gelu_tanh": Activation(
+        "gelu_tanh", lambda s: F.gelu(s, approximate="tanh"), _gelu_tanh_value_and_slope, 1.28
+    ),
+    "relu": Activation("relu", torch.relu, _relu_value_and_slope, 1.0),
+}
 
 
 @dataclass
@@ -31,13 +79,14 @@ class ADMMConfig:
     iterations: int = 4
     alpha: float = 1.0  # a: fit of the gate/up outputs
     beta: float = 1.0  # b: fit of the block output
-    gamma: float = 1.0  # g: coupling p = SiLU(s) * z
+    gamma: float = 1.0  # g: coupling p = f(s) * z
     rho: float = 0.3  # penalty (inputs are preconditioned to unit second moment, so scale-free)
     rho_growth: float = 1.3
     rho_max: float = 10.0
     damping: float = 0.01
     use_aux: bool = True  # SparseLLM auxiliary variables; False: fixed dense targets (Gram-only)
-    s_steps: int = 5  # gradient steps for s (no closed form through SiLU)
+    s_steps: int = 5  # gradient steps for s (no closed form through the activation)
+    activation: str = "silu"  # the layer's own MLP activation, a key of ACTIVATIONS
     refit: bool = True
     intercept: bool = False  # the final refit also fits a bias on down_proj (mean compensation, exact LS)
     token_dtype: torch.dtype = torch.float32  # per-token work; the small solves always run in float64
@@ -94,18 +143,19 @@ def s_update(
     alpha: float,
     gamma: float,
     steps: int,
+    activation: Activation = ACTIVATIONS["silu"],
 ) -> torch.Tensor:
-    """A few gradient steps on a (s - target)^2 + g (p - SiLU(s) z)^2, step size from a curvature bound.
+    """A few gradient steps on a (s - target)^2 + g (p - f(s) z)^2, step size from a curvature bound.
 
     Written with in-place updates: these tensors are tokens x width, the largest in the solver.
     """
     s = s.clone()
-    inv_curvature = (z * z).mul_(2 * gamma * 1.21).add_(2 * alpha).reciprocal_()  # |SiLU'| <= 1.1
+    bound = activation.slope_sq_bound
+    inv_curvature = (z * z).mul_(2 * gamma * bound).add_(2 * alpha).reciprocal_()
     for _ in range(steps):
-        sig = torch.sigmoid(s)
-        residual = torch.mul(s, sig).mul_(z).neg_().add_(p)  # p - SiLU(s) z
-        dsilu = (1 - sig).mul_(s).add_(1).mul_(sig)  # SiLU'(s)
-        grad = residual.mul_(dsilu).mul_(z).mul_(-2 * gamma)
+        value, slope = activation.value_and_slope(s)
+        residual = value.mul_(z).neg_().add_(p)  # p - f(s) z
+        grad = residual.mul_(slope).mul_(z).mul_(-2 * gamma)
         grad.add_(s - target, alpha=2 * alpha)
         s.sub_(grad.mul_(inv_curvature))
     return s
@@ -137,25 +187,27 @@ class MLPSolution:
     history: list[float] = field(default_factory=list)  # losses: [projected start, iterations,] final
 
 
-def _silu_chain(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-    return F.silu(x @ w_gate.T) * (x @ w_up.T)
+def _gated(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str = "silu"
+) -> torch.Tensor:
+    return ACTIVATIONS[activation].fn(x @ w_gate.T) * (x @ w_up.T)
 
 
-def block_loss(x, y, w_gate, w_up, w_down, bias=None) -> float:
+def block_loss(x, y, w_gate, w_up, w_down, bias=None, activation: str = "silu") -> float:
     """Mean squared output error of a (pruned) gated MLP on the calibration tokens."""
     t = x.dtype
-    out = _silu_chain(x, w_gate.to(t), w_up.to(t)) @ w_down.to(t).T
+    out = _gated(x, w_gate.to(t), w_up.to(t), activation) @ w_down.to(t).T
     if bias is not None:
         out = out + bias.to(t)
     return float((y - out).double().pow(2).sum() / x.shape[0])
 
 
-def refit_down(x, y, w_gate, w_up, damping: float, intercept: bool = False):
+def refit_down(x, y, w_gate, w_up, damping: float, intercept: bool = False, activation: str = "silu"):
     """Least-squares W_down for given (kept) gate/up rows: argmin ||Y - p W^T (- c)||^2.
 
     Returns (W, c); with `intercept` the bias shift c is fitted too (centred normal equations),
     else c is None."""
-    p = _silu_chain(x, w_gate.to(x.dtype), w_up.to(x.dtype))
+    p = _gated(x, w_gate.to(x.dtype), w_up.to(x.dtype), activation)
     if not intercept:
         return ridge_solve((y.T @ p).double(), (p.T @ p).double(), damping), None
     n = p.shape[0]
@@ -174,7 +226,7 @@ def solve_gated_mlp(
     keep: int,
     cfg: ADMMConfig | None = None,
 ) -> MLPSolution:
-    """Choose `keep` MLP channels and updated weights for one gated (SiLU) MLP.
+    """Choose `keep` MLP channels and updated weights for one gated MLP (activation `cfg.activation`).
 
     `x` holds the calibration inputs of the MLP (tokens x d). The ADMM runs in a preconditioned
     space where every input feature (of X and of the dense p) has unit second moment, so the
@@ -183,6 +235,11 @@ def solve_gated_mlp(
     unchanged.
     """
     cfg = cfg or ADMMConfig()
+    if cfg.activation not in ACTIVATIONS:
+        raise ValueError(
+            f"the MLP solver handles the activations {sorted(ACTIVATIONS)}, not {cfg.activation!r}"
+        )
+    act = ACTIVATIONS[cfg.activation]
     t = cfg.token_dtype
     if x.shape[0] > cfg.max_tokens:  # the per-token work dominates; least squares needs far fewer rows
         pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[: cfg.max_tokens]
@@ -193,7 +250,7 @@ def solve_gated_mlp(
     width = wd.shape[1]
     s = x @ wg.T.to(t)
     z = x @ wu.T.to(t)
-    p = F.silu(s) * z
+    p = act.fn(s) * z
     y = p @ wd.T.to(t)  # the dense output is the target throughout
     if keep >= width:
         return MLPSolution(list(range(width)), w_gate, w_up, w_down, history=[0.0])
@@ -216,7 +273,7 @@ def solve_gated_mlp(
         return idx, vg * mask[:, None], vu * mask[:, None], vd * mask[None, :]
 
     def loss(vg, vu, vd):
-        return block_loss(x, y, vg / dx, vu / dx, vd / dp)
+        return block_loss(x, y, vg / dx, vu / dx, vd / dp, activation=act.name)
 
     idx, qg, qu, qd = project(tg, tu, td)
     lg, lu, ld = torch.zeros_like(tg), torch.zeros_like(tu), torch.zeros_like(td)
@@ -231,15 +288,19 @@ def solve_gated_mlp(
         idx, qg, qu, qd = project(tg + lg, tu + lu, td + ld)
         lg, lu, ld = lg + tg - qg, lu + tu - qu, ld + td - qd
         if cfg.use_aux:
-            sigma = F.silu(s)
+            sigma = act.fn(s)
             p = p_update(y, qd / dp, sigma * z, cfg.beta, cfg.gamma)
             z = _in_row_blocks(lambda *rows: z_update(*rows, cfg.alpha, cfg.gamma), xs @ qu.T.to(t), sigma, p)
             s = _in_row_blocks(
-                lambda *rows: s_update(*rows, cfg.alpha, cfg.gamma, cfg.s_steps), s, xs @ qg.T.to(t), z, p
+                lambda *rows: s_update(*rows, cfg.alpha, cfg.gamma, cfg.s_steps, act),
+                s,
+                xs @ qg.T.to(t),
+                z,
+                p,
             )
         else:
             s, z = s_target, z_target
-            p = F.silu(s) * z
+            p = act.fn(s) * z
         if cfg.track_history:
             history.append(loss(qg, qu, qd))
         rho = min(rho * cfg.rho_growth, cfg.rho_max)
@@ -249,10 +310,10 @@ def solve_gated_mlp(
             gram = (x.T @ x).double() / n
             kg = ridge_solve(cross(s[:, idx], x), gram, cfg.damping)
             ku = ridge_solve(cross(z[:, idx], x), gram, cfg.damping)
-        kd, shift = refit_down(x, y, kg, ku, cfg.damping, cfg.intercept)
+        kd, shift = refit_down(x, y, kg, ku, cfg.damping, cfg.intercept, act.name)
     else:
         kd, shift = qd[:, idx] / dp[idx], None
-    history.append(block_loss(x, y, kg, ku, kd, shift))
+    history.append(block_loss(x, y, kg, ku, kd, shift, act.name))
     dtype = w_down.dtype
     return MLPSolution(
         idx.tolist(),

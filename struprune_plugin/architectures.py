@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .admm import ACTIVATIONS
 from .errors import UnsupportedArchitectureError
 from .groups import LayerGeometry
 
@@ -31,6 +32,7 @@ class LayerView:
     mlp_out: nn.Linear  # down or fc2: its input columns are the MLP channels
     head_dim: int
     head_norm_weights: tuple[nn.Parameter, ...]  # Qwen3 q_norm/k_norm act on head_dim: never pruned
+    activation: str = "silu"  # the MLP's own activation (admm.ACTIVATIONS), which the solver uses
 
     @property
     def num_heads(self) -> int:
@@ -120,9 +122,29 @@ _KNOWN_CHILDREN = {
         "self_attn": {"q_proj", "k_proj", "v_proj", "out_proj", "dropout"},
     },
 }
-#: The MLP activation each family's solver assumes (the ADMM auxiliary-variable steps and the
-#: refits are written for SiLU; OPT's fc1 -> ReLU -> fc2).
-_ACTIVATIONS = {"llama": ("SiLU", torch.nn.functional.silu), "opt": ("ReLU", torch.relu)}
+#: The MLP activations each family's code handles: the gated MLP's solver is exact for each of
+#: ACTIVATIONS (its auxiliary-variable steps and refits use the function itself); OPT's fc1 -> ReLU
+#: -> fc2 path was built and tested for ReLU.
+_FAMILY_ACTIVATIONS = {"llama": tuple(ACTIVATIONS), "opt": ("relu",)}
+
+
+def mlp_activation(layer: nn.Module, family: str) -> str:
+    """The name (a key of admm.ACTIVATIONS) of the function the layer's MLP applies, identified by
+    evaluating the module itself rather than trusting a config string, or an error naming it."""
+    act = layer.mlp.act_fn if family == "llama" else layer.activation_fn
+    probe = torch.linspace(-6, 6, 97)
+    for name in _FAMILY_ACTIVATIONS[family]:
+        try:
+            with torch.no_grad():
+                if torch.allclose(act(probe), ACTIVATIONS[name].fn(probe), atol=1e-6):
+                    return name
+        except Exception:  # an activation that cannot take a plain tensor is none of these
+            break
+    raise UnsupportedArchitectureError(
+        f"decoder layer {type(layer).__name__}: the MLP activation {type(act).__name__} is none of "
+        f"{', '.join(_FAMILY_ACTIVATIONS[family])}, which the MLP solver's auxiliary-variable steps and "
+        "refits are exact for"
+    )
 
 
 def check_understood(layer: nn.Module, family: str) -> None:
@@ -142,20 +164,7 @@ def check_understood(layer: nn.Module, family: str) -> None:
             f"{', '.join(extra)}. Pruning it would rest on untested assumptions (e.g. norms around the "
             "MLP change what the refits fit). Supported: Llama, Mistral, Qwen2, Qwen3 and OPT layers"
         )
-    act = layer.mlp.act_fn if family == "llama" else layer.activation_fn
-    name, reference = _ACTIVATIONS[family]
-    probe = torch.linspace(-6, 6, 97)
-    try:
-        with torch.no_grad():
-            matches = torch.allclose(act(probe), reference(probe), atol=1e-6)
-    except Exception:  # an activation that cannot take a plain tensor is not the one assumed
-        matches = False
-    if not matches:
-        raise UnsupportedArchitectureError(
-            f"decoder layer {type(layer).__name__}: the MLP activation {type(act).__name__} is not "
-            f"{name}, which the MLP solver's auxiliary-variable steps and refits are exact for. "
-            f"Supported: {name} in {'Llama, Mistral, Qwen2, Qwen3' if family == 'llama' else 'OPT'} layers"
-        )
+    mlp_activation(layer, family)
 
 
 def _find_backbone(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -233,6 +242,7 @@ def layer_view(layer: nn.Module, family: str | None = None) -> LayerView:
         mlp_out=mlp_out,
         head_dim=head_dim,
         head_norm_weights=norms,
+        activation=mlp_activation(layer, family),
     )
 
 

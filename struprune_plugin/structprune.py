@@ -85,8 +85,9 @@ def energy_pass(
     return energies, groups
 
 
-def admm_config(config) -> ADMMConfig:
+def admm_config(config, activation: str = "silu") -> ADMMConfig:
     return ADMMConfig(
+        activation=activation,
         iterations=config.admm_iterations,
         use_aux=config.use_aux,
         refit=config.refit,
@@ -176,7 +177,7 @@ def prune_layer_structprune(
                 lv.mlp_in[1].weight.detach(),
                 lv.mlp_out.weight.detach(),
                 keep_count,
-                admm_config(config),
+                admm_config(config, lv.activation),
             )
             plan.keep_mlp = sol.keep
             updates = [

@@ -169,3 +169,75 @@ def test_gated_mlp_intercept_refit_never_loses_to_the_plain_one():
     loss = block_loss(x, y, fitted.w_gate, fitted.w_up, fitted.w_down, fitted.down_bias_shift)
     assert loss == pytest.approx(fitted.history[-1], rel=1e-5)
     assert loss < plain.history[-1]
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_activation_values_and_slopes_match_autograd(name):
+    from struprune_plugin.admm import ACTIVATIONS
+
+    act = ACTIVATIONS[name]
+    s = torch.linspace(-7, 7, 1001, dtype=torch.float64).requires_grad_(True)
+    reference = {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+        "relu": F.relu,
+    }[name](s)
+    (slope,) = torch.autograd.grad(reference.sum(), s)
+    value, got_slope = act.value_and_slope(s.detach())
+    torch.testing.assert_close(value, reference.detach())
+    torch.testing.assert_close(got_slope, slope, atol=1e-10, rtol=1e-9)
+    assert float(got_slope.pow(2).max()) <= act.slope_sq_bound  # the step size relies on it
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "relu"])
+def test_s_update_decreases_its_objective_for_every_activation(name):
+    from struprune_plugin.admm import ACTIVATIONS
+
+    act = ACTIVATIONS[name]
+    gen = torch.Generator().manual_seed(1)
+    target, z, p = (torch.randn(50, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    objective = lambda s: float((target - s).pow(2).sum() + (p - act.fn(s) * z).pow(2).sum())  # noqa: E731
+    s0 = target + torch.randn(50, 8, generator=gen, dtype=torch.float64)
+    values = [objective(s_update(s0, target, z, p, 1.0, 1.0, steps, act)) for steps in (0, 1, 3, 10)]
+    assert values == sorted(values, reverse=True) and values[-1] < 0.9 * values[0]
+
+
+@pytest.mark.parametrize(
+    ("hidden_act", "name"), [("gelu_pytorch_tanh", "gelu_tanh"), ("gelu", "gelu"), ("relu", "relu")]
+)
+def test_solver_is_exact_for_the_layers_own_activation(hidden_act, name):
+    """The solver's loss is the real module's loss (transformers' own MLP with that activation, an
+    independent computation), and solving under the right activation beats solving under SiLU."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from struprune_plugin.architectures import mlp_activation
+
+    x, wg, wu, wd = _problem(2)
+
+    def mlp_of(width):
+        config = LlamaConfig(
+            hidden_size=wg.shape[1], num_attention_heads=4, intermediate_size=width, hidden_act=hidden_act
+        )
+        return LlamaMLP(config)
+
+    mlp = mlp_of(wg.shape[0])
+    with torch.no_grad():
+        mlp.gate_proj.weight.copy_(wg), mlp.up_proj.weight.copy_(wu), mlp.down_proj.weight.copy_(wd)
+        y = mlp(x)
+    layer = torch.nn.Module()
+    layer.mlp = mlp
+    assert mlp_activation(layer, "llama") == name
+
+    def real_loss(sol):
+        pruned = mlp_of(len(sol.keep))
+        with torch.no_grad():
+            pruned.gate_proj.weight.copy_(sol.w_gate), pruned.up_proj.weight.copy_(sol.w_up)
+            pruned.down_proj.weight.copy_(sol.w_down)
+            return float((y - pruned(x)).double().pow(2).sum() / x.shape[0])
+
+    right = solve_gated_mlp(x, wg, wu, wd, keep=32, cfg=ADMMConfig(iterations=4, activation=name))
+    wrong = solve_gated_mlp(x, wg, wu, wd, keep=32, cfg=ADMMConfig(iterations=4, activation="silu"))
+    assert right.history[-1] == pytest.approx(real_loss(right), rel=1e-4)
+    assert real_loss(right) < real_loss(wrong)

@@ -228,3 +228,35 @@ def test_energy_split_is_refused_where_it_cannot_apply():
         PruneConfig(kind_split="energy", equal_widths=True).validate()
     with pytest.raises(StructPruneError, match="unknown kind_split"):
         PruneConfig(kind_split="size").validate()
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu", "relu"])
+def test_llama_layers_with_other_activations_prune_save_and_reload(hidden_act, tmp_path):
+    """A Llama-family model whose MLP is not SiLU (Mistral/Qwen variants, fine-tunes) prunes with
+    the solver using its own activation, to the exact budget, and reloads with identical logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from struprune_plugin.checkpoint import load_pruned, save_pruned
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        vocab_size=VOCAB,
+        hidden_act=hidden_act,
+    )
+    model = LlamaForCausalLM(config).eval()
+    assert {lv.activation for lv in model_view(model).layer_views()} == {
+        {"gelu_pytorch_tanh": "gelu_tanh"}.get(hidden_act, hidden_act)
+    }
+    result = prune_model(
+        model, torch.randint(0, VOCAB, (6, 24)), PruneConfig(sparsity=0.3, admm_iterations=2), progress=False
+    )
+    tolerance = geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
+    assert abs(result.achieved_sparsity - 0.3) <= tolerance
+    ids = torch.randint(0, VOCAB, (2, 9))
+    reloaded = load_pruned(save_pruned(result.model, tmp_path / "pruned"))
+    assert torch.equal(logits(reloaded, ids), logits(result.model, ids))
