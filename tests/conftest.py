@@ -31,9 +31,12 @@ TINY_TRAINED = Path(__file__).parent / "fixtures" / "tiny-llama-gqa"
 VOCAB = 211
 
 
-def make_model(family: str, layers: int = 2, seed: int = 0) -> torch.nn.Module:
+def make_model(family: str, layers: int = 2, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A small random model of `family`; `overrides` go into its config (e.g. hidden_act)."""
     torch.manual_seed(seed)
-    common = dict(hidden_size=64, num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=128)
+    common = dict(
+        hidden_size=64, num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=128, **overrides
+    )
     if family == "llama":
         model = LlamaForCausalLM(
             LlamaConfig(

@@ -234,21 +234,9 @@ def test_energy_split_is_refused_where_it_cannot_apply():
 def test_llama_layers_with_other_activations_prune_save_and_reload(hidden_act, tmp_path):
     """A Llama-family model whose MLP is not SiLU (Mistral/Qwen variants, fine-tunes) prunes with
     the solver using its own activation, to the exact budget, and reloads with identical logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from struprune_plugin.checkpoint import load_pruned, save_pruned
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        vocab_size=VOCAB,
-        hidden_act=hidden_act,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = make_model("llama", hidden_act=hidden_act)
     assert {lv.activation for lv in model_view(model).layer_views()} == {
         {"gelu_pytorch_tanh": "gelu_tanh"}.get(hidden_act, hidden_act)
     }
