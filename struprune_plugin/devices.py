@@ -7,15 +7,8 @@ import torch
 
 from .errors import DeviceError
 
-_BACKENDS = {
-    "cuda": lambda: torch.cuda.is_available(),
-    "mps": lambda: torch.backends.mps.is_available(),
-    "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
-}
-
-
-def _count(kind: str) -> int:
-    return {"cuda": torch.cuda.device_count, "xpu": lambda: torch.xpu.device_count()}.get(kind, lambda: 1)()
+#: Accelerator kinds the engine can move a layer to; torch.get_device_module says what is present.
+ACCELERATORS = ("cuda", "mps", "xpu")
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -28,12 +21,12 @@ def resolve_device(name: str | torch.device) -> torch.device:
         ) from err
     if device.type == "cpu":
         return device
-    check = _BACKENDS.get(device.type)
-    if check is None:
+    if device.type not in ACCELERATORS:
         raise DeviceError(
             f"device {str(name)!r} ({device.type}) is not supported here. Fix: use cpu or cuda[:N]"
         )
-    if not check():
+    backend = torch.get_device_module(device.type)
+    if not backend.is_available():
         if device.type == "cuda" and torch.version.cuda is None:
             why = f"this torch build ({torch.__version__}) has no CUDA support"
         else:
@@ -42,9 +35,10 @@ def resolve_device(name: str | torch.device) -> torch.device:
             f"device {str(name)!r}: {why}. Fix: run with --device cpu, or install a {device.type} build of "
             "torch on a machine that has the device"
         )
-    if device.index is not None and device.index >= _count(device.type):
+    count = backend.device_count()
+    if device.index is not None and device.index >= count:
         raise DeviceError(
-            f"device {str(name)!r}: only {_count(device.type)} {device.type} device(s) are visible "
-            f"({device.type}:0..{_count(device.type) - 1}). Fix: pick one of those"
+            f"device {str(name)!r}: only {count} {device.type} device(s) are visible "
+            f"({device.type}:0..{count - 1}). Fix: pick one of those"
         )
     return device
