@@ -260,23 +260,44 @@ def threshold_budget(
     steps.sort(key=lambda item: item[0])
     counts = {kind: [0] * len(kind_spaces) for kind, kind_spaces in spaces.items()}
     removed = 0.0
-    taken = []
+    taken, skipped = [], []
     for step in steps:
         _energy, kind, layer, cost = step
         if removed + cost / 2 >= target:
             if removed >= target - 1e-9:
                 break
+            skipped.append(step)
             continue  # this step overshoots by more than half; a smaller one may still fit
         counts[kind][layer] += spaces[kind][layer].step
         removed += cost
         taken.append(step)
-    # A coarse step (a head) may have overshot: give back the dearest small steps taken while
-    # that brings the total closer, so the budget holds to within one MLP channel.
-    for _energy, kind, layer, cost in reversed(taken):
+    removed, taken = _give_back(spaces, counts, removed, taken, target)
+    if skipped and removed < target - 1e-9:
+        # The small steps ran out short of the target (e.g. every MLP channel a layer may lose is
+        # gone): try the cheapest coarse step skipped above, trimmed by the give-back, and keep it
+        # if that lands closer.
+        _energy, kind, layer, cost = skipped[0]
+        trial = {k: list(v) for k, v in counts.items()}
+        trial[kind][layer] += spaces[kind][layer].step
+        smaller = [s for s in taken if s[3] < cost]
+        trial_removed, _ = _give_back(spaces, trial, removed + cost, smaller, target)
+        if abs(trial_removed - target) < abs(removed - target):
+            counts = trial
+    return counts
+
+
+def _give_back(spaces, counts, removed: float, taken: list, target: float) -> tuple[float, list]:
+    """A coarse step (a head) may have overshot: give back the dearest small steps taken while
+    that brings the total closer, so the budget holds to within one MLP channel. Updates `counts`
+    in place; returns the new total and the steps still taken."""
+    kept = list(taken)
+    for step in reversed(taken):
+        _energy, kind, layer, cost = step
         if abs(removed - cost - target) < abs(removed - target):
             counts[kind][layer] -= spaces[kind][layer].step
             removed -= cost
-    return counts
+            kept.remove(step)
+    return removed, kept
 
 
 def allocate_uniform(

@@ -100,12 +100,21 @@ _ATTN_NAMES = ("self_attn",)
 _LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
 
 #: The submodules each family's solver, surgery and checkpoint code were built and tested for. A
-#: layer with others is refused: Gemma's decoder layer, for one, matches the Llama module names but
-#: adds norms around the MLP and after attention, which change what the least-squares refits and
-#: output-side energies measure. Extra modules are never silently ignored.
+#: layer with others is refused: extra modules are never silently ignored. Gemma 2/3 layers add
+#: RMSNorms after attention and around the MLP (`post_attention_layernorm` there normalises the
+#: attention output, not the residual). Those act on the hidden dimension, which is never pruned,
+#: and are scale-invariant per token, so the refits' objective (the block's output before the norm)
+#: still measures the error the residual stream receives, up to each token's scale.
 _KNOWN_CHILDREN = {
     "llama": {
-        "layer": {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"},
+        "layer": {
+            "self_attn",
+            "mlp",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",  # Gemma 2/3
+            "post_feedforward_layernorm",  # Gemma 2/3
+        },
         "self_attn": {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "rotary_emb"},
         "mlp": {*_LLAMA_MLP, "act_fn"},
     },
@@ -162,7 +171,7 @@ def check_understood(layer: nn.Module, family: str) -> None:
         raise UnsupportedArchitectureError(
             f"decoder layer {type(layer).__name__} holds modules the engine does not model: "
             f"{', '.join(extra)}. Pruning it would rest on untested assumptions (e.g. norms around the "
-            "MLP change what the refits fit). Supported: Llama, Mistral, Qwen2, Qwen3 and OPT layers"
+            "MLP change what the refits fit). Supported: Llama, Mistral, Qwen2, Qwen3, Gemma 2/3 and OPT layers"
         )
     mlp_activation(layer, family)
 

@@ -44,7 +44,13 @@ from .architectures import (
 from .checkpoint import record_layout
 from .devices import resolve_device
 from .energies import ENERGIES, normalise
-from .errors import BudgetMissedError, CalibrationDataError, NonFiniteWeightError, StructPruneError
+from .errors import (
+    BudgetMissedError,
+    CalibrationDataError,
+    NonFiniteWeightError,
+    StructPruneError,
+    UnsupportedArchitectureError,
+)
 from .groups import (
     UNIT_KINDS,
     LayerPlan,
@@ -319,20 +325,48 @@ class _StopForward(Exception):
 
 @dataclass
 class LayerBatch:
-    """One calibration batch as a decoder layer sees it: hidden states and the call's kwargs."""
+    """One calibration batch as a decoder layer sees it: hidden states and the call's kwargs.
+
+    Models that interleave attention kinds (Gemma's sliding-window and global layers, Qwen2 or
+    Mistral with `layer_types`) hand each kind its own mask and RoPE tables. `kwargs_by_type` then
+    holds one kwargs dict per kind and `layer_types` names each layer's kind, exactly as the
+    backbone's own forward picks them (`config.layer_types[i]`)."""
 
     hidden: torch.Tensor
     kwargs: dict
+    kwargs_by_type: dict[str, dict] | None = None
+    layer_types: tuple[str, ...] | None = None
 
     @classmethod
     def from_call(cls, args: tuple, kwargs: dict, device: torch.device) -> LayerBatch:
         """From a forward pre-hook's (args, kwargs): the layer can be called again without a cache."""
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_value", None)
-        kwargs["use_cache"] = False
-        return cls(hidden.detach(), {k: _to(v, device) for k, v in kwargs.items()})
+        return cls(hidden.detach(), _reusable_kwargs(kwargs, device))
+
+    def kwargs_for(self, layer: nn.Module) -> dict:
+        """The kwargs `layer` receives in the model's own forward."""
+        if self.kwargs_by_type is None or self.layer_types is None:
+            return self.kwargs
+        return self.kwargs_by_type[self.layer_types[_layer_index(layer)]]
+
+
+def _reusable_kwargs(kwargs: dict, device: torch.device) -> dict:
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+    kwargs["use_cache"] = False
+    return {k: _to(v, device) for k, v in kwargs.items()}
+
+
+def _layer_index(layer: nn.Module) -> int:
+    index = getattr(layer, "layer_idx", None)
+    if index is None:
+        index = getattr(getattr(layer, "self_attn", None), "layer_idx", None)
+    if index is None:
+        raise UnsupportedArchitectureError(
+            f"{type(layer).__name__} interleaves attention kinds but records no layer_idx: cannot tell "
+            "which mask and RoPE tables it takes"
+        )
+    return int(index)
 
 
 def _to(value, device):
@@ -343,34 +377,74 @@ def _to(value, device):
     return value
 
 
+def interleaved_layer_types(model: nn.Module) -> tuple[str, ...] | None:
+    """`config.layer_types` when the layers take more than one kind of attention, else None."""
+    types = getattr(getattr(model, "config", None), "layer_types", None)
+    if not types or len(set(types)) < 2:
+        return None
+    return tuple(types)
+
+
 def capture_layer_inputs(
     model: nn.Module, view: ModelView, id_batches: Sequence[torch.Tensor], device: torch.device
 ) -> list[LayerBatch]:
-    """Run only the pre-layer modules (embeddings, RoPE) and keep layer 0's inputs and kwargs."""
-    captured: list[LayerBatch] = []
+    """Run only the pre-layer modules (embeddings, RoPE, masks) and keep layer 0's inputs and the
+    kwargs every layer is called with.
 
-    def grab(_module, args, kwargs):
-        captured.append(LayerBatch.from_call(args, kwargs, device))
-        raise _StopForward
+    With interleaved attention kinds, the layers up to the first of each kind are replaced for the
+    pass by an identity (their own forward never runs), so their kwargs are recorded at the cost of
+    the embeddings alone: one decoder layer's worth of memory, as everywhere else."""
+    types = interleaved_layer_types(model)
+    first_of = {} if types is None else {t: types.index(t) for t in dict.fromkeys(types)}
+    last = max(first_of.values(), default=0)
+    captured: list[LayerBatch] = []
+    by_type: dict[str, dict] = {}
+
+    def grab(index: int):
+        def hook(_module, args, kwargs):
+            if index == 0:
+                captured.append(LayerBatch.from_call(args, kwargs, device))
+            for kind, first in first_of.items():
+                if first == index:
+                    by_type[kind] = _reusable_kwargs(
+                        {k: v for k, v in kwargs.items() if k != "hidden_states"}, device
+                    )
+            if index == last:
+                if by_type:
+                    captured[-1].kwargs_by_type, captured[-1].layer_types = dict(by_type), types
+                    by_type.clear()
+                raise _StopForward
+
+        return hook
 
     homes = [(m, next(itertools.chain(m.parameters(), m.buffers()), None)) for m in view.pre_layer_modules]
     for module, _ in homes:
         module.to(device)
-    handle = view.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [view.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in range(last + 1)]
+    skipped = [view.layers[i] for i in range(last)]
+    for layer in skipped:  # an instance attribute shadows the class's forward for this pass only
+        layer.forward = _pass_hidden_through
     try:
         for ids in id_batches:
             with contextlib.suppress(_StopForward):
                 model(input_ids=ids.to(device), use_cache=False)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        for layer in skipped:
+            del layer.forward
         for module, param in homes:
             if param is not None:
                 module.to(param.device if param.device.type != "meta" else "cpu")
     return captured
 
 
+def _pass_hidden_through(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
 def layer_forward(layer: nn.Module, batch: LayerBatch) -> torch.Tensor:
-    out = layer(batch.hidden, **batch.kwargs)
+    out = layer(batch.hidden, **batch.kwargs_for(layer))
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -690,7 +764,7 @@ def _prune_layer_flap(lv: LayerView, remove: dict, stats: flap.FlapLayerStats, c
         kept_mlp = set(plan.keep_mlp)
         dropped = [c for c in range(geometry.intermediate) if c not in kept_mlp]
         flap.compensate(lv.mlp_out, dropped, stats.mlp_hidden_mean)
-    graph = build_layer_graph(lv, trace.hidden, trace.kwargs)
+    graph = build_layer_graph(lv, trace.hidden, trace.kwargs_for(lv.layer))
     return prune_layer(lv, plan, graph), plan
 
 
@@ -704,6 +778,6 @@ def _prune_layer_by_score(lv: LayerView, index: int, batches: list, remove: dict
                     layer_forward(lv.layer, batch)
             norms = LayerInputs(**{k: s.norms() for k, s in recorder.stats.items()})
         plan = _plan_layer(lv, config, remove, norms)
-    graph = build_layer_graph(lv, trace.hidden, trace.kwargs)
+    graph = build_layer_graph(lv, trace.hidden, trace.kwargs_for(lv.layer))
     pruned = prune_layer(lv, plan, graph)
     return pruned, plan

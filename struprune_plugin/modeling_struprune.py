@@ -2,7 +2,7 @@
 
 transformers builds every decoder layer from one config, so a checkpoint with per-layer head counts
 or MLP widths fails `from_pretrained` with size mismatches. These classes subclass the stock ones
-(Llama, Mistral, Qwen2, Qwen3, OPT): the config carries `struprune_layout` (per-layer query heads,
+(Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, OPT): the config carries `struprune_layout` (per-layer query heads,
 K/V heads and MLP widths) and the model shrinks each layer to it right after the stock
 constructor, before any weight is loaded. Parameter names, forward, generate and the KV cache are
 the stock ones (HF attention reshapes with -1 heads, and the cache is per layer).
@@ -35,6 +35,10 @@ try:  # Qwen3 arrived in transformers 4.51
     from transformers import Qwen3Config, Qwen3ForCausalLM
 except ImportError:  # pragma: no cover - older transformers
     Qwen3Config = Qwen3ForCausalLM = None
+try:  # Gemma 2 arrived in transformers 4.42, Gemma 3 (text-only causal LM) in 4.50
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+except ImportError:  # pragma: no cover - older transformers
+    Gemma2Config = Gemma2ForCausalLM = Gemma3ForCausalLM = Gemma3TextConfig = None
 
 LAYOUT_KEY = "struprune_layout"
 MODEL_TYPE_PREFIX = "struprune_"
@@ -164,8 +168,19 @@ StruPruneLlamaConfig, StruPruneLlamaForCausalLM = _pruned_classes(LlamaConfig, L
 StruPruneMistralConfig, StruPruneMistralForCausalLM = _pruned_classes(MistralConfig, MistralForCausalLM)
 StruPruneQwen2Config, StruPruneQwen2ForCausalLM = _pruned_classes(Qwen2Config, Qwen2ForCausalLM)
 StruPruneOPTConfig, StruPruneOPTForCausalLM = _pruned_classes(OPTConfig, OPTForCausalLM)
+_OPTIONAL = []
 if Qwen3Config is not None:
     StruPruneQwen3Config, StruPruneQwen3ForCausalLM = _pruned_classes(Qwen3Config, Qwen3ForCausalLM)
+    _OPTIONAL.append((StruPruneQwen3Config, StruPruneQwen3ForCausalLM))
+if Gemma3TextConfig is not None:
+    StruPruneGemma2Config, StruPruneGemma2ForCausalLM = _pruned_classes(Gemma2Config, Gemma2ForCausalLM)
+    StruPruneGemma3TextConfig, StruPruneGemma3ForCausalLM = _pruned_classes(
+        Gemma3TextConfig, Gemma3ForCausalLM
+    )
+    _OPTIONAL += [
+        (StruPruneGemma2Config, StruPruneGemma2ForCausalLM),
+        (StruPruneGemma3TextConfig, StruPruneGemma3ForCausalLM),
+    ]
 
 #: stock model_type -> (config class, model class) of its pruned variant
 PRUNED_CLASSES = {
@@ -175,7 +190,7 @@ PRUNED_CLASSES = {
         (StruPruneMistralConfig, StruPruneMistralForCausalLM),
         (StruPruneQwen2Config, StruPruneQwen2ForCausalLM),
         (StruPruneOPTConfig, StruPruneOPTForCausalLM),
-        *([(StruPruneQwen3Config, StruPruneQwen3ForCausalLM)] if Qwen3Config is not None else []),
+        *_OPTIONAL,
     ]
 }
 

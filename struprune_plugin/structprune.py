@@ -124,7 +124,7 @@ def prune_layer_structprune(
     """
     geometry = geometry_of(lv)
     plan = LayerPlan.dense(geometry)
-    graph = build_layer_graph(lv, trace.hidden, trace.kwargs)
+    graph = build_layer_graph(lv, trace.hidden, trace.kwargs_for(lv.layer))
     rec = None
     all_kinds = reallocate is not None or (split is not None and any(remove.values()))
     if remove.get("heads") or all_kinds:

@@ -13,6 +13,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -72,6 +76,34 @@ def make_model(family: str, layers: int = 2, seed: int = 0, **overrides) -> torc
                 num_attention_heads=8, num_key_value_heads=2, head_dim=16, intermediate_size=96, **common
             )
         )
+    elif family == "gemma3":  # MQA, head_dim != hidden/heads, sliding + global layers, q/k norms
+        model = Gemma3ForCausalLM(
+            Gemma3TextConfig(
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=32,
+                intermediate_size=96,
+                query_pre_attn_scalar=32,
+                sliding_window=8,
+                layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
+                **common,
+            )
+        )
+    elif family == "gemma2":  # GQA, attention and final-logit soft-capping, sliding + global layers
+        model = Gemma2ForCausalLM(
+            Gemma2Config(
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                intermediate_size=96,
+                query_pre_attn_scalar=16,
+                sliding_window=8,
+                attn_logit_softcapping=5.0,
+                final_logit_softcapping=3.0,
+                layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
+                **common,
+            )
+        )
     elif family == "opt":
         model = OPTForCausalLM(OPTConfig(ffn_dim=96, num_attention_heads=4, word_embed_proj_dim=64, **common))
     else:
@@ -84,7 +116,7 @@ def make_model(family: str, layers: int = 2, seed: int = 0, **overrides) -> torc
     return model.eval()
 
 
-FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "opt"]
+FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "opt"]
 
 
 @pytest.fixture(params=FAMILIES)

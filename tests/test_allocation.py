@@ -277,3 +277,18 @@ def test_global_threshold_budget_with_heads_and_channels(sparsity):
     assert abs(removed - sparsity * total) <= SMOL.mlp_channel_cost / 2 + 1e-6
     for k in counts:
         assert all(0 <= c <= s.max_remove and c % s.step == 0 for c, s in zip(counts[k], spaces[k]))
+
+
+@pytest.mark.parametrize("target", [30, 80, 140, 190, 255])
+def test_threshold_budget_lands_closest_when_small_steps_run_out(target):
+    """One layer, 6 MLP channels of 10 parameters (5 removable) and 3 heads of 100 (2 removable),
+    heads dearer per parameter: when the channels run out short of the target the split must still
+    take a head and hand channels back, landing as close as any combination can (brute force)."""
+    from struprune_plugin.allocation import threshold_budget
+
+    spaces = {"mlp": [UnitSpace(n=6, cost=10)], "heads": [UnitSpace(n=3, cost=100)]}
+    energies = {"mlp": [torch.arange(6.0)], "heads": [torch.tensor([5e3, 6e3, 7e3])]}
+    counts = threshold_budget(spaces, energies, target)
+    removed = counts["mlp"][0] * 10 + counts["heads"][0] * 100
+    best = min(abs(c * 10 + h * 100 - target) for c in range(6) for h in range(3))
+    assert abs(removed - target) == best

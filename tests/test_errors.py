@@ -114,33 +114,38 @@ def _small(config_cls, model_cls, **extra):
     return model_cls(config).eval()
 
 
+class _Adapter(torch.nn.Module):
+    """An extra residual branch the engine knows nothing of (as a LoRA-style or gated add-on)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(width, width)
+
+
+def _with_adapter(model):
+    for layer in model.model.layers:
+        layer.adapter = _Adapter(model.config.hidden_size)
+        layer.mlp.extra_gate = torch.nn.Linear(4, 4)
+    return model
+
+
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (
-            "gemma3",
-            r"Gemma3DecoderLayer holds modules .*pre_feedforward_layernorm, post_feedforward_layernorm",
-        ),
-        ("gemma2", r"Gemma2DecoderLayer holds modules .*pre_feedforward_layernorm"),
+        ("llama-adapter", r"LlamaDecoderLayer holds modules .*adapter, mlp.extra_gate"),
+        ("gemma3-adapter", r"Gemma3DecoderLayer holds modules .*adapter"),
         ("llama-tanh", r"activation Tanh is none of silu, gelu, gelu_tanh, relu"),
     ],
 )
 def test_layers_the_engine_was_not_built_for_are_refused_before_any_work(build, match):
-    """Gemma's layers carry the Llama module names (and passed detection), but add norms around the
-    MLP; an activation the solver has no exact steps for is refused too: nothing may be pruned on
-    assumptions untested for it."""
-    from transformers import (
-        Gemma2Config,
-        Gemma2ForCausalLM,
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    """A layer with modules the engine does not model (here an extra branch) passes the structural
+    detection by its Llama module names; an activation the solver has no exact steps for is refused
+    too: nothing may be pruned on assumptions untested for it."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
     model = {
-        "gemma3": lambda: _small(Gemma3TextConfig, Gemma3ForCausalLM),
-        "gemma2": lambda: _small(Gemma2Config, Gemma2ForCausalLM),
+        "llama-adapter": lambda: _with_adapter(_small(LlamaConfig, LlamaForCausalLM)),
+        "gemma3-adapter": lambda: _with_adapter(_small(Gemma3TextConfig, Gemma3ForCausalLM)),
         "llama-tanh": lambda: _small(LlamaConfig, LlamaForCausalLM, hidden_act="tanh"),
     }[build]()
     before = {k: v.clone() for k, v in model.state_dict().items()}
