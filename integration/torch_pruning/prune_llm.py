@@ -1,15 +1,20 @@
-"""Prune a Hugging Face causal LM with Torch-Pruning's BasePruner, in the style of Torch-Pruning's
-own `examples/LLMs/prune_llm.py`, with either its stock importance or StructPrune's.
+"""Prune a Hugging Face causal LM with a Torch-Pruning pruner, in the style of Torch-Pruning's
+own `examples/LLMs/prune_llm.py`, with its stock importance, StructPrune's, or StructPrune's solver.
 
 * `--importance magnitude`: Torch-Pruning's `GroupMagnitudeImportance(p=2, group_reduction="mean")`
   with the uniform LLM recipe (the same ratio for every layer's MLP and heads, hidden size kept).
 * `--importance structprune`: `StructPruneImportance` (Wanda-group scores from recorded
   calibration statistics) with StructPrune's per-layer allocation (`pruner_kwargs`).
+* `--pruner structprune`: `StructPrunePruner`, a BasePruner subclass whose `step()` runs
+  StructPrune's allocation and layer-wise solver (head choice + o_proj refit, ADMM MLP solver)
+  and cuts through per-layer DependencyGraphs: the model `prune_model` gives with the same config.
 
-Both prune the same share of the attention and MLP parameters through the same BasePruner;
-the script evaluates perplexity, saves the model (`save_pruned`) and writes a JSON report.
+All prune the same share of the attention and MLP parameters; the first two through the same
+BasePruner (no weight updates). The script evaluates perplexity, saves the model (`save_pruned`)
+and writes a JSON report.
 
     .venv/bin/python integration/torch_pruning/prune_llm.py --importance structprune --sparsity 0.3
+    .venv/bin/python integration/torch_pruning/prune_llm.py --pruner structprune --sparsity 0.3
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from struprune_plugin.tp_adapter import (
     pruner_kwargs,
     traceable,
 )
+from struprune_plugin.tp_pruner import StructPrunePruner
 from struprune_plugin.zoo import resolve_model
 
 
@@ -55,18 +61,23 @@ def uniform_kwargs(model, sparsity: float) -> dict:
 
 
 def update_results(stem: Path, report: dict, model: str) -> None:
-    """One row per (importance, sparsity) in a JSON list, and the Markdown table made from it."""
+    """One row per (pruner, importance, sparsity, temperature) in a JSON list, and the Markdown
+    table made from it. Rows written before `--pruner` existed are BasePruner rows."""
     path = stem.with_suffix(".json")
     rows = json.loads(path.read_text()) if path.exists() else []
 
     def key(r):
-        return (r["importance"], r["requested_sparsity"], r.get("temperature"))
+        return (r.get("pruner", "base"), r["importance"], r["requested_sparsity"], r.get("temperature"))
 
     rows = [r for r in rows if key(r) != key(report)] + [report]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1))
 
     def label(r):
+        if r.get("pruner") == "structprune":
+            t = r.get("temperature", math.inf)
+            allocation = "uniform (T = inf)" if t == math.inf else f"T = {t:g}"
+            return f"StructPrunePruner: allocation {allocation} + layer-wise solver (refits)"
         if r["importance"] == "magnitude":
             return "Torch-Pruning GroupMagnitudeImportance, uniform ratios"
         t = r.get("temperature", 1.0)
@@ -76,19 +87,29 @@ def update_results(stem: Path, report: dict, model: str) -> None:
         return f"StructPruneImportance, {allocation}"
 
     lines = [
-        "# Torch-Pruning BasePruner: stock importance vs StructPrune (`integration/torch_pruning/prune_llm.py`)",
+        "# Torch-Pruning pruners: stock importance vs StructPrune (`integration/torch_pruning/prune_llm.py`)",
         "",
-        f"Model {model}; both rows go through the same `tp.pruner.BasePruner` (hidden size kept, query "
-        "heads evenly within KV groups, at least two per K/V head); calibration for StructPrune "
+        f"Model {model}. The importance rows go through the same `tp.pruner.BasePruner` (hidden size "
+        "kept, query heads evenly within KV groups, at least two per K/V head; no weight updates). "
+        "The StructPrunePruner row is a BasePruner subclass whose `step()` runs StructPrune's "
+        "allocation and layer-wise solver (`prune_model`'s defaults: heads by energy with o_proj "
+        "refit, ADMM MLP solver) and cuts through per-layer DependencyGraphs; it is the model "
+        "`prune_model` gives (quality.md's structprune row). Calibration for StructPrune "
         "128 x 512 tokens of the Wikipedia train split (seed 0); perplexity protocol as in quality.md. "
-        "Time and peak RSS cover allocation, recording, graph building and pruning, on 2 CPU cores "
-        "shared with another benchmark, one thread.",
+        "Time and peak RSS cover allocation, recording, graph building, solving and pruning, on 2 CPU "
+        "cores shared with another benchmark, one thread.",
         "",
-        "| importance + allocation | sparsity (req / achieved) | params | ppl wiki | ppl news | prune s | peak MiB |",
+        "| pruner / importance + allocation | sparsity (req / achieved) | params | ppl wiki | ppl news | prune s | peak MiB |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(
-        rows, key=lambda r: (r["requested_sparsity"], r["importance"], -(r.get("temperature") or 0))
+        rows,
+        key=lambda r: (
+            r["requested_sparsity"],
+            r.get("pruner", "base"),
+            r["importance"],
+            -(r.get("temperature") or 0),
+        ),
     ):
         ppl = r["perplexity"]
         lines.append(
@@ -102,7 +123,19 @@ def update_results(stem: Path, report: dict, model: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--importance", choices=("magnitude", "structprune"), default="structprune")
+    parser.add_argument(
+        "--pruner",
+        choices=("base", "structprune"),
+        default="base",
+        help="base: tp.pruner.BasePruner with --importance; structprune: StructPrunePruner (allocation "
+        "+ layer-wise solver, the model prune_model gives)",
+    )
+    parser.add_argument(
+        "--importance",
+        choices=("magnitude", "structprune"),
+        default="structprune",
+        help="BasePruner's importance (--pruner base only)",
+    )
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument(
         "--temperature", type=float, default=math.inf, help="StructPrune allocation; inf = uniform"
@@ -118,10 +151,12 @@ def main() -> int:
         help="stem of the shared results table (.json/.md); '' to skip",
     )
     args = parser.parse_args()
+    if args.pruner == "structprune" and args.importance != "structprune":
+        parser.error("--importance is BasePruner's; StructPrunePruner's solver decides what goes")
     folder = resolve_model(args.model)
+    kind = "solver" if args.pruner == "structprune" else args.importance
     output = (
-        args.output
-        or Path("runs/torch_pruning") / f"{folder.name}-tp-{args.importance}-{round(args.sparsity * 100)}"
+        args.output or Path("runs/torch_pruning") / f"{folder.name}-tp-{kind}-{round(args.sparsity * 100)}"
     )
     check_output_folder(output, [folder], overwrite=True)  # before the work, not after it
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -134,7 +169,23 @@ def main() -> int:
     prunable_before = prunable_parameter_count(model)
     start = time.perf_counter()
     with RssSampler() as rss:
-        if args.importance == "magnitude":
+        if args.pruner == "structprune":
+            pruner = StructPrunePruner(
+                model,
+                example,
+                calib,
+                pruning_ratio=args.sparsity,
+                config=PruneConfig(temperature=args.temperature),
+                progress=True,
+            )
+            pruner.step()  # prune_model's bookkeeping included: no finish() needed
+            allocation = {
+                "counts": {
+                    "heads": [r.heads[0] - r.heads[1] for r in pruner.result.layers],
+                    "mlp": [r.mlp[0] - r.mlp[1] for r in pruner.result.layers],
+                }
+            }
+        elif args.importance == "magnitude":
             importance = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
             kwargs, allocation = uniform_kwargs(model, args.sparsity), None
         else:
@@ -145,11 +196,12 @@ def main() -> int:
             with torch.no_grad(), importance.record(model):  # full model resident: Torch-Pruning's way
                 for batch in calib.split(8):
                     model(input_ids=batch, use_cache=False)
-        with traceable(model):
-            pruner = tp.pruner.BasePruner(model, example, importance, **kwargs)
-        for group in pruner.step(interactive=True):
-            group.prune()
-        finish(model)
+        if args.pruner == "base":
+            with traceable(model):
+                pruner = tp.pruner.BasePruner(model, example, importance, **kwargs)
+            for group in pruner.step(interactive=True):
+                group.prune()
+            finish(model)
     seconds = time.perf_counter() - start
     achieved = 1 - prunable_parameter_count(model) / prunable_before
     print(f"pruned {achieved:.4f} of the prunable parameters in {seconds:.0f} s", file=sys.stderr)
@@ -165,7 +217,8 @@ def main() -> int:
     ppl = evaluate_texts(model, tokenizer, eval_args, progress=False)
     views = model_view(model).layer_views()
     report = {
-        "importance": args.importance,
+        "pruner": args.pruner,
+        "importance": "solver" if args.pruner == "structprune" else args.importance,
         "temperature": args.temperature if args.importance == "structprune" else None,
         "requested_sparsity": args.sparsity,
         "achieved_sparsity": achieved,
@@ -175,6 +228,7 @@ def main() -> int:
         "perplexity": {k: v["ppl"] for k, v in ppl.items()},
         "layers": [(lv.num_heads, lv.intermediate_size) for lv in views],
         "allocation": allocation["counts"] if allocation else None,
+        "threads": torch.get_num_threads(),
         "calibration": {
             "split": "wiki_train",
             "samples": args.calib_samples,
