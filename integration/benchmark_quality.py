@@ -1,8 +1,10 @@
 """Quality benchmark: every method at 20/30/50 % structured sparsity, plus StructPrune ablations at 30 %.
 
-Protocol (fixed, stated in the table): SmolLM2-135M-Instruct in float32; calibration 128 windows of
-512 tokens sampled from the Wikipedia train split (seed 0); perplexity over the full Wikipedia test
-split and the full news text in non-overlapping 512-token windows without BOS. Ablation rows are
+Protocol (fixed, stated in the table): the model in float32 (SmolLM2-135M-Instruct by default,
+`--model gemma3-270m` for Gemma-3-270M); calibration 128 windows of 512 tokens sampled from the
+Wikipedia train split (seed 0); perplexity over the full Wikipedia test split and the full news text
+in non-overlapping 512-token windows, with a BOS token on every window (evaluation and
+calibration) where the model's tokenizer adds one (Gemma: yes; SmolLM2: no). Ablation rows are
 evaluated on the Wikipedia test split only (an evaluation costs minutes on two CPU cores).
 
 Every row runs `struprune prune` in its own process, so wall time and peak memory do not mix. The
@@ -13,6 +15,7 @@ results accumulate in integration/results/quality.json: a row already there is s
     .venv/bin/python integration/benchmark_quality.py --rows structprune-30 flap-30
     .venv/bin/python integration/benchmark_quality.py --list         # row names
     .venv/bin/python integration/benchmark_quality.py --report-only  # table and plots from the JSON
+    .venv/bin/python integration/benchmark_quality.py --model gemma3-270m --group main  # -> quality_gemma3
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ RESULTS = HERE / "results"
 METHODS = ("magnitude", "wanda-sp", "flap", "global", "structprune")
 SPARSITIES = (0.3, 0.2, 0.5)  # 30 % first: the ablations compare against it
 FULL_TEXTS = "wiki_test,news"
+#: Per model: the name tables use, the default results stem, and flags a method needs on it. Gemma
+#: cannot carry the o_proj/down_proj biases FLAP's compensation writes (transformers' Gemma has no
+#: mlp_bias), so its FLAP rows run without compensation and say so.
+MODELS = {
+    "smollm2": {"title": "SmolLM2-135M-Instruct", "stem": "quality", "flags": {}},
+    "gemma3-270m": {
+        "title": "Gemma-3-270M (base)",
+        "stem": "quality_gemma3",
+        "flags": {"flap": ["--no-bias-compensation"]},
+        "labels": {"flap": "flap (no bias compensation)"},
+    },
+}
 
 
 @dataclass
@@ -138,6 +153,7 @@ def run_row(row: Row, args) -> dict:
         "--overwrite",
         "--no-progress",
         *row.flags,
+        *MODELS.get(args.model, {}).get("flags", {}).get(row.method, []),
     ]
     print("$", " ".join(cmd[2:]), flush=True)
     start = time.perf_counter()
@@ -153,8 +169,16 @@ def row_from_report(row: Row, folder: Path, wall_seconds: float | None, args) ->
     def get(text, which):
         return ppl.get(text, {}).get(which, {}).get("ppl")
 
+    model = MODELS.get(args.model, {})
     return {
         **asdict(row),
+        "label": row.label or model.get("labels", {}).get(row.method, ""),
+        "model": args.model,
+        "bos": {
+            "evaluation": next(iter(ppl.values()), {}).get("pruned", {}).get("bos"),
+            "calibration": (report.get("calibration") or {}).get("bos"),
+        },
+        "tokens": {text: value.get("pruned", {}).get("tokens") for text, value in ppl.items()},
         "achieved": report["pruning"]["achieved_sparsity"],
         "params": report["params"]["total_after"],
         "params_dense": report["params"]["total_before"],
@@ -211,7 +235,19 @@ def temperature_of(row: dict) -> str:
     return flags[flags.index("--temperature") + 1] if "--temperature" in flags else "inf"
 
 
-def render(results: dict[str, dict], rows: list[Row], calib_samples: int) -> str:
+def _tokens(rows: list[dict], text: str) -> str:
+    counts = {r.get("tokens", {}).get(text) for r in rows} - {None}
+    return f"{counts.pop():,}" if len(counts) == 1 else {"wiki_test": "58,254", "news": "75,117"}[text]
+
+
+def _bos_text(rows: list[dict]) -> str:
+    used = {(r.get("bos") or {}).get("evaluation") for r in rows} - {None}
+    if used == {True}:
+        return "a BOS token on every evaluation and calibration window (the tokenizer adds one)"
+    return "no BOS (the tokenizer adds none)"
+
+
+def render(results: dict[str, dict], rows: list[Row], calib_samples: int, model: str = "smollm2") -> str:
     done = [results[r.name] for r in rows if r.name in results]
     main = [r for r in done if r["group"] == "main"]
     ablations = [r for r in done if r["group"] == "ablation"]
@@ -225,10 +261,11 @@ def render(results: dict[str, dict], rows: list[Row], calib_samples: int) -> str
     lines = [
         "# Quality benchmark (`integration/benchmark_quality.py`)",
         "",
-        f"SmolLM2-135M-Instruct (float32) on {machine.get('device', 'cpu')}, {machine.get('cpus')} CPU cores. "
+        f"{MODELS[model]['title']} (float32) on {machine.get('device', 'cpu')}, {machine.get('cpus')} CPU cores. "
         f"Calibration: {calib_samples} x 512 tokens from the Wikipedia train split (seed 0). Perplexity: "
-        "full Wikipedia test split (58,254 tokens) and news text (75,117 tokens), non-overlapping "
-        "512-token windows, no BOS. Sparsity = removed share of the attention and MLP linears' "
+        f"full Wikipedia test split ({_tokens(done, 'wiki_test')} tokens) and news text "
+        f"({_tokens(done, 'news')} tokens), non-overlapping 512-token windows, "
+        f"{_bos_text(done)}. Sparsity = removed share of the attention and MLP linears' "
         "parameters. Peak = peak RSS of the pruning process on CPU (model included), CUDA max "
         "allocated on a GPU.",
         "",
@@ -300,7 +337,7 @@ def _ablation_table(rows, results, prefix, default_name, title, mark) -> list[st
     return lines
 
 
-def plot(results: dict[str, dict], out: Path) -> list[Path]:
+def plot(results: dict[str, dict], out: Path, model: str = "smollm2") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -317,7 +354,7 @@ def plot(results: dict[str, dict], out: Path) -> list[Path]:
     if dense:
         ax.axhline(dense, color="grey", ls="--", lw=1, label="dense")
     ax.set(xlabel="structured sparsity", ylabel="Wikipedia test ppl (log)", yscale="log")
-    ax.set_title("SmolLM2-135M: perplexity vs sparsity")
+    ax.set_title(f"{MODELS[model]['title']}: perplexity vs sparsity")
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out.with_name(out.name + "_ppl_vs_sparsity.png"))
@@ -384,8 +421,13 @@ def main() -> None:
         help="mark the stored --rows' times as not comparable (why: see the table's footnotes), run nothing",
     )
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
-    parser.add_argument("--out", type=Path, default=RESULTS / "quality", help="stem of .json/.md/.png")
+    parser.add_argument("--out", type=Path, default=None, help="stem of .json/.md/.png (default per model)")
     args = parser.parse_args()
+    if args.model not in MODELS:
+        parser.error(f"--model must be one of {sorted(MODELS)}")
+    args.out = args.out or RESULTS / MODELS[args.model]["stem"]
+    if args.runs == Path("runs/quality") and args.model != "smollm2":
+        args.runs = Path("runs") / MODELS[args.model]["stem"]
     rows = planned_rows()
     if args.list:
         for r in rows:
@@ -419,10 +461,10 @@ def main() -> None:
         results = {r["name"]: r for r in json.loads(json_path.read_text())} if json_path.exists() else {}
         results[row.name] = row_result
         write_atomic(json_path, json.dumps(list(results.values()), indent=1))
-        write_atomic(args.out.with_suffix(".md"), render(results, rows, args.calib_samples))
-    table = render(results, rows, args.calib_samples)
+        write_atomic(args.out.with_suffix(".md"), render(results, rows, args.calib_samples, args.model))
+    table = render(results, rows, args.calib_samples, args.model)
     write_atomic(args.out.with_suffix(".md"), table)
-    for path in plot(results, args.out):
+    for path in plot(results, args.out, args.model):
         print("plot:", path)
     print(table)
 

@@ -77,7 +77,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         "--bos",
         choices=("auto", "on", "off"),
         default="auto",
-        help="prepend BOS to each window: auto = where the tokenizer adds one",
+        help="prepend BOS to each evaluation and calibration window: auto = where the tokenizer adds one",
     )
 
 
@@ -427,14 +427,16 @@ def cmd_prune(args) -> int:
     calibration = None
     if METHOD_NEEDS_CALIBRATION[args.method]:
         text, origin = calibration_text(args)
+        bos = _bos(args.bos, tokenizer)
         calibration = sample_calibration(
-            tokenize(tokenizer, text), args.calib_samples, args.calib_len, args.seed
+            tokenize(tokenizer, text), args.calib_samples, args.calib_len, args.seed, bos_token_id=bos
         )
         report["calibration"] = {
             **origin,
             "samples": args.calib_samples,
             "seq_len": args.calib_len,
             "seed": args.seed,
+            "bos": bos is not None,
         }
     result = prune_model(model, calibration, config, inplace=True, progress=progress)
     pruned = result.model

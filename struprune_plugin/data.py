@@ -163,9 +163,13 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def sample_calibration(
-    token_ids: torch.Tensor, num_samples: int, seq_len: int, seed: int = 0
+    token_ids: torch.Tensor, num_samples: int, seq_len: int, seed: int = 0, bos_token_id: int | None = None
 ) -> torch.Tensor:
-    """`num_samples` random windows of `seq_len` tokens (SparseGPT/Wanda style), reproducible by seed."""
+    """`num_samples` random windows of `seq_len` tokens (SparseGPT/Wanda style), reproducible by seed.
+
+    With `bos_token_id` every window is BOS + `seq_len - 1` text tokens, as the model sees text in
+    evaluation: models trained with a BOS on every sequence (Gemma) put an attention sink with very
+    large activations on it, and calibrating without one fits the layers to inputs they never see."""
     if num_samples < 1 or seq_len < 2:
         raise CalibrationDataError(
             f"calibration needs at least 1 sample of at least 2 tokens "
@@ -179,4 +183,7 @@ def sample_calibration(
         )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, token_ids.numel() - seq_len, (num_samples,), generator=generator)
-    return torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()])
+    windows = torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()])
+    if bos_token_id is not None:
+        windows = torch.cat([torch.full_like(windows[:, :1], bos_token_id), windows[:, :-1]], dim=1)
+    return windows

@@ -198,3 +198,23 @@ def test_skip_layers_must_exist_and_leave_something():
         prune_model(model, calib, PruneConfig(method="wanda-sp", skip_layers=(5,)), progress=False)
     with pytest.raises(StructPruneError, match="every decoder layer"):
         prune_model(model, calib, PruneConfig(method="wanda-sp", skip_layers=(0, 1)), progress=False)
+
+
+def test_layer_by_layer_walk_reproduces_the_models_own_forward(family):
+    """The engine replays each decoder layer alone from captured inputs. With interleaved attention
+    kinds (Gemma: sliding-window and global layers, different masks and RoPE tables) each layer must
+    get its own kind's kwargs: the walk must equal the model's own hidden states, on windows longer
+    than the sliding window (8 tokens in the tiny configs) so that the masks differ."""
+    from struprune_plugin.engine import capture_layer_inputs, layer_forward
+
+    model = make_model(family, layers=4, seed=5)
+    ids = torch.randint(0, VOCAB, (3, 24))
+    view = model_view(model)
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
+        (batch,) = capture_layer_inputs(model, view, [ids], torch.device("cpu"))
+        assert torch.equal(batch.hidden, reference[0])
+        for i, layer in enumerate(view.layers[:-1]):  # the last hidden state is after the final norm
+            batch.hidden = layer_forward(layer, batch)
+            assert torch.allclose(batch.hidden, reference[i + 1], atol=1e-5), f"layer {i}"
+    assert all("forward" not in vars(layer) for layer in view.layers)  # the pass-through is undone
