@@ -42,3 +42,16 @@ def test_calibration_sampler_is_reproducible():
 def test_calibration_errors(n, length, match):
     with pytest.raises(CalibrationDataError, match=match):
         sample_calibration(torch.arange(1000), n, length)
+
+
+def test_calibration_windows_start_with_bos_when_asked():
+    """BOS + seq_len - 1 text tokens per window (same starts as without), so the token budget
+    and the seeded sampling stay the same and only the sink token is added."""
+    from struprune_plugin.data import sample_calibration
+
+    ids = torch.arange(1000) + 10
+    plain = sample_calibration(ids, 6, 32, seed=3)
+    with_bos = sample_calibration(ids, 6, 32, seed=3, bos_token_id=2)
+    assert with_bos.shape == plain.shape == (6, 32)
+    assert (with_bos[:, 0] == 2).all()
+    assert torch.equal(with_bos[:, 1:], plain[:, :-1])
