@@ -3,6 +3,13 @@
 Detection is structural (module names and types), not by `model_type`, so Llama, Mistral, Qwen2,
 Qwen3 (q_norm/k_norm) and OPT are all recognised, and a model that merely subclasses one of them
 works too. Everything else in the plugin talks to a `LayerView`, never to raw attribute names.
+
+Phi-3 (and Phi-4-mini) fuse q/k/v into one `qkv_proj` and gate/up into one `gate_up_proj`. Their
+views expose q, k, v, gate and up as `RowBlock`s, row ranges of the fused linear with the
+`.weight` / `.bias` / `.out_features` a separate projection would have, so every score, energy and
+solver reads (and every refit writes) the same rows whatever the layout. A fused layout is
+accepted only for Phi-3's own classes: the row order (all Q heads, then K, then V; gate, then up)
+is a convention of the forward, not visible in module names or shapes.
 """
 
 from __future__ import annotations
@@ -15,24 +22,70 @@ from torch import nn
 from .admm import ACTIVATIONS
 from .errors import UnsupportedArchitectureError
 from .groups import LayerGeometry
+from .modeling_struprune import set_layer_query_heads
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows [start, stop) of a fused linear, standing in for the separate projection they replace.
+
+    `.weight` and `.bias` are views of the fused parameters, so reading them costs nothing and an
+    in-place write under `torch.no_grad()` (a refit's `weight.copy_`) lands in the fused module. A
+    block is tied to the fused module's current shape: take a fresh `LayerView` after surgery.
+    """
+
+    linear: nn.Linear
+    start: int
+    stop: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight[self.start : self.stop]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.linear.bias is None else self.linear.bias[self.start : self.stop]
+
+    @property
+    def out_features(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+
+#: A projection as the solvers see it: its own Linear, or its rows of a fused one.
+Projection = nn.Linear | RowBlock
 
 
 @dataclass(frozen=True)
 class LayerView:
     """The prunable modules of one decoder layer and the shapes that tie them together."""
 
-    family: str  # "llama" (gated SiLU MLP, RoPE, GQA) or "opt" (fc1/ReLU/fc2, learned positions)
+    family: str  # "llama" (gated MLP, RoPE, GQA), "phi3" (the same, fused) or "opt" (fc1/ReLU/fc2)
     layer: nn.Module
     attn: nn.Module
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
+    q: Projection
+    k: Projection
+    v: Projection
     o: nn.Linear
-    mlp_in: tuple[nn.Linear, ...]  # (gate, up) or (fc1,): their output rows are the MLP channels
+    mlp_in: tuple[Projection, ...]  # (gate, up) or (fc1,): their output rows are the MLP channels
     mlp_out: nn.Linear  # down or fc2: its input columns are the MLP channels
     head_dim: int
     head_norm_weights: tuple[nn.Parameter, ...]  # Qwen3 q_norm/k_norm act on head_dim: never pruned
     activation: str = "silu"  # the MLP's own activation (admm.ACTIVATIONS), which the solver uses
+    fused_qkv: nn.Linear | None = None  # Phi-3 qkv_proj, whose row blocks q, k and v are
+    fused_mlp_in: nn.Linear | None = None  # Phi-3 gate_up_proj, whose row blocks mlp_in are
+
+    @property
+    def fused(self) -> bool:
+        return self.fused_qkv is not None
+
+    @property
+    def gated(self) -> bool:
+        """A gated MLP (gate and up rows per channel), which the ADMM block solver handles."""
+        return len(self.mlp_in) == 2
 
     @property
     def num_heads(self) -> int:
@@ -52,15 +105,28 @@ class LayerView:
 
     @property
     def attention_linears(self) -> tuple[nn.Linear, ...]:
-        return (self.q, self.k, self.v, self.o)
+        """The attention's modules, each once (a fused qkv_proj is one module, not three)."""
+        return (self.fused_qkv, self.o) if self.fused_qkv is not None else (self.q, self.k, self.v, self.o)
+
+    @property
+    def mlp_linears(self) -> tuple[nn.Linear, ...]:
+        mlp_in = (self.fused_mlp_in,) if self.fused_mlp_in is not None else self.mlp_in
+        return (*mlp_in, self.mlp_out)
 
     @property
     def linears(self) -> tuple[nn.Linear, ...]:
-        return (*self.attention_linears, *self.mlp_in, self.mlp_out)
+        """Every module holding prunable parameters, each once (parameter counts sum over these)."""
+        return (*self.attention_linears, *self.mlp_linears)
 
     def input_taps(self) -> dict[str, nn.Linear]:
-        """One linear per distinct input the layer's linears see (q/k/v share one, gate/up another)."""
-        return {"attn_in": self.q, "o_in": self.o, "mlp_in": self.mlp_in[0], "mlp_hidden": self.mlp_out}
+        """One linear per distinct input the layer's linears see (q/k/v share one, gate/up another):
+        real modules, since the recorders hook their forward."""
+        return {
+            "attn_in": self.fused_qkv if self.fused_qkv is not None else self.q,
+            "o_in": self.o,
+            "mlp_in": self.fused_mlp_in if self.fused_mlp_in is not None else self.mlp_in[0],
+            "mlp_hidden": self.mlp_out,
+        }
 
     def refresh_bookkeeping(self) -> None:
         """Set the attributes HF attention reads at run time after heads or channels were removed."""
@@ -78,6 +144,10 @@ class LayerView:
         mlp = getattr(self.layer, "mlp", None)
         if mlp is not None and hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = self.intermediate_size
+        if self.fused:
+            # Phi-3 splits qkv at config.num_attention_heads * head_dim (the model-wide config),
+            # and K at self.num_key_value_heads; gate_up is chunked in halves and needs nothing.
+            set_layer_query_heads(self.attn, self.num_heads)
 
 
 @dataclass(frozen=True)
@@ -98,6 +168,9 @@ class ModelView:
 
 _ATTN_NAMES = ("self_attn",)
 _LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
+#: The classes whose fused row order (qkv: Q heads, K heads, V heads; gate_up: gate, up) the Phi-3
+#: views assume. Found in the MRO by name, so subclasses qualify and no import is needed.
+_PHI3_CLASSES = {"attn": "Phi3Attention", "mlp": "Phi3MLP"}
 
 #: The submodules each family's solver, surgery and checkpoint code were built and tested for. A
 #: layer with others is refused: extra modules are never silently ignored. Gemma 2/3 layers add
@@ -118,6 +191,19 @@ _KNOWN_CHILDREN = {
         "self_attn": {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "rotary_emb"},
         "mlp": {*_LLAMA_MLP, "act_fn"},
     },
+    "phi3": {
+        # the residual dropouts are identities in eval mode, where every pass of the engine runs
+        "layer": {
+            "self_attn",
+            "mlp",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "resid_attn_dropout",
+            "resid_mlp_dropout",
+        },
+        "self_attn": {"qkv_proj", "o_proj"},
+        "mlp": {"gate_up_proj", "down_proj", "activation_fn"},
+    },
     "opt": {
         "layer": {
             "self_attn",
@@ -134,13 +220,16 @@ _KNOWN_CHILDREN = {
 #: The MLP activations each family's code handles: the gated MLP's solver is exact for each of
 #: ACTIVATIONS (its auxiliary-variable steps and refits use the function itself); OPT's fc1 -> ReLU
 #: -> fc2 path was built and tested for ReLU.
-_FAMILY_ACTIVATIONS = {"llama": tuple(ACTIVATIONS), "opt": ("relu",)}
+_FAMILY_ACTIVATIONS = {"llama": tuple(ACTIVATIONS), "phi3": tuple(ACTIVATIONS), "opt": ("relu",)}
 
 
 def mlp_activation(layer: nn.Module, family: str) -> str:
     """The name (a key of admm.ACTIVATIONS) of the function the layer's MLP applies, identified by
     evaluating the module itself rather than trusting a config string, or an error naming it."""
-    act = layer.mlp.act_fn if family == "llama" else layer.activation_fn
+    if family == "opt":
+        act = layer.activation_fn
+    else:
+        act = layer.mlp.activation_fn if family == "phi3" else layer.mlp.act_fn
     probe = torch.linspace(-6, 6, 97)
     for name in _FAMILY_ACTIVATIONS[family]:
         try:
@@ -171,7 +260,7 @@ def check_understood(layer: nn.Module, family: str) -> None:
         raise UnsupportedArchitectureError(
             f"decoder layer {type(layer).__name__} holds modules the engine does not model: "
             f"{', '.join(extra)}. Pruning it would rest on untested assumptions (e.g. norms around the "
-            "MLP change what the refits fit). Supported: Llama, Mistral, Qwen2, Qwen3, Gemma 2/3 and OPT layers"
+            "MLP change what the refits fit). Supported: Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3 and OPT layers"
         )
     mlp_activation(layer, family)
 
@@ -188,8 +277,34 @@ def _find_backbone(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
             return module, layers
     raise UnsupportedArchitectureError(
         f"{type(model).__name__}: found no decoder layers (looked for model.layers and "
-        "model.decoder.layers as an nn.ModuleList). Supported: Llama, Mistral, Qwen2, Qwen3, OPT "
-        "causal LMs from transformers"
+        "model.decoder.layers as an nn.ModuleList). Supported: Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, "
+        "Phi-3 and OPT causal LMs from transformers"
+    )
+
+
+def _is_class(module: nn.Module | None, name: str) -> bool:
+    return module is not None and any(cls.__name__ == name for cls in type(module).__mro__)
+
+
+def _detect_fused(layer: nn.Module, attn: nn.Module) -> str | None:
+    """The family of a layer with fused projections ("phi3"), None for separate ones, and an error
+    for another model's fused layout, whose row order nothing here knows (GPT-NeoX and InternLM2
+    interleave heads)."""
+    qkv = getattr(attn, "qkv_proj", None)
+    mlp = getattr(layer, "mlp", None)
+    if not isinstance(qkv, nn.Linear) and not isinstance(getattr(mlp, "gate_up_proj", None), nn.Linear):
+        return None
+    if (
+        _is_class(attn, _PHI3_CLASSES["attn"])
+        and _is_class(mlp, _PHI3_CLASSES["mlp"])
+        and all(isinstance(getattr(m, n, None), nn.Linear) for m, n in ((attn, "o_proj"), (mlp, "down_proj")))
+    ):
+        return "phi3"
+    raise UnsupportedArchitectureError(
+        f"decoder layer {type(layer).__name__} fuses its projections ({type(attn).__name__}.qkv_proj "
+        "or mlp.gate_up_proj), and fused layouts are supported for Phi-3 / Phi-4-mini only "
+        f"({_PHI3_CLASSES['attn']} and {_PHI3_CLASSES['mlp']}, whose row order is known): the order "
+        "of heads and channels inside a fused weight is a convention of the model's forward"
     )
 
 
@@ -198,8 +313,11 @@ def detect_family(layer: nn.Module) -> str:
     if attn is None:
         raise UnsupportedArchitectureError(
             f"decoder layer {type(layer).__name__} has no `self_attn` module; supported families "
-            "are LLaMA-style (Llama, Mistral, Qwen2, Qwen3) and OPT"
+            "are LLaMA-style (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3), Phi-3 and OPT"
         )
+    fused = _detect_fused(layer, attn)
+    if fused is not None:
+        return fused
     missing = [n for n in ("q_proj", "k_proj", "v_proj") if not isinstance(getattr(attn, n, None), nn.Linear)]
     if not isinstance(getattr(attn, "o_proj", None), nn.Linear) and not isinstance(
         getattr(attn, "out_proj", None), nn.Linear
@@ -208,7 +326,7 @@ def detect_family(layer: nn.Module) -> str:
     if missing:
         raise UnsupportedArchitectureError(
             f"attention {type(attn).__name__} lacks separate Linear modules {missing} "
-            "(fused qkv projections are not supported yet)"
+            "(of fused qkv projections, only Phi-3's qkv_proj is supported)"
         )
     mlp = getattr(layer, "mlp", None)
     if mlp is not None and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in _LLAMA_MLP):
@@ -234,6 +352,8 @@ def layer_view(layer: nn.Module, family: str | None = None) -> LayerView:
         for n in ("q_norm", "k_norm")
         if getattr(attn, n, None) is not None and getattr(getattr(attn, n), "weight", None) is not None
     )
+    if family == "phi3":
+        return _fused_view(layer, head_dim)
     if family == "llama":
         mlp = layer.mlp
         mlp_in, mlp_out, out = (mlp.gate_proj, mlp.up_proj), mlp.down_proj, attn.o_proj
@@ -252,6 +372,39 @@ def layer_view(layer: nn.Module, family: str | None = None) -> LayerView:
         head_dim=head_dim,
         head_norm_weights=norms,
         activation=mlp_activation(layer, family),
+    )
+
+
+def _fused_view(layer: nn.Module, head_dim: int) -> LayerView:
+    """Phi-3: q, k, v and gate, up as row blocks of qkv_proj and gate_up_proj.
+
+    The split comes from the weights' shapes (o_proj's input is the query rows, down_proj's the
+    MLP width), not from attributes that may lag behind a surgery."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, gate_up, o, down = attn.qkv_proj, mlp.gate_up_proj, attn.o_proj, mlp.down_proj
+    q_rows, width = o.in_features, down.in_features
+    kv_rows, odd = divmod(qkv.out_features - q_rows, 2)
+    if odd or kv_rows <= 0 or q_rows % head_dim or kv_rows % head_dim or gate_up.out_features != 2 * width:
+        raise UnsupportedArchitectureError(
+            f"{type(layer).__name__}: qkv_proj has {qkv.out_features} rows for o_proj's {q_rows} query "
+            f"inputs and gate_up_proj {gate_up.out_features} rows for down_proj's {width} inputs; "
+            f"no split into whole heads of {head_dim} (Q, then K and V alike) and gate/up halves fits"
+        )
+    return LayerView(
+        family="phi3",
+        layer=layer,
+        attn=attn,
+        q=RowBlock(qkv, 0, q_rows),
+        k=RowBlock(qkv, q_rows, q_rows + kv_rows),
+        v=RowBlock(qkv, q_rows + kv_rows, q_rows + 2 * kv_rows),
+        o=o,
+        mlp_in=(RowBlock(gate_up, 0, width), RowBlock(gate_up, width, 2 * width)),
+        mlp_out=down,
+        head_dim=head_dim,
+        head_norm_weights=(),
+        activation=mlp_activation(layer, "phi3"),
+        fused_qkv=qkv,
+        fused_mlp_in=gate_up,
     )
 
 
@@ -319,6 +472,14 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
     for lv, n_q, n_kv, width in zip(view.layer_views(), *counts):
         attn = lv.attn
         hidden = lv.hidden_size
+        if lv.fused:
+            attn.qkv_proj = _resized_linear(attn.qkv_proj, hidden, (n_q + 2 * n_kv) * hd)
+            attn.o_proj = _resized_linear(lv.o, n_q * hd, hidden)
+            mlp = lv.layer.mlp
+            mlp.gate_up_proj = _resized_linear(mlp.gate_up_proj, hidden, 2 * width)
+            mlp.down_proj = _resized_linear(mlp.down_proj, width, hidden)
+            layer_view(lv.layer, lv.family).refresh_bookkeeping()
+            continue
         attn.q_proj = _resized_linear(lv.q, hidden, n_q * hd)
         attn.k_proj = _resized_linear(lv.k, hidden, n_kv * hd)
         attn.v_proj = _resized_linear(lv.v, hidden, n_kv * hd)
@@ -386,7 +547,7 @@ def enable_output_biases(model: nn.Module, view: ModelView) -> None:
             "StructPrune with bias_refit=False (no --bias-refit)"
         )
     for lv in view.layer_views():
-        for linear in (lv.q, lv.k, lv.v, lv.o, *lv.mlp_in, lv.mlp_out):
+        for linear in lv.linears:
             if linear.bias is None:
                 linear.bias = nn.Parameter(
                     torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)

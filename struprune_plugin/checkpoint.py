@@ -39,7 +39,7 @@ LAYOUT_KEY = "struprune_layout"
 def _plain_fields(layout: dict) -> dict:
     """The stock config fields that express a uniform layout (OPT derives head_dim from hidden/heads,
     so its head counts cannot be expressed and stay in the layout only)."""
-    if layout["family"] == "llama":
+    if layout["family"] in ("llama", "phi3"):
         return {
             "head_dim": layout["head_dim"],
             "num_attention_heads": layout["num_attention_heads"][0],
@@ -49,26 +49,35 @@ def _plain_fields(layout: dict) -> dict:
     return {"ffn_dim": layout["intermediate_sizes"][0]}
 
 
+_ABSENT = object()
+
+
 def record_layout(model: nn.Module) -> dict:
     """Store the per-layer layout in the config; mirror it into the stock fields when uniform.
 
     transformers 5 validates some fields (e.g. LlamaConfig wants hidden % heads == 0 even with an
-    explicit head_dim); a uniform layout it refuses is kept in the layout key only.
+    explicit head_dim), and some config classes check when they are built from config.json (Phi-3's
+    longrope factors must match hidden / heads, on the 4.5x line in `__init__`): a uniform layout the
+    config class refuses either way is kept in the layout key only.
     """
     layout = layer_layout(model)
     config = model.config
     setattr(config, LAYOUT_KEY, layout)
     if is_uniform(layout):
         fields = _plain_fields(layout)
-        saved = {k: getattr(config, k, None) for k in fields}
+        saved = {k: getattr(config, k, _ABSENT) for k in fields}
         try:
             for key, value in fields.items():
                 setattr(config, key, value)
             if hasattr(config, "validate"):  # transformers 5; the 4.5x line has no validate()
                 config.validate()
+            type(config).from_dict(config.to_dict())  # what loading config.json will do
         except Exception:  # transformers raises several types here; restore and fall back
             for key, value in saved.items():
-                setattr(config, key, value)
+                if value is _ABSENT:  # e.g. Phi3Config has no head_dim: None would be read as one
+                    vars(config).pop(key, None)
+                else:
+                    setattr(config, key, value)
     return layout
 
 
@@ -146,21 +155,7 @@ def check_weights_match_layout(folder: str | os.PathLike, layout: dict) -> None:
         zip(layout["num_attention_heads"], layout["num_key_value_heads"], layout["intermediate_sizes"])
     ):
         prefix = f"model.decoder.layers.{i}." if opt else f"model.layers.{i}."
-        expected = {
-            "self_attn.q_proj.weight": (0, n_q * hd),
-            "self_attn.k_proj.weight": (0, n_kv * hd),
-            "self_attn.v_proj.weight": (0, n_kv * hd),
-            ("self_attn.out_proj.weight" if opt else "self_attn.o_proj.weight"): (1, n_q * hd),
-            **(
-                {"fc1.weight": (0, width), "fc2.weight": (1, width)}
-                if opt
-                else {
-                    "mlp.gate_proj.weight": (0, width),
-                    "mlp.up_proj.weight": (0, width),
-                    "mlp.down_proj.weight": (1, width),
-                }
-            ),
-        }
+        expected = _expected_sizes(layout["family"], n_q * hd, n_kv * hd, width)
         for suffix, (dim, size) in expected.items():
             shape = shapes.get(prefix + suffix)
             if shape is None or shape[dim] != size:
@@ -170,6 +165,35 @@ def check_weights_match_layout(folder: str | os.PathLike, layout: dict) -> None:
                     "come from different runs. Fix: re-save the pruned model (save_pruned) or restore "
                     "the matching config.json"
                 )
+
+
+def _expected_sizes(family: str, q_rows: int, kv_rows: int, width: int) -> dict[str, tuple[int, int]]:
+    """Stored tensor name (within a layer) -> (dim, size) that the layout fixes."""
+    if family == "opt":
+        return {
+            "self_attn.q_proj.weight": (0, q_rows),
+            "self_attn.k_proj.weight": (0, kv_rows),
+            "self_attn.v_proj.weight": (0, kv_rows),
+            "self_attn.out_proj.weight": (1, q_rows),
+            "fc1.weight": (0, width),
+            "fc2.weight": (1, width),
+        }
+    if family == "phi3":  # fused: Q, K and V rows in one tensor, gate and up rows in another
+        return {
+            "self_attn.qkv_proj.weight": (0, q_rows + 2 * kv_rows),
+            "self_attn.o_proj.weight": (1, q_rows),
+            "mlp.gate_up_proj.weight": (0, 2 * width),
+            "mlp.down_proj.weight": (1, width),
+        }
+    return {
+        "self_attn.q_proj.weight": (0, q_rows),
+        "self_attn.k_proj.weight": (0, kv_rows),
+        "self_attn.v_proj.weight": (0, kv_rows),
+        "self_attn.o_proj.weight": (1, q_rows),
+        "mlp.gate_proj.weight": (0, width),
+        "mlp.up_proj.weight": (0, width),
+        "mlp.down_proj.weight": (1, width),
+    }
 
 
 def needs_layout_loader(config) -> bool:

@@ -2,7 +2,7 @@
 
 transformers builds every decoder layer from one config, so a checkpoint with per-layer head counts
 or MLP widths fails `from_pretrained` with size mismatches. These classes subclass the stock ones
-(Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, OPT): the config carries `struprune_layout` (per-layer query heads,
+(Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3, OPT): the config carries `struprune_layout` (per-layer query heads,
 K/V heads and MLP widths) and the model shrinks each layer to it right after the stock
 constructor, before any weight is loaded. Parameter names, forward, generate and the KV cache are
 the stock ones (HF attention reshapes with -1 heads, and the cache is per layer).
@@ -39,6 +39,10 @@ try:  # Gemma 2 arrived in transformers 4.42, Gemma 3 (text-only causal LM) in 4
     from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 except ImportError:  # pragma: no cover - older transformers
     Gemma2Config = Gemma2ForCausalLM = Gemma3ForCausalLM = Gemma3TextConfig = None
+try:  # Phi-3 (and Phi-4-mini, which shares its classes) arrived in transformers 4.40
+    from transformers import Phi3Config, Phi3ForCausalLM
+except ImportError:  # pragma: no cover - older transformers
+    Phi3Config = Phi3ForCausalLM = None
 
 LAYOUT_KEY = "struprune_layout"
 MODEL_TYPE_PREFIX = "struprune_"
@@ -95,6 +99,53 @@ def check_layout(config, layout: dict) -> None:
             )
 
 
+class LayerConfig:
+    """One decoder layer's view of the model config: the shared config, except for the fields
+    this layer overrides.
+
+    Phi-3 attention splits its fused qkv_proj output at `self.config.num_attention_heads *
+    head_dim`, read from the model-wide config on every call, so a layer that lost query heads
+    needs its own count there. Everything else (attention implementation, sliding window, later
+    `set_attn_implementation` calls) must stay the shared config's, so reads and writes of any
+    other field go to it; the layer keeps no copy that could drift.
+    """
+
+    def __init__(self, base, **overrides) -> None:
+        object.__setattr__(self, "_struprune_base", base)
+        object.__setattr__(self, "_struprune_overrides", dict(overrides))
+
+    def __getattr__(self, name: str):
+        # Only reached for names not in the instance dict. A half-built copy (deepcopy, pickle)
+        # has no base yet and must not recurse into one.
+        own = object.__getattribute__(self, "__dict__")
+        if name.startswith("__") or "_struprune_base" not in own:
+            raise AttributeError(name)
+        if name in own["_struprune_overrides"]:
+            return own["_struprune_overrides"][name]
+        return getattr(own["_struprune_base"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._struprune_overrides:
+            self._struprune_overrides[name] = value
+        else:
+            setattr(self._struprune_base, name, value)
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({self._struprune_overrides}, base={type(self._struprune_base).__name__})"
+
+
+def set_layer_query_heads(attn: nn.Module, num_heads: int) -> None:
+    """Give a fused-qkv attention (Phi-3) its own query head count (see LayerConfig).
+
+    Applied on every call, also when the count equals the model's: the model config's own field
+    may change later (a uniform layout is mirrored into it on save) and the layer must not follow.
+    A config that already is a layer view (of this file or of a copy shipped with a checkpoint)
+    is unwrapped, never nested."""
+    config = attn.config
+    base = vars(config).get("_struprune_base", config)
+    attn.config = LayerConfig(base, num_attention_heads=num_heads)
+
+
 def apply_layout(model: nn.Module, layout: dict) -> None:
     """Shrink every decoder layer to the widths `layout` records (weights are loaded afterwards)."""
     check_layout(model.config, layout)
@@ -103,11 +154,19 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
     hd = int(layout["head_dim"])
     for layer, n_q, n_kv, width in zip(layers, *counts):
         attn = layer.self_attn
-        hidden = attn.q_proj.in_features
-        attn.q_proj = _resized(attn.q_proj, hidden, n_q * hd)
-        attn.k_proj = _resized(attn.k_proj, hidden, n_kv * hd)
-        attn.v_proj = _resized(attn.v_proj, hidden, n_kv * hd)
-        if hasattr(attn, "o_proj"):
+        if hasattr(attn, "qkv_proj"):  # Phi-3: rows of all Q heads, then K heads, then V heads
+            hidden = attn.qkv_proj.in_features
+            attn.qkv_proj = _resized(attn.qkv_proj, hidden, (n_q + 2 * n_kv) * hd)
+            attn.o_proj = _resized(attn.o_proj, n_q * hd, hidden)
+            mlp = layer.mlp  # gate_up_proj: the gate rows, then the up rows
+            mlp.gate_up_proj = _resized(mlp.gate_up_proj, hidden, 2 * width)
+            mlp.down_proj = _resized(mlp.down_proj, width, hidden)
+            set_layer_query_heads(attn, n_q)
+        elif hasattr(attn, "o_proj"):
+            hidden = attn.q_proj.in_features
+            attn.q_proj = _resized(attn.q_proj, hidden, n_q * hd)
+            attn.k_proj = _resized(attn.k_proj, hidden, n_kv * hd)
+            attn.v_proj = _resized(attn.v_proj, hidden, n_kv * hd)
             attn.o_proj = _resized(attn.o_proj, n_q * hd, hidden)
             mlp = layer.mlp
             mlp.gate_proj = _resized(mlp.gate_proj, hidden, width)
@@ -116,6 +175,10 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = width
         else:  # OPT
+            hidden = attn.q_proj.in_features
+            attn.q_proj = _resized(attn.q_proj, hidden, n_q * hd)
+            attn.k_proj = _resized(attn.k_proj, hidden, n_kv * hd)
+            attn.v_proj = _resized(attn.v_proj, hidden, n_kv * hd)
             attn.out_proj = _resized(attn.out_proj, n_q * hd, hidden)
             layer.fc1 = _resized(layer.fc1, hidden, width)
             layer.fc2 = _resized(layer.fc2, width, hidden)
@@ -181,6 +244,9 @@ if Gemma3TextConfig is not None:
         (StruPruneGemma2Config, StruPruneGemma2ForCausalLM),
         (StruPruneGemma3TextConfig, StruPruneGemma3ForCausalLM),
     ]
+if Phi3Config is not None:
+    StruPrunePhi3Config, StruPrunePhi3ForCausalLM = _pruned_classes(Phi3Config, Phi3ForCausalLM)
+    _OPTIONAL.append((StruPrunePhi3Config, StruPrunePhi3ForCausalLM))
 
 #: stock model_type -> (config class, model class) of its pruned variant
 PRUNED_CLASSES = {

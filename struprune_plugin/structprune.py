@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .admm import ADMMConfig, refit_output_columns, solve_gated_mlp
-from .architectures import LayerView, ModelView, geometry_of
+from .architectures import LayerView, ModelView, Projection, geometry_of
 from .energies import LayerMoments, head_energy, layer_energy, mlp_channel_energy
 from .groups import LayerPlan, choose_channels, choose_heads, head_channels, resolve_head_unit, unit_space
 from .stats import InputRecorder
@@ -155,7 +155,7 @@ def prune_layer_structprune(
     del rec
     if remove.get("mlp"):
         keep_count = geometry.intermediate - remove["mlp"]
-        gated = lv.family == "llama"
+        gated = lv.gated
         with (
             torch.no_grad(),
             InputRecorder(
@@ -167,8 +167,7 @@ def prune_layer_structprune(
         ):
             for b in batches:
                 forward(lv.layer, b)
-        # (module, weight after surgery, bias shift or None)
-        updates: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor | None]] = []
+        sol = refitted = None
         if gated:
             x = torch.cat(rec.stats["mlp_in"].inputs)
             sol = solve_gated_mlp(
@@ -180,11 +179,6 @@ def prune_layer_structprune(
                 admm_config(config, lv.activation),
             )
             plan.keep_mlp = sol.keep
-            updates = [
-                (lv.mlp_in[0], sol.w_gate, None),
-                (lv.mlp_in[1], sol.w_up, None),
-                (lv.mlp_out, sol.w_down, sol.down_bias_shift),
-            ]
         else:
             moments = LayerMoments.from_stats(rec.stats)
             scores = mlp_channel_energy(
@@ -192,16 +186,17 @@ def prune_layer_structprune(
             )
             plan.keep_mlp = choose_channels(scores, remove["mlp"])
             if config.refit:
-                w, shift = _refit(lv.mlp_out, rec.stats["mlp_hidden"], plan.keep_mlp, config.bias_refit)
-                updates = [(lv.mlp_out, w, shift)]
+                refitted = _refit(lv.mlp_out, rec.stats["mlp_hidden"], plan.keep_mlp, config.bias_refit)
         mlp_only = LayerPlan(plan.keep_mlp, list(range(lv.num_heads)), list(range(lv.num_kv_heads)))
         lv = prune_layer(lv, mlp_only, graph)
-        for (
-            module,
-            weight,
-            shift,
-        ) in updates:  # Torch-Pruning edits modules in place: these are the pruned ones
-            _assign(module, weight, shift)
+        # The new weights go where the pruned view says: gate and up may be row blocks of one fused
+        # linear (Phi-3), whose offsets moved when it shrank.
+        if sol is not None:
+            _assign(lv.mlp_in[0], sol.w_gate, None)
+            _assign(lv.mlp_in[1], sol.w_up, None)
+            _assign(lv.mlp_out, sol.w_down, sol.down_bias_shift)
+        elif refitted is not None:
+            _assign(lv.mlp_out, *refitted)
     del graph
     return lv, plan
 
@@ -213,7 +208,9 @@ def _refit(linear: torch.nn.Linear, moments, keep: list[int], intercept: bool):
     return refit_output_columns(linear.weight.detach(), gram, keep, 0.01, mean)
 
 
-def _assign(linear: torch.nn.Linear, weight: torch.Tensor, shift: torch.Tensor | None) -> None:
+def _assign(linear: Projection, weight: torch.Tensor, shift: torch.Tensor | None) -> None:
+    """Write a solver's weight (and bias shift) into a module, or into a fused module's row block
+    through the view its `.weight` is."""
     with torch.no_grad():
         linear.weight.copy_(weight)
         if shift is not None:

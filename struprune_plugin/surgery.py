@@ -10,6 +10,13 @@ Two workarounds are needed on transformers 5 (see Torch-Pruning issue #527): RoP
 loop forever, so while tracing we swap in a slice-free element-wise stand-in (whole heads are
 removed and head_dim is never pruned, so RoPE needs no coupling); and we trace with eager
 attention, because only `repeat_kv`'s expand lets Torch-Pruning see the GQA coupling.
+
+Fused layers (Phi-3's qkv_proj and gate_up_proj) take the other path, and only that one: the graph
+cannot express "the same channel index in two parts of one linear" (an MLP channel is a gate row
+*and* the up row I rows further; a KV head is rows in the K part *and* the V part), so no graph is
+built and the coupled rows and columns are stated explicitly, from the layer view's row blocks,
+and removed with the same per-module Torch-Pruning functions the graph would call. The modules
+stay fused, smaller: the checkpoint keeps the stock parameter names.
 """
 
 from __future__ import annotations
@@ -65,8 +72,14 @@ def traceable(module: nn.Module, config=None) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def build_layer_graph(lv: LayerView, example_input: torch.Tensor, layer_kwargs: dict) -> tp.DependencyGraph:
-    """Trace one decoder layer on a small example (its captured hidden states and call kwargs)."""
+def build_layer_graph(
+    lv: LayerView, example_input: torch.Tensor, layer_kwargs: dict
+) -> tp.DependencyGraph | None:
+    """Trace one decoder layer on a small example (its captured hidden states and call kwargs).
+
+    None for a fused layer: its surgery states the coupling itself (see `prune_layer`)."""
+    if lv.fused:
+        return None
 
     def forward(module, x):
         out = module(x, **layer_kwargs)
@@ -96,15 +109,55 @@ def _check_targets(group, allowed: set[nn.Module], what: str) -> None:
             )
 
 
-def prune_layer(lv: LayerView, plan: LayerPlan, graph: tp.DependencyGraph) -> LayerView:
-    """Remove what `plan` does not keep; return the refreshed view of the (same) layer module."""
+def _prune_fused(lv: LayerView, remove_mlp: list[int], remove_q: list[int], remove_kv: list[int]) -> None:
+    """Phi-3 surgery by index selection: every group's rows in each part of a fused linear.
+
+    A query head is its rows in the Q part of qkv_proj and its o_proj columns; a KV head its rows
+    in the K part and in the V part; an MLP channel its gate row, its up row and its down_proj
+    column. Row offsets come from the view's row blocks, taken before anything shrinks."""
+    hd = lv.head_dim
+    if remove_mlp:
+        gate, up = lv.mlp_in
+        rows = [gate.start + c for c in remove_mlp] + [up.start + c for c in remove_mlp]
+        tp.prune_linear_out_channels(lv.fused_mlp_in, rows)
+        tp.prune_linear_in_channels(lv.mlp_out, remove_mlp)
+    if remove_q:
+        q_channels, kv_channels = head_channels(remove_q, hd), head_channels(remove_kv, hd)
+        rows = [lv.q.start + c for c in q_channels]
+        rows += [block.start + c for block in (lv.k, lv.v) for c in kv_channels]
+        tp.prune_linear_out_channels(lv.fused_qkv, rows)
+        tp.prune_linear_in_channels(lv.o, q_channels)
+
+
+def prune_layer(lv: LayerView, plan: LayerPlan, graph: tp.DependencyGraph | None) -> LayerView:
+    """Remove what `plan` does not keep; return the refreshed view of the (same) layer module.
+
+    Non-fused layers go through `graph` (from `build_layer_graph`); fused ones (graph None) through
+    `_prune_fused`. Either way the modules are edited in place and the view's bookkeeping refreshed."""
     remove_mlp = sorted(set(range(lv.intermediate_size)) - set(plan.keep_mlp))
+    remove_q = sorted(set(range(lv.num_heads)) - set(plan.keep_heads))
+    remove_kv = sorted(set(range(lv.num_kv_heads)) - set(plan.keep_kv_heads))
+    if remove_kv and not remove_q:
+        raise UnsupportedArchitectureError("a plan cannot drop K/V heads while keeping all query heads")
+    if lv.fused:
+        _prune_fused(lv, remove_mlp, remove_q, remove_kv)
+    elif graph is None:
+        raise ValueError("prune_layer needs the layer's DependencyGraph (build_layer_graph) for this layer")
+    else:
+        _prune_with_graph(lv, graph, remove_mlp, remove_q, remove_kv)
+    updated = layer_view(lv.layer, lv.family)
+    updated.refresh_bookkeeping()
+    return updated
+
+
+def _prune_with_graph(
+    lv: LayerView, graph: tp.DependencyGraph, remove_mlp: list[int], remove_q: list[int], remove_kv: list[int]
+) -> None:
+    """Separate projections: Torch-Pruning's groups from the layer's DependencyGraph."""
     if remove_mlp:
         group = graph.get_pruning_group(lv.mlp_out, tp.prune_linear_in_channels, remove_mlp)
         _check_targets(group, {*lv.mlp_in, lv.mlp_out}, "MLP channels")
         group.prune()
-    remove_q = sorted(set(range(lv.num_heads)) - set(plan.keep_heads))
-    remove_kv = sorted(set(range(lv.num_kv_heads)) - set(plan.keep_kv_heads))
     if remove_q:
         hd = lv.head_dim
         group = graph.get_pruning_group(lv.o, tp.prune_linear_in_channels, head_channels(remove_q, hd))
@@ -121,8 +174,3 @@ def prune_layer(lv: LayerView, plan: LayerPlan, graph: tp.DependencyGraph) -> La
         for module in (lv.k, lv.v):
             if kv_channels and module not in seen_kv:
                 tp.prune_linear_out_channels(module, kv_channels)
-    elif remove_kv:
-        raise UnsupportedArchitectureError("a plan cannot drop K/V heads while keeping all query heads")
-    updated = layer_view(lv.layer, lv.family)
-    updated.refresh_bookkeeping()
-    return updated

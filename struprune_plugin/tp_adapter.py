@@ -36,7 +36,7 @@ from torch_pruning.pruner import function
 from .architectures import geometry_of, model_view
 from .checkpoint import record_layout
 from .engine import PruneConfig, allocate_layers
-from .errors import NonFiniteActivationError, StructPruneError
+from .errors import NonFiniteActivationError, StructPruneError, UnsupportedArchitectureError
 from .groups import resolve_head_unit
 from .stats import FeatureMoments
 from .surgery import traceable
@@ -201,6 +201,7 @@ def pruner_kwargs(
     pruner inside `with traceable(model):`.
     """
     config = dataclasses.replace(config or PruneConfig(method="structprune"), sparsity=sparsity)
+    _refuse_fused(model_view(model))  # before the energy pass, not after it
     # Torch-Pruning 1.6.1 stops treating a layer as GQA once its query heads equal its K/V heads,
     # then refuses the head group silently: keep at least two query heads on every K/V head.
     config.min_query_per_kv = max(config.min_query_per_kv, 2)
@@ -208,6 +209,17 @@ def pruner_kwargs(
     kwargs = kwargs_for_counts(model, counts, config.head_unit)
     kwargs["allocation"] = {"counts": counts, "energies": energies}
     return kwargs
+
+
+def _refuse_fused(view) -> None:
+    """BasePruner's graph cannot couple "the same index in two parts of one linear" (Phi-3's fused
+    qkv_proj and gate_up_proj): it would cut one block and leave the other, or refuse silently."""
+    if view.layer(0).fused:
+        raise UnsupportedArchitectureError(
+            "Torch-Pruning's BasePruner cannot prune fused projections (Phi-3's qkv_proj and "
+            "gate_up_proj: a head or MLP channel is rows in two or three parts of one linear). Fix: "
+            "prune with struprune_plugin.prune_model (or the CLI), whose surgery splits fused rows itself"
+        )
 
 
 def kwargs_for_counts(model: nn.Module, counts: dict[str, list[int]], head_unit: str = "auto") -> dict:
@@ -219,6 +231,7 @@ def kwargs_for_counts(model: nn.Module, counts: dict[str, list[int]], head_unit:
     q_norm/k_norm weights); `forward_fn`/`output_transform` suit HF causal LMs.
     """
     view = model_view(model)
+    _refuse_fused(view)
     ratio_dict, head_dict, num_heads, ignored = {}, {}, {}, []
     for i, lv in enumerate(view.layer_views()):
         if "mlp" in counts:

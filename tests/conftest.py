@@ -23,6 +23,8 @@ from transformers import (
     MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -104,6 +106,17 @@ def make_model(family: str, layers: int = 2, seed: int = 0, **overrides) -> torc
                 **common,
             )
         )
+    elif family == "phi3":  # fused qkv_proj / gate_up_proj; GQA and partial RoPE as in Phi-4-mini
+        phi3 = dict(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            partial_rotary_factor=0.75,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=None,  # the default (32000) lies outside the tiny vocabulary
+        )
+        model = Phi3ForCausalLM(Phi3Config(**{**phi3, **common}))
     elif family == "opt":
         model = OPTForCausalLM(OPTConfig(ffn_dim=96, num_attention_heads=4, word_embed_proj_dim=64, **common))
     else:
@@ -116,7 +129,7 @@ def make_model(family: str, layers: int = 2, seed: int = 0, **overrides) -> torc
     return model.eval()
 
 
-FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "opt"]
+FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "opt"]
 
 
 @pytest.fixture(params=FAMILIES)

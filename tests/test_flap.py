@@ -14,7 +14,7 @@ from struprune_plugin.errors import UnsupportedArchitectureError
 from struprune_plugin.flap import compensate, fluctuation, standardise
 
 
-@pytest.mark.parametrize("family", ["llama", "llama_mha", "qwen2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "llama_mha", "qwen2", "phi3", "opt"])
 def test_without_compensation_it_equals_the_masked_model_at_budget(family):
     model = make_model(family, layers=3)
     calib = torch.randint(0, VOCAB, (6, 24))

@@ -65,7 +65,7 @@ torch.save({"logits": out, "gen": gen, "cls": type(model).__name__}, sys.argv[3]
 """
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "opt"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "opt"])
 def test_trust_remote_code_loads_without_the_plugin(family, tmp_path):
     pruned = nonuniform(family)
     out = save_pruned(pruned, tmp_path / "p")
@@ -138,6 +138,91 @@ def test_equal_widths_give_a_plain_stock_config(tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(out)
     assert type(stock).__name__ == "Qwen2ForCausalLM"
     assert torch.equal(logits(stock, ids), logits(result.model, ids))
+
+
+def stored_names(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        return set(f.keys())
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_phi3_checkpoints_keep_the_fused_stock_names(uniform, tmp_path):
+    """Phi-3 stays fused after pruning (one smaller qkv_proj and gate_up_proj per layer), so the
+    folder holds exactly the stock parameter names; equal widths load with stock Phi3ForCausalLM,
+    which needs the pruned head count and an explicit head_dim in the plain config."""
+    from transformers import Phi3ForCausalLM
+
+    model = make_model("phi3", layers=3)
+    settings = {"equal_widths": True} if uniform else {"method": "structprune", "temperature": 1.0}
+    pruned = _prune(model, kind_split="ratio", admm_iterations=1, **settings)  # heads and channels
+    assert (len(set(widths(pruned))) == 1) == uniform
+    assert max(w[0] for w in widths(pruned)) < model.config.num_attention_heads
+    out = save_pruned(pruned, tmp_path / "p")
+    assert stored_names(out) == set(model.state_dict())
+    assert {n for n in stored_names(out) if "layers.0." in n} == {
+        f"model.layers.0.{n}.weight"
+        for n in (
+            "self_attn.qkv_proj",
+            "self_attn.o_proj",
+            "mlp.gate_up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        )
+    }
+    ids = torch.randint(0, VOCAB, (2, 11))
+    if uniform:
+        config = json.loads((out / "config.json").read_text())
+        assert config["model_type"] == "phi3" and not (out / "modeling_struprune.py").exists()
+        assert (config["num_attention_heads"], config["head_dim"]) == (widths(pruned)[0][0], 8)
+        loaded = Phi3ForCausalLM.from_pretrained(out)
+        assert type(loaded) is Phi3ForCausalLM
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert widths(loaded) == widths(pruned)
+    assert torch.equal(logits(loaded, ids), logits(pruned, ids))
+    assert torch.equal(load_pruned(out)(input_ids=ids).logits, logits(pruned, ids))
+
+
+def longrope(config) -> dict:
+    """Phi-3-128k / Phi-4-mini style long RoPE, in whichever form this transformers reads; its
+    factors have one entry per rotary frequency, a length the config checks against hidden / heads."""
+    factors = {
+        "short_factor": [1.0, 1.1, 1.2],  # rotary dims: 8 * 0.75 = 6, so 3 frequencies
+        "long_factor": [1.5, 2.0, 3.0],
+    }
+    if hasattr(config, "rope_parameters"):  # transformers 5
+        return {
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+                **factors,
+            }
+        }
+    return {"rope_scaling": {"type": "longrope", **factors}}
+
+
+def test_phi3_longrope_with_fewer_heads_reloads(tmp_path):
+    """Equal widths with fewer heads break Phi3Config's longrope check (factors must number
+    hidden / heads * partial / 2), so such a config cannot be a plain one: the layout loader
+    keeps the original head count in config.json and rebuilds the layers, on both lines."""
+    probe = make_model("phi3")
+    model = make_model("phi3", layers=3, original_max_position_embeddings=32, **longrope(probe.config))
+    long_ids = torch.randint(0, VOCAB, (1, 40))  # past original_max_position_embeddings: the long factors
+    short = make_model("phi3", layers=3)
+    assert not torch.allclose(logits(model, long_ids), logits(short, long_ids))
+    pruned = _prune(model, equal_widths=True)
+    assert len(set(widths(pruned))) == 1 and widths(pruned)[0][0] < 8
+    out = save_pruned(pruned, tmp_path / "p")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "struprune_phi3" and config["num_attention_heads"] == 8
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert widths(loaded) == widths(pruned)
+    assert torch.equal(logits(loaded, long_ids), logits(pruned, long_ids))
+    assert torch.equal(load_pruned(out)(input_ids=long_ids).logits, logits(pruned, long_ids))
 
 
 def test_equal_widths_need_uniform_allocation():

@@ -38,7 +38,7 @@ def heads(model):
     return [lv.num_heads for lv in model_view(model).layer_views()]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3"])
 def test_per_layer_widths_export_and_generate_token_for_token(family, tmp_path):
     pruned = _pruned(family)
     assert (
