@@ -65,7 +65,7 @@ torch.save({"logits": out, "gen": gen, "cls": type(model).__name__}, sys.argv[3]
 """
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "opt"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gemma2", "phi3", "opt"])
 def test_trust_remote_code_loads_without_the_plugin(family, tmp_path):
     pruned = nonuniform(family)
     out = save_pruned(pruned, tmp_path / "p")
@@ -234,3 +234,13 @@ def test_the_shipped_modeling_file_imports_nothing_from_the_plugin():
     source = (Path(__file__).parent.parent / "struprune_plugin" / "modeling_struprune.py").read_text()
     assert "struprune_plugin" not in source.replace('"struprune_plugin"', "")
     assert "from ." not in source
+
+
+def test_every_pruned_class_is_importable_under_its_own_name():
+    """`auto_map` names the classes by `__name__`; remote code looks them up in the module by that
+    name, so each must be a module attribute of exactly that name (Gemma 3's config once was not)."""
+    from struprune_plugin import modeling_struprune
+
+    for config_cls, model_cls in modeling_struprune.PRUNED_CLASSES.values():
+        for cls in (config_cls, model_cls):
+            assert getattr(modeling_struprune, cls.__name__) is cls
