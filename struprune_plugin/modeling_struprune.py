@@ -237,9 +237,7 @@ if Qwen3Config is not None:
     _OPTIONAL.append((StruPruneQwen3Config, StruPruneQwen3ForCausalLM))
 if Gemma3TextConfig is not None:
     StruPruneGemma2Config, StruPruneGemma2ForCausalLM = _pruned_classes(Gemma2Config, Gemma2ForCausalLM)
-    StruPruneGemma3Config, StruPruneGemma3ForCausalLM = _pruned_classes(
-        Gemma3TextConfig, Gemma3ForCausalLM
-    )
+    StruPruneGemma3Config, StruPruneGemma3ForCausalLM = _pruned_classes(Gemma3TextConfig, Gemma3ForCausalLM)
     _OPTIONAL += [
         (StruPruneGemma2Config, StruPruneGemma2ForCausalLM),
         (StruPruneGemma3Config, StruPruneGemma3ForCausalLM),
