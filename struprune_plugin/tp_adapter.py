@@ -257,6 +257,10 @@ def kwargs_for_counts(model: nn.Module, counts: dict[str, list[int]], head_unit:
         "pruning_ratio_dict": ratio_dict,
         "head_pruning_ratio_dict": head_dict,
         "num_heads": num_heads,
+        # BasePruner's defaults for these are shared dicts that its constructor writes num_heads
+        # into: every later pruner in the process would inherit this model's modules. Fresh ones.
+        "in_channel_groups": {},
+        "out_channel_groups": {},
         "prune_num_heads": True,
         "prune_head_dims": False,
         "ignored_layers": ignored,

@@ -4,6 +4,8 @@ a CNN and a ViT."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch_pruning as tp
@@ -83,12 +85,18 @@ def _plans_from_weights(dense, pruned) -> list[LayerPlan]:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def _shared_defaults() -> dict:
+    params = inspect.signature(tp.pruner.BasePruner.__init__).parameters
+    return {k: dict(params[k].default) for k in ("in_channel_groups", "out_channel_groups")}
+
+
 def test_base_pruner_with_structprune_allocation_equals_masked_original(family):
     model = make_model(family, layers=3)
     dense = make_model(family, layers=3)
     ids = torch.randint(0, VOCAB, (4, 16))
     kwargs = pruner_kwargs(model, ids, 0.35, PruneConfig(temperature=0.5, energy_samples=None))
     counts = kwargs.pop("allocation")["counts"]
+    shared_before = _shared_defaults()
     imp = StructPruneImportance()
     _record(model, imp, ids)
     with traceable(model):
@@ -104,6 +112,8 @@ def test_base_pruner_with_structprune_allocation_equals_masked_original(family):
     ids2 = torch.randint(0, VOCAB, (2, 11))
     diff = (logits(model, ids2) - logits(masked_reference(dense, plans), ids2)).abs().max()
     assert diff <= 1e-5
+    # BasePruner's shared default dicts are left alone: no state leaks into the next pruner
+    assert _shared_defaults() == shared_before
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
