@@ -84,12 +84,12 @@ def _plans_from_weights(dense, pruned) -> list[LayerPlan]:
     return plans
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def _shared_defaults() -> dict:
     params = inspect.signature(tp.pruner.BasePruner.__init__).parameters
     return {k: dict(params[k].default) for k in ("in_channel_groups", "out_channel_groups")}
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_base_pruner_with_structprune_allocation_equals_masked_original(family):
     model = make_model(family, layers=3)
     dense = make_model(family, layers=3)
