@@ -37,7 +37,10 @@ from .groups import LayerPlan, head_channels
 
 
 def _rope_elementwise(q, k, cos, sin, *args, **kwargs):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """RoPE's channel coupling for the tracer: each q/k channel maps to itself. The tables are
+    reduced to one factor per position, so partial rotary (Phi-3: cos narrower than head_dim)
+    broadcasts too; the traced values are never used."""
+    cos, sin = cos.mean(-1, keepdim=True).unsqueeze(1), sin.mean(-1, keepdim=True).unsqueeze(1)
     return q * cos + q * sin, k * cos + k * sin
 
 

@@ -35,7 +35,7 @@ def _assert_same_model(got, expected) -> None:
     assert torch.allclose(logits(got, ids), logits(expected, ids), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "opt"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "opt"])
 def test_step_gives_the_model_prune_model_gives(family):
     model = make_model(family, layers=2)
     dense = copy.deepcopy(model)
