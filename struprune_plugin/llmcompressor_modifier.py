@@ -190,6 +190,7 @@ class StructPruneModifier(Modifier):
     def _record_inputs(self, index: int, module, args, kwargs):
         batches = self._pending.get(index)
         if batches is not None:
+            _check_causal_mask(index, module, kwargs)
             batches.append(LayerBatch.from_call(args, kwargs, torch.device(self._config.device)))
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
@@ -249,6 +250,22 @@ class StructPruneModifier(Modifier):
         logger.info(
             f"StructPrune layer {index}: heads {record.heads[0]}->{record.heads[1]}, "
             f"MLP {record.mlp[0]}->{record.mlp[1]} ({record.seconds:.1f}s)"
+        )
+
+
+def _check_causal_mask(index: int, layer: torch.nn.Module, kwargs: dict) -> None:
+    """llm-compressor calibrates under eager attention, which applies a causal mask only when one
+    is passed. Its sequential pipeline hands Phi-3's layers none (llmcompressor 0.14.0.1), so every
+    token would attend to later ones: the solver would fit a computation the model never runs, and
+    the pipeline's own propagation to the next layer is wrong too. Refuse rather than prune on it."""
+    attn = getattr(layer, "self_attn", None)
+    implementation = getattr(getattr(attn, "config", None), "_attn_implementation", None)
+    if implementation == "eager" and kwargs.get("attention_mask") is None:
+        raise CalibrationDataError(
+            f"llm-compressor's pipeline called decoder layer {index} ({type(layer).__name__}) under eager "
+            "attention without an attention mask, so it would attend to future tokens (seen with Phi-3 on "
+            "llmcompressor 0.14). Fix: prune with struprune (`struprune prune` or prune_model, which run "
+            "the model's own causal attention), then run the rest of the recipe on the pruned folder"
         )
 
 

@@ -251,3 +251,33 @@ def test_oneshot_calibrates_on_a_local_jsonl_file(tiny, tmp_path):
     assert 1 - prunable(pruned) / prunable(reference) == pytest.approx(0.3, abs=0.01)
     ids = torch.randint(3, 4096, (1, 12))
     assert torch.equal(logits(load_pruned(tmp_path / "out"), ids), logits(pruned, ids))
+
+
+def test_modifier_on_gemma3_equals_the_engine(tiny, tmp_path):
+    """Gemma 3 interleaves sliding-window and global layers: llm-compressor's pipeline hands each
+    layer its own mask, the engine its kind's; both must prune alike."""
+    from conftest import VOCAB, make_model
+
+    _, tokenizer, _ = tiny
+    make_model("gemma3", layers=3, seed=4).save_pretrained(tmp_path / "dense")  # oneshot wants a name
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
+    torch.manual_seed(1)
+    ids = torch.randint(3, VOCAB, (SAMPLES, LENGTH))  # 32 tokens: wider than the 8-token window
+    settings = dict(sparsity=0.4, admm_iterations=1, kind_split="energy")
+    reference = prune_model(copy.deepcopy(model), ids, PruneConfig(**settings, batch_size=1), progress=False)
+    pruned = run_oneshot(model, tokenizer, ids, [StructPruneModifier(**settings)])
+    assert widths(pruned) != widths(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"))
+    assert_same_pruning(pruned, reference.model)
+
+
+def test_modifier_refuses_layers_called_without_a_causal_mask(tiny, tmp_path):
+    """llm-compressor 0.14 calibrates Phi-3 under eager attention with no mask (non-causal): the
+    modifier refuses instead of fitting that computation."""
+    from conftest import VOCAB, make_model
+
+    _, tokenizer, _ = tiny
+    make_model("phi3", layers=2, seed=4).save_pretrained(tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
+    ids = torch.randint(3, VOCAB, (SAMPLES, LENGTH))
+    with pytest.raises(Exception, match="without an attention mask, so it would attend to future tokens"):
+        run_oneshot(model, tokenizer, ids, [StructPruneModifier(sparsity=0.3)])
