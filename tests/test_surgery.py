@@ -45,7 +45,7 @@ def test_pruned_equals_masked(family, unit):
     view = model_view(model)
     example = capture_layer_inputs(model, view, [torch.randint(0, VOCAB, (1, 12))], torch.device("cpu"))[0]
     for lv, plan in zip(view.layer_views(), plans):
-        graph = build_layer_graph(lv, example.hidden, example.kwargs)
+        graph = build_layer_graph(lv, example.hidden, example.kwargs_for(lv.layer))
         pruned = prune_layer(lv, plan, graph)
         assert (pruned.num_heads, pruned.num_kv_heads, pruned.intermediate_size) == (
             len(plan.keep_heads),
