@@ -50,6 +50,8 @@ def test_prune_eval_report(cache, tiny_trained_dir, capsys):
     assert abs(report["pruning"]["achieved_sparsity"] - 0.3) < 0.01
     ppl = report["perplexity"]["wiki_test"]
     assert ppl["dense"]["ppl"] < ppl["pruned"]["ppl"] < 10 * ppl["dense"]["ppl"]
+    # the tiny model's tokenizer adds no BOS: none on calibration or evaluation windows, and said so
+    assert report["calibration"]["bos"] is False and ppl["pruned"]["bos"] is False
     assert (out / "layer_widths.png").stat().st_size > 1000
     assert (out / "struprune_report.md").exists()
     # the saved model is the one that was evaluated
