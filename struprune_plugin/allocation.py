@@ -371,3 +371,74 @@ def allocate_equal(
         m = round(max(0.0, target - removed) / (layers * s.cost) / s.step) * s.step
         counts["mlp"] = [min(max(m, 0), s.max_remove)] * layers
     return counts
+
+
+def slimgpt_schedule(num_layers: int, sparsity: float, first_share: float = 0.3125) -> list[float]:
+    """SlimGPT's incremental pruning ratio (Ling et al., NeurIPS 2024): layer l removes
+    r_0 + (r_last - r_0) * ln(1 + l) / ln(L), rising logarithmically from the first layer to the
+    last, because a layer's error is amplified by every layer after it.
+
+    r_0 = `first_share` * sparsity (the release's LLaMA-7B 20 % pair, 0.0625 -> 0.25, has
+    r_0 = 0.3125 S) and r_last is solved so the ratios average exactly `sparsity`:
+    r_last = r_0 + (S - r_0) / c_L with c_L = ln(L!) / (L ln L). The release code divides by a
+    fixed ln 32 (LLaMA-7B's depth); ln(L) keeps the schedule's mean on target for any depth
+    (docs/design/allocation_baselines.md). Raises when r_last would reach 1."""
+    check_sparsity(sparsity)
+    if num_layers < 2:
+        return [sparsity] * num_layers
+    r0 = first_share * sparsity
+    c = math.lgamma(num_layers + 1) / (num_layers * math.log(num_layers))
+    r_last = r0 + (sparsity - r0) / c
+    if r_last >= 1.0:
+        raise InvalidSparsityError(
+            f"SlimGPT's schedule at sparsity {sparsity:g} over {num_layers} layers would remove "
+            f"{r_last:.2f} of the last layer. Fix: a lower sparsity or a larger first_share"
+        )
+    return [r0 + (r_last - r0) * math.log(1 + layer) / math.log(num_layers) for layer in range(num_layers)]
+
+
+def owl_schedule(outlier_ratios: Sequence[float], sparsity: float, lam: float = 0.08) -> list[float]:
+    """OWL's outlier-weighted layer sparsity (Yin et al., ICML 2024), as its release code computes
+    it: the layers' outlier ratios D_l are min-max rescaled to a_l in [0, 2 lam] and layer l
+    removes S - (a_l - mean a): more outliers, less pruning; the plain mean stays S. Equal ratios
+    give uniform sparsity. Ratios outside [0, 1) are an error (the release clamps to 0.01)."""
+    check_sparsity(sparsity)
+    d = [float(x) for x in outlier_ratios]
+    low, high = min(d), max(d)
+    if high - low <= 0:
+        return [sparsity] * len(d)
+    a = [(x - low) / (high - low) * 2 * lam for x in d]
+    mean = sum(a) / len(a)
+    ratios = [sparsity - (x - mean) for x in a]
+    if min(ratios) < 0 or max(ratios) >= 1:
+        raise InvalidSparsityError(
+            f"OWL's schedule at sparsity {sparsity:g} with lam {lam:g} leaves [0, 1): "
+            f"{min(ratios):.3f} .. {max(ratios):.3f}. Fix: a smaller lam"
+        )
+    return ratios
+
+
+def allocate_ratio_schedule(
+    spaces: dict[str, list[UnitSpace]],
+    total_prunable: int,
+    sparsity: float,
+    layer_ratios: Sequence[float],
+    channels_first: bool = False,
+) -> dict[str, list[int]]:
+    """Counts that follow a per-layer ratio schedule (SlimGPT, OWL) with the exact global budget:
+    layer l's real-valued removal is ratio_l of each unit kind, rescaled together to the budget
+    (layers of different sizes make the plain mean differ from the parameter-weighted one), then
+    rounded as every other allocation is."""
+    check_sparsity(sparsity)
+    lengths = {len(kind_spaces) for kind_spaces in spaces.values()}
+    if lengths != {len(layer_ratios)}:
+        raise InvalidSparsityError(
+            f"a layer schedule of {len(layer_ratios)} ratios for {sorted(lengths)} layers"
+        )
+    removal = {
+        kind: [r * s.n for r, s in zip(layer_ratios, kind_spaces)] for kind, kind_spaces in spaces.items()
+    }
+    target = sparsity * total_prunable
+    if channels_first:
+        return round_to_budget(spaces, mlp_first(spaces, removal), target, heads_up=True)
+    return round_to_budget(spaces, removal, target)

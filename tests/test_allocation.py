@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -292,3 +293,59 @@ def test_threshold_budget_lands_closest_when_small_steps_run_out(target):
     removed = counts["mlp"][0] * 10 + counts["heads"][0] * 100
     best = min(abs(c * 10 + h * 100 - target) for c in range(6) for h in range(3))
     assert abs(removed - target) == best
+
+
+@pytest.mark.parametrize("layers", [2, 18, 30, 32, 40])
+@pytest.mark.parametrize("sparsity", [0.2, 0.3, 0.5])
+def test_slimgpt_schedule_rises_logarithmically_and_averages_the_target(layers, sparsity):
+    from struprune_plugin.allocation import slimgpt_schedule
+
+    ratios = slimgpt_schedule(layers, sparsity)
+    assert sum(ratios) / layers == pytest.approx(sparsity, abs=1e-12)
+    assert ratios[0] == pytest.approx(0.3125 * sparsity)
+    assert all(b > a for a, b in itertools.pairwise(ratios))
+    # log shape: equal steps of ln(1 + l) give equal steps of the ratio
+    slope = (ratios[-1] - ratios[0]) / math.log(layers)
+    assert all(r == pytest.approx(ratios[0] + slope * math.log(1 + i)) for i, r in enumerate(ratios))
+
+
+def test_slimgpt_schedule_reproduces_the_published_llama7b_pair():
+    """The release runs LLaMA-7B (32 layers) at 20 % with ratios 0.0625 -> 0.25 (mean 0.2004)."""
+    from struprune_plugin.allocation import slimgpt_schedule
+
+    ratios = slimgpt_schedule(32, 0.2004)
+    assert ratios[0] == pytest.approx(0.0625, abs=5e-4) and ratios[-1] == pytest.approx(0.25, abs=1e-3)
+
+
+def test_owl_schedule_gives_outlier_rich_layers_less_sparsity():
+    from struprune_plugin.allocation import owl_schedule
+
+    outliers = [5.0, 1.0, 3.0, 1.0, 9.0]
+    ratios = owl_schedule(outliers, 0.5, lam=0.08)
+    assert sum(ratios) / len(ratios) == pytest.approx(0.5)
+    assert max(ratios) - min(ratios) == pytest.approx(0.16)  # the rescale spans 2 * lam
+    order = sorted(range(5), key=lambda i: outliers[i])
+    assert [ratios[i] for i in order] == sorted(ratios, reverse=True)  # more outliers, less pruned
+    assert owl_schedule([2.0, 2.0, 2.0], 0.3) == [0.3, 0.3, 0.3]
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_ratio_schedule_meets_the_budget_and_follows_the_schedule(channels_first):
+    from struprune_plugin.allocation import allocate_ratio_schedule, slimgpt_schedule
+
+    geometries = [LayerGeometry(64, 8, 2, 8, 96 + 32 * (i % 2), 2, False, False, 0) for i in range(6)]
+    spaces = {
+        "heads": [unit_space("heads", g, "query") for g in geometries],
+        "mlp": [unit_space("mlp", g, "query") for g in geometries],
+    }
+    total = sum(s.n * s.cost for kind in spaces.values() for s in kind)
+    ratios = slimgpt_schedule(6, 0.3)
+    counts = allocate_ratio_schedule(spaces, total, 0.3, ratios, channels_first)
+    removed = sum(c * s.cost for kind in spaces for c, s in zip(counts[kind], spaces[kind]))
+    assert abs(removed - 0.3 * total) <= spaces["mlp"][0].cost  # exact to one MLP channel
+    per_layer = [
+        sum(counts[k][i] * spaces[k][i].cost for k in spaces)
+        / sum(spaces[k][i].n * spaces[k][i].cost for k in spaces)
+        for i in range(6)
+    ]
+    assert per_layer[0] < per_layer[2] < per_layer[5]  # later layers pruned more
