@@ -87,10 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("prepare", help="build the default model (SmolLM2-135M) and the texts into the cache")
+    prep = sub.add_parser(
+        "prepare", help="build a real model (default SmolLM2-135M) and the texts into the cache"
+    )
+    prep.add_argument("--model", default="smollm2", help="'smollm2' (default) or 'gemma3-270m'")
 
     p = sub.add_parser("prune", help="prune a model layer by layer, save it, evaluate, report")
-    p.add_argument("--model", default="smollm2", help="'smollm2' (default), 'tiny', or a local HF folder")
+    p.add_argument(
+        "--model", default="smollm2", help="'smollm2' (default), 'gemma3-270m', 'tiny', or a local HF folder"
+    )
     p.add_argument(
         "--method",
         default="structprune",
@@ -359,12 +364,12 @@ def _load(folder: Path, device: str):
     return model, _load_tokenizer(folder)
 
 
-def cmd_prepare(_args) -> int:
-    from .zoo import ensure_smollm2
+def cmd_prepare(args) -> int:
+    from .zoo import resolve_model
 
     corpus = ensure_texts()
     print(f"texts: {corpus.root}")
-    print(f"model: {ensure_smollm2()}")
+    print(f"model: {resolve_model(args.model)}")
     return 0
 
 

@@ -137,6 +137,14 @@ def test_bad_arguments_exit_2(cache, tiny_trained_dir, capsys, argv, message):
 def test_unknown_model_name(cache, capsys):
     assert _run("eval", "no-such-model") == 2
     assert "no hub downloads" in capsys.readouterr().err
+    assert _run("prepare", "--model", "no-such-model") == 2
+    assert "gemma3-270m" in capsys.readouterr().err  # the error lists the models it knows
+
+
+def test_prepare_builds_the_texts_and_names_the_model(cache, tiny_trained_dir, capsys):
+    assert _run("prepare", "--model", "tiny") == 0
+    printed = capsys.readouterr().out
+    assert f"model: {tiny_trained_dir}" in printed and str(cache / "cache") in printed
 
 
 def test_structprune_method_records_energies(cache, tiny_trained_dir):
