@@ -435,10 +435,19 @@ def allocate_ratio_schedule(
         raise InvalidSparsityError(
             f"a layer schedule of {len(layer_ratios)} ratios for {sorted(lengths)} layers"
         )
+    return schedule_budget(spaces, layer_ratios, sparsity * total_prunable, channels_first)
+
+
+def schedule_budget(
+    spaces: dict[str, list[UnitSpace]],
+    layer_ratios: Sequence[float],
+    target: float,
+    channels_first: bool = False,
+) -> dict[str, list[int]]:
+    """`allocate_ratio_schedule` for an explicit number of parameters to remove."""
     removal = {
         kind: [r * s.n for r, s in zip(layer_ratios, kind_spaces)] for kind, kind_spaces in spaces.items()
     }
-    target = sparsity * total_prunable
     if channels_first:
         return round_to_budget(spaces, mlp_first(spaces, removal), target, heads_up=True)
     return round_to_budget(spaces, removal, target)

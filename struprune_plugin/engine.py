@@ -26,12 +26,12 @@ from . import flap
 from .allocation import (
     allocate_equal,
     allocate_global_threshold,
-    allocate_softmax,
     allocate_softmax_budget,
     allocate_uniform,
     check_sparsity,
     threshold_budget,
 )
+from .allocators import ALLOCATIONS, REGISTRY, Allocator, LayerMeasurements, probe_levels
 from .architectures import (
     LayerView,
     ModelView,
@@ -62,6 +62,7 @@ from .groups import (
 )
 from .memory import RssSampler, peak_memory, reset_peak
 from .scoring import NEEDS_CALIBRATION, LayerInputs, head_scores, mlp_channel_scores
+from .sensitivity import sensitivity_pass
 from .stats import InputRecorder
 from .structprune import energy_pass, prune_layer_structprune
 from .surgery import build_layer_graph, prune_layer
@@ -100,6 +101,11 @@ class PruneConfig:
     # Prune as far as the units allow when the request is out of reach, instead of refusing.
     allow_shortfall: bool = False
     # StructPrune only (method="structprune"):
+    # Layer allocation rule: a name from allocators.ALLOCATIONS or an Allocator instance; "auto" is
+    # "uniform" at T = inf, "energy" (the paper's softmax over layer energies) at finite T, and
+    # "threshold" for method="global".
+    allocation: str | Allocator = "auto"
+    sensitivity_samples: int = 4  # calibration windows for the measured-KL pass (allocation kl*)
     temperature: float = math.inf  # softmax over normalised layer energies; inf = uniform (measured best)
     energy: str = "obs"  # group energy: "obs", "wanda" or "flap"
     normalisation: str = "log-z"
@@ -127,6 +133,9 @@ class PruneConfig:
             return self.kind_split
         return "mlp-first" if self.method == "structprune" else "ratio"
 
+    def _allocation_name(self) -> str:
+        return self.allocation.name if isinstance(self.allocation, Allocator) else self.allocation
+
     @property
     def channels_first(self) -> bool:
         return self.split_rule == "mlp-first"
@@ -145,6 +154,22 @@ class PruneConfig:
                 f"units must be a non-empty subset of {UNIT_KINDS}; got {list(self.units)} "
                 f"({', '.join(map(repr, bad)) or 'empty'} not known). Fix: e.g. units=('mlp', 'heads')"
             )
+        if not isinstance(self.allocation, Allocator) and self.allocation not in ("auto", *ALLOCATIONS):
+            raise StructPruneError(
+                f"unknown allocation {self.allocation!r}; choose one of {('auto', *ALLOCATIONS)}"
+            )
+        if self.allocation != "auto" and self.method != "structprune":
+            raise StructPruneError(
+                f"allocation={self._allocation_name()!r} is a rule of StructPrune's solver "
+                f"(method='structprune'); {self.method!r} allocates as published. Fix: allocation='auto'"
+            )
+        if self.refresh_energies and self._allocation_name() not in ("auto", "energy"):
+            raise StructPruneError(
+                "refresh_energies re-measures the energies of the 'energy' softmax allocation; "
+                f"allocation {self._allocation_name()!r} does not read them"
+            )
+        if self.sensitivity_samples < 1:
+            raise CalibrationDataError("sensitivity_samples must be >= 1")
         if self.refresh_energies and self.method != "structprune":
             raise StructPruneError(
                 "refresh_energies re-allocates StructPrune's softmax budget; it applies to "
@@ -187,7 +212,7 @@ class PruneConfig:
                 raise StructPruneError(f"{name} must be an integer >= {least}; got {value!r}")
         resolve_device(self.device)
         uniform = self.method in NEEDS_CALIBRATION or (
-            self.method == "structprune" and math.isinf(self.temperature) and not self.refresh_energies
+            self.method == "structprune" and make_allocator(self).uniform and not self.refresh_energies
         )
         if self.equal_widths and not uniform:
             raise StructPruneError(
@@ -199,6 +224,23 @@ class PruneConfig:
             raise StructPruneError("equal_widths and head_sparsity both fix the heads' share: choose one")
         if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.skip_layers):
             raise StructPruneError(f"skip_layers must be decoder layer indices >= 0; got {self.skip_layers}")
+
+
+def make_allocator(config: PruneConfig) -> Allocator:
+    """The allocation rule a config stands for (the one object the engine, the llm-compressor
+    modifier and the Torch-Pruning adapter all call)."""
+    if isinstance(config.allocation, Allocator):
+        return config.allocation
+    name = config.allocation
+    if name == "auto":
+        if config.method == "global":
+            name = "threshold"
+        else:
+            name = "uniform" if math.isinf(config.temperature) else "energy"
+    cls = REGISTRY[name]
+    if name in ("energy", "energy-relative", "kl"):
+        return cls(temperature=config.temperature, normalisation=config.normalisation)
+    return cls()
 
 
 @dataclass
@@ -228,6 +270,7 @@ class PruneResult:
     plans: list[LayerPlan] = field(default_factory=list)  # kept indices per layer, in dense numbering
     layer_energies: dict[str, list[float]] | None = None  # StructPrune's first pass (raw, per kind)
     budget_missed: str | None = None  # why the achieved sparsity is off the request, when it is
+    allocation: dict | None = None  # the rule, its settings and what it measured (solver methods)
 
     def summary(self) -> dict:
         data = asdict(self)
@@ -557,9 +600,9 @@ def _prune(
         batches = []
         if needs_calibration:
             batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
-    energies = None
+    energies = allocation = None
     if config.method in SOLVER_METHODS:
-        counts, energies, consumed = _energy_allocation(
+        counts, energies, consumed, allocation = _energy_allocation(
             model, view, batches, calibration_ids, config, spaces, prunable_before, progress
         )
         if config.bias_refit:
@@ -644,30 +687,73 @@ def _prune(
         plans=plans,
         layer_energies=energies,
         budget_missed=missed,
+        allocation=allocation,
     )
 
 
 def _energy_allocation(model, view, batches, calibration_ids, config, spaces, prunable, progress):
-    """Energy pass over the dense model, then StructPrune's softmax (or the global threshold).
+    """The measurement passes the allocation rule needs (always the energy pass, whose layer
+    energies every report shows), then the rule itself.
 
-    Returns (removal counts, layer energies, whether `batches` were consumed by the pass)."""
+    Returns (removal counts, layer energies, whether `batches` were consumed by the pass, a
+    summary of the allocation for reports)."""
     device = torch.device(config.device)
-    keep_groups = config.method == "global"
+    allocator = make_allocator(config)
+    needs = allocator.needs
     subsample = config.energy_samples is not None and config.energy_samples < len(calibration_ids)
     energy_batches = batches
     if subsample or not batches:
         with torch.no_grad():
             ids = calibration_ids[: config.energy_samples] if subsample else calibration_ids
             energy_batches = capture_layer_inputs(model, view, ids.split(config.batch_size), device)
-    energies, groups = energy_pass(view, energy_batches, layer_forward, config, device, progress, keep_groups)
-    if keep_groups:
-        counts = allocate_global_threshold(spaces, groups, prunable, config.sparsity)
-    else:
-        normalised = {kind: normalise(values, config.normalisation) for kind, values in energies.items()}
-        counts = allocate_softmax(
-            spaces, normalised, prunable, config.sparsity, config.temperature, config.channels_first
+    measured = LayerMeasurements(spaces)
+    t0 = time.perf_counter()
+    energies, groups, extras = energy_pass(
+        view,
+        energy_batches,
+        layer_forward,
+        config,
+        device,
+        progress,
+        "groups" in needs,
+        needs,
+        getattr(allocator, "m", 5.0),
+    )
+    measured.seconds["energies"] = time.perf_counter() - t0
+    measured.energies, measured.group_energies = energies, groups
+    measured.stream_energy, measured.outlier_ratios = extras.get("stream"), extras.get("outliers")
+    if "sensitivity" in needs:
+        with torch.no_grad():
+            ids = calibration_ids[: config.sensitivity_samples]
+            probe_batches = capture_layer_inputs(model, view, ids.split(config.batch_size), device)
+        levels = probe_levels(config.sparsity, allocator.level_multiples)
+        measured.sensitivity = sensitivity_pass(
+            model, view, probe_batches, layer_forward, spaces, levels, config, device, progress
         )
-    return counts, energies, energy_batches is batches
+        measured.seconds["sensitivity"] = measured.sensitivity.seconds
+        del probe_batches
+    counts = allocator.allocate(measured, config.sparsity * prunable, config.channels_first)
+    return counts, energies, energy_batches is batches, allocation_summary(allocator, measured)
+
+
+def allocation_summary(allocator: Allocator, measured: LayerMeasurements) -> dict:
+    """What a report and `allocation.json` record about an allocation: the rule, its settings, the
+    per-layer measurements it read, and each pass's time."""
+    out: dict = {**allocator.describe(), "seconds": dict(measured.seconds)}
+    if measured.stream_energy is not None:
+        out["stream_energy"] = measured.stream_energy
+    if measured.outlier_ratios is not None:
+        out["outlier_ratios"] = measured.outlier_ratios
+    if measured.sensitivity is not None:
+        s = measured.sensitivity
+        out["sensitivity"] = {
+            "levels": s.levels,
+            "kl": s.kl,
+            "tokens": s.tokens,
+            "seconds": s.seconds,
+            "peak_stream_mib": s.peak_stream_bytes / 2**20,
+        }
+    return out
 
 
 def allocate_layers(
@@ -689,7 +775,7 @@ def allocate_layers(
     was_training = model.training
     model.eval()
     try:
-        counts, energies, _ = _energy_allocation(
+        counts, energies, _, _ = _energy_allocation(
             model, view, [], calibration_ids, config, spaces, targeted_prunable_count(model, config), progress
         )
     finally:

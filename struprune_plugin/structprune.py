@@ -55,22 +55,32 @@ def energy_pass(
     device: torch.device,
     progress: bool,
     keep_groups: bool = False,
-) -> tuple[dict[str, list[float]], dict[str, list[torch.Tensor]] | None]:
+    measure: frozenset[str] = frozenset(),
+    owl_m: float = 5.0,
+) -> tuple[dict[str, list[float]], dict[str, list[torch.Tensor]] | None, dict[str, list[float]]]:
     """Layer energies of the dense model (mean energy per parameter, per unit kind).
 
-    With `keep_groups` every group's energy is kept as well: the O(N) global-threshold reference
-    needs them all at once; StructPrune itself needs only the per-layer means. The pass streams
-    the batches it is given through every layer and overwrites their hidden states; callers hand
-    it a subsample (`PruneConfig.energy_samples`) because one mean per layer needs few tokens.
+    With `keep_groups` every group's energy is kept as well: the threshold reference needs them
+    all at once; StructPrune itself needs only the per-layer means. `measure` adds per-layer
+    scalars in the same pass: "stream" (the residual stream's mean squared norm per token entering
+    the layer, for scale-free energies) and "outliers" (OWL's outlier ratio). The pass streams the
+    batches it is given through every layer and overwrites their hidden states; callers hand it a
+    subsample (`PruneConfig.energy_samples`) because one mean per layer needs few tokens.
+    Returns (energies, groups or None, extras).
     """
     energies: dict[str, list[float]] = {kind: [] for kind in config.units}
     groups: dict[str, list[torch.Tensor]] | None = (
         {kind: [] for kind in config.units} if keep_groups else None
     )
+    extras: dict[str, list[float]] = {name: [] for name in measure & {"stream", "outliers"}}
     for i, lv in enumerate(tqdm(view.layer_views(), desc="energies", disable=not progress, unit="layer")):
         home = next(lv.layer.parameters()).device
         lv.layer.to(device)
-        with torch.no_grad(), InputRecorder(taps_for(lv, config.units), i) as rec:
+        if "stream" in extras:
+            sq = sum(float(b.hidden.double().pow(2).sum()) for b in batches)
+            extras["stream"].append(sq / sum(b.hidden.shape[0] * b.hidden.shape[1] for b in batches))
+        taps = lv.input_taps() if "outliers" in extras else taps_for(lv, config.units)
+        with torch.no_grad(), InputRecorder(taps, i) as rec:
             outputs = [forward(lv.layer, b) for b in batches]
         moments = LayerMoments.from_stats(rec.stats)
         per_group = group_energies(lv, moments, config.energy, config.head_unit, config.units)
@@ -79,10 +89,25 @@ def energy_pass(
         for kind in config.units:
             if groups is not None:
                 groups[kind].append(per_group[kind].detach().double().cpu())
+        if "outliers" in extras:
+            extras["outliers"].append(outlier_ratio(lv, rec.stats, owl_m))
         for batch, out in zip(batches, outputs):
             batch.hidden = out
         lv.layer.to(home)
-    return energies, groups
+    return energies, groups, extras
+
+
+def outlier_ratio(lv: LayerView, stats: dict, m: float) -> float:
+    """OWL's layerwise outlier distribution: the share of the layer's Wanda scores |W_ij| ||X_j||
+    (every linear, one pool) above `m` times their mean, as its release code computes it."""
+    inputs = {name: moments.norms() for name, moments in stats.items()}
+    pairs = [(w, inputs["attn_in"]) for w in (lv.q, lv.k, lv.v)]
+    pairs += [(lv.o, inputs["o_in"]), (lv.mlp_out, inputs["mlp_hidden"])]
+    pairs += [(w, inputs["mlp_in"]) for w in lv.mlp_in]
+    scores = [(w.weight.detach().float().abs() * norm.float()[None, :]).flatten() for w, norm in pairs]
+    total = sum(x.numel() for x in scores)
+    mean = sum(float(x.double().sum()) for x in scores) / total
+    return sum(int((x > m * mean).sum()) for x in scores) / total
 
 
 def admm_config(config, activation: str = "silu") -> ADMMConfig:

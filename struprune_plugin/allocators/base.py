@@ -1,0 +1,117 @@
+"""One interface for every layer allocation rule: per-layer measurements + a budget -> counts.
+
+In the spirit of Torch-Pruning's `Importance`: a rule is one class with one call. The engine runs
+only the measurement passes a rule declares in `needs`, hands the results over in one
+`LayerMeasurements`, and the rule returns integer removal counts per unit kind and layer whose
+parameter cost meets the budget (within one coarse step). The engine, the llm-compressor modifier
+and the Torch-Pruning adapter all go through `allocator_from_config`, so they agree by
+construction, and a new rule is one module that subclasses `Allocator` and registers itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..groups import UnitSpace
+
+#: What an allocator may ask the engine to measure (each is one streamed pass, or part of one):
+#: "energies": mean group energy per parameter, per layer and unit kind (the dense energy pass);
+#: "groups": every group's energy (O(N) memory: the threshold reference);
+#: "stream": the residual stream's mean squared norm entering each layer (scale-free energies);
+#: "outliers": OWL's outlier ratio per layer (share of Wanda scores above M times their mean);
+#: "sensitivity": measured end-to-end KL when only one layer is pruned (see `sensitivity.py`).
+MEASUREMENTS = ("energies", "groups", "stream", "outliers", "sensitivity")
+
+
+@dataclass
+class SensitivityCurves:
+    """kl[l][k]: mean per-token KL(dense || model with only layer l pruned at `levels[k]`), where a
+    level is the removed share of that layer's prunable parameters. Measured on `tokens` tokens."""
+
+    levels: list[float]
+    kl: list[list[float]]
+    tokens: int
+    seconds: float = 0.0
+    peak_stream_bytes: int = 0
+
+
+@dataclass
+class LayerMeasurements:
+    """Everything the engine measured for an allocation; fields a rule did not ask for stay None."""
+
+    spaces: dict[str, list[UnitSpace]]
+    energies: dict[str, list[float]] | None = None
+    group_energies: dict[str, list[torch.Tensor]] | None = None
+    stream_energy: list[float] | None = None
+    outlier_ratios: list[float] | None = None
+    sensitivity: SensitivityCurves | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # pass name -> wall time
+
+    @property
+    def num_layers(self) -> int:
+        return len(next(iter(self.spaces.values())))
+
+    def require(self, what: str, rule: str):
+        value = {
+            "energies": self.energies,
+            "groups": self.group_energies,
+            "stream": self.stream_energy,
+            "outliers": self.outlier_ratios,
+            "sensitivity": self.sensitivity,
+        }[what]
+        if value is None:
+            raise ValueError(f"allocation {rule!r} needs the {what!r} measurement, which was not taken")
+        return value
+
+
+class Allocator(ABC):
+    """A layer allocation rule. Subclasses set `name` (the registry key, the CLI's --allocation)
+    and `needs` (a subset of MEASUREMENTS) and implement `allocate`."""
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: True when the rule gives every layer the same ratio (equal_widths may apply).
+    uniform: ClassVar[bool] = False
+
+    @abstractmethod
+    def allocate(
+        self, measured: LayerMeasurements, target: float, channels_first: bool
+    ) -> dict[str, list[int]]:
+        """Removal counts per unit kind and layer whose parameter cost is `target` (within one
+        coarse step); `channels_first` moves each layer's share onto its MLP channels first."""
+
+    def options(self) -> dict:
+        """The rule's settings, for reports and `allocation.json`."""
+        return {}
+
+    def describe(self) -> dict:
+        return {"allocation": self.name, **self.options()}
+
+
+REGISTRY: dict[str, type[Allocator]] = {}
+
+
+def register(cls: type[Allocator]) -> type[Allocator]:
+    if cls.name in REGISTRY:
+        raise ValueError(f"allocation {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def layer_masses(spaces: dict[str, list[UnitSpace]]) -> list[float]:
+    """Prunable parameters per layer over the unit kinds in play."""
+    layers = len(next(iter(spaces.values())))
+    return [float(sum(spaces[k][i].n * spaces[k][i].cost for k in spaces)) for i in range(layers)]
+
+
+def layer_capacity(spaces: dict[str, list[UnitSpace]]) -> list[float]:
+    """The largest removable share of each layer (minimum groups kept, skipped layers 0)."""
+    masses = layer_masses(spaces)
+    return [
+        sum(spaces[k][i].max_remove * spaces[k][i].cost for k in spaces) / m if m else 0.0
+        for i, m in enumerate(masses)
+    ]

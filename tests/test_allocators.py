@@ -1,0 +1,141 @@
+"""Every allocation rule behind the one interface: exact budgets through the engine, what each
+rule's counts must look like, and clear errors for bad combinations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import VOCAB, make_model
+from struprune_plugin.allocation import slimgpt_schedule
+from struprune_plugin.allocators import ALLOCATIONS, REGISTRY, Allocator, LayerMeasurements, layer_masses
+from struprune_plugin.architectures import geometry_of, model_view
+from struprune_plugin.engine import PruneConfig, allocate_layers, make_allocator, prune_model, unit_spaces
+from struprune_plugin.errors import StructPruneError
+
+
+def _spaces(layers=6, config=None):
+    model = make_model("llama", layers=layers)
+    return unit_spaces([geometry_of(lv) for lv in model_view(model).layer_views()], config or PruneConfig())
+
+
+@pytest.mark.parametrize("allocation", [a for a in ALLOCATIONS if a != "threshold"])
+def test_every_allocation_prunes_to_the_exact_budget(allocation):
+    model = make_model("llama", layers=4, seed=7)
+    calib = torch.randint(0, VOCAB, (6, 24))
+    config = PruneConfig(sparsity=0.4, allocation=allocation, temperature=1.0, batch_size=3, energy_samples=4)
+    result = prune_model(model, calib, config, progress=False)
+    geometry = geometry_of(model_view(model).layer(0))
+    assert abs(result.achieved_sparsity - 0.4) <= geometry.mlp_channel_cost / result.prunable_before
+    assert result.allocation["allocation"] == allocation
+    if allocation.startswith("kl"):
+        assert len(result.allocation["sensitivity"]["kl"]) == 4
+        assert result.allocation["sensitivity"]["levels"] == [0.2, 0.4, 0.6]
+
+
+def test_auto_allocation_is_uniform_at_infinite_temperature_and_energy_otherwise():
+    assert make_allocator(PruneConfig()).name == "uniform"
+    assert make_allocator(PruneConfig(temperature=2.0)).name == "energy"
+    assert make_allocator(PruneConfig(method="global")).name == "threshold"
+    assert make_allocator(PruneConfig(allocation="kl", temperature=0.5)).temperature == 0.5
+
+
+def test_an_allocator_instance_is_used_as_given():
+    class EveryOther(Allocator):
+        name = "every-other"
+
+        def allocate(self, measured, target, channels_first):
+            ratios = [0.0 if i % 2 else 1.0 for i in range(measured.num_layers)]
+            from struprune_plugin.allocation import schedule_budget
+
+            return schedule_budget(measured.spaces, ratios, target, channels_first)
+
+    model = make_model("llama", layers=4, seed=1)
+    result = prune_model(
+        model,
+        torch.randint(0, VOCAB, (4, 16)),
+        PruneConfig(sparsity=0.3, allocation=EveryOther(), units=("mlp",)),
+        progress=False,
+    )
+    widths = [r.mlp[1] for r in result.layers]
+    assert widths[1] == widths[3] == result.layers[1].mlp[0]  # odd layers untouched
+    assert widths[0] < result.layers[0].mlp[0]
+
+
+def test_slimgpt_prunes_early_layers_least_and_hits_the_budget():
+    spaces = _spaces(8, PruneConfig(units=("mlp",)))
+    target = 0.3 * sum(layer_masses(spaces))
+    counts = REGISTRY["slimgpt"]().allocate(LayerMeasurements(spaces), target, False)["mlp"]
+    assert counts == sorted(counts) and counts[0] < counts[-1]
+    cost = spaces["mlp"][0].cost
+    assert abs(sum(counts) * cost - target) <= cost
+    expected = slimgpt_schedule(8, 0.3)
+    n = spaces["mlp"][0].n
+    assert all(abs(c - r * n) <= 1.0 for c, r in zip(counts, expected))
+
+
+def test_slimgpt_spans_only_the_layers_not_skipped():
+    spaces = _spaces(6, PruneConfig(units=("mlp",), skip_layers=(0,)))
+    target = 0.3 * sum(layer_masses(spaces)[1:])
+    counts = REGISTRY["slimgpt"]().allocate(LayerMeasurements(spaces), target, False)["mlp"]
+    assert counts[0] == 0 and counts[1:] == sorted(counts[1:])
+
+
+def test_owl_moves_pruning_away_from_outlier_layers_within_lambda():
+    spaces = _spaces(4, PruneConfig(units=("mlp",)))
+    measured = LayerMeasurements(spaces, outlier_ratios=[0.01, 0.05, 0.02, 0.03])
+    target = 0.4 * sum(layer_masses(spaces))
+    counts = REGISTRY["owl"](lam=0.08).allocate(measured, target, False)["mlp"]
+    n = spaces["mlp"][0].n
+    ratios = [c / n for c in counts]
+    assert ratios[1] == min(ratios) and ratios[0] == max(ratios)
+    assert max(ratios) - min(ratios) == pytest.approx(0.16, abs=2 / n)
+
+
+def test_relative_energy_divides_by_the_stream():
+    spaces = _spaces(4, PruneConfig(units=("mlp",)))
+    energies = {"mlp": [1.0, 2.0, 4.0, 8.0]}
+    stream = [1.0, 2.0, 4.0, 8.0]  # the same relative energy everywhere: uniform
+    measured = LayerMeasurements(spaces, energies=energies, stream_energy=stream)
+    target = 0.3 * sum(layer_masses(spaces))
+    relative = REGISTRY["energy-relative"](temperature=0.5).allocate(measured, target, False)["mlp"]
+    assert max(relative) - min(relative) <= 1
+    absolute = REGISTRY["energy"](temperature=0.5).allocate(measured, target, False)["mlp"]
+    assert absolute[0] > absolute[-1] + 5  # low absolute energy early: pruned most
+
+
+def test_kl_rules_prune_the_least_sensitive_layers_most():
+    from struprune_plugin.allocators import SensitivityCurves
+
+    spaces = _spaces(4, PruneConfig(units=("mlp",)))
+    kl = [[3.0, 9.0, 18.0], [0.1, 0.3, 0.6], [0.5, 1.5, 3.0], [0.2, 0.6, 1.2]]
+    measured = LayerMeasurements(spaces, sensitivity=SensitivityCurves([0.15, 0.3, 0.45], kl, tokens=1))
+    target = 0.3 * sum(layer_masses(spaces))
+    for rule in (REGISTRY["kl"](temperature=1.0), REGISTRY["kl-knapsack"]()):
+        counts = rule.allocate(measured, target, False)["mlp"]
+        assert counts[1] == max(counts) and counts[0] == min(counts), rule.name
+        assert abs(sum(counts) * spaces["mlp"][0].cost - target) <= spaces["mlp"][0].cost
+    uniform = REGISTRY["kl"](temperature=math.inf).allocate(measured, target, False)["mlp"]
+    assert max(uniform) - min(uniform) <= 1
+
+
+def test_bad_allocation_settings_name_the_fix():
+    with pytest.raises(StructPruneError, match="unknown allocation"):
+        PruneConfig(allocation="owl2").validate()
+    with pytest.raises(StructPruneError, match="allocation='auto'"):
+        PruneConfig(method="flap", allocation="owl").validate()
+    with pytest.raises(StructPruneError, match="equal_widths"):
+        PruneConfig(allocation="slimgpt", equal_widths=True).validate()
+    with pytest.raises(StructPruneError, match="refresh_energies"):
+        PruneConfig(allocation="kl", temperature=1.0, refresh_energies=True).validate()
+
+
+def test_allocate_layers_gives_the_engines_counts_for_measured_rules():
+    model = make_model("llama", layers=4, seed=3)
+    calib = torch.randint(0, VOCAB, (4, 16))
+    config = PruneConfig(sparsity=0.35, allocation="kl-knapsack", batch_size=2)
+    counts, _ = allocate_layers(model, calib, config)
+    result = prune_model(model, calib, config, progress=False)
+    assert [r.mlp[0] - r.mlp[1] for r in result.layers] == counts["mlp"]
