@@ -19,6 +19,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch
 
 from . import __version__
+from .allocators import ALLOCATIONS
 from .data import cache_dir, ensure_texts, sample_calibration, tokenize
 from .errors import CheckpointError, StructPruneError, first_line
 
@@ -134,7 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp = p.add_argument_group("structprune (method=structprune)")
     sp.add_argument(
-        "--temperature", type=float, default=math.inf, help="allocation temperature; inf = uniform (default)"
+        "--allocation",
+        choices=("auto", *ALLOCATIONS),
+        default="auto",
+        help="layer allocation rule: uniform, energy (the paper's softmax over layer energies), "
+        "energy-relative (energies relative to the residual stream), kl / kl-knapsack (measured "
+        "end-to-end KL per layer), slimgpt, owl, threshold; auto = uniform at T = inf, energy otherwise",
+    )
+    sp.add_argument(
+        "--temperature",
+        type=float,
+        default=math.inf,
+        help="softmax temperature of the energy, energy-relative and kl rules; inf = uniform (default)",
+    )
+    sp.add_argument(
+        "--sensitivity-samples",
+        type=_int_at_least(1),
+        default=4,
+        help="calibration windows for the measured-KL pass (allocation kl, kl-knapsack)",
     )
     sp.add_argument("--energy", default="obs", choices=("obs", "wanda", "flap"), help="group energy")
     sp.add_argument("--admm-iterations", type=_int_at_least(0), default=4)
@@ -409,6 +427,8 @@ def cmd_prune(args) -> int:
         equal_widths=args.equal_widths,
         batch_size=args.batch_size,
         device=args.device,
+        allocation=args.allocation,
+        sensitivity_samples=args.sensitivity_samples,
         temperature=args.temperature,
         energy=args.energy,
         admm_iterations=args.admm_iterations,
@@ -450,6 +470,7 @@ def cmd_prune(args) -> int:
         "method": args.method,
         "settings": {k: v for k, v in vars(config).items() if k not in ("method", "device")},
         "layer_energies": result.layer_energies,
+        "allocation": result.allocation,
         "units": list(args.units),
         "head_unit": args.head_unit,
         "requested_sparsity": result.requested_sparsity,

@@ -34,6 +34,7 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
 from .allocation import allocate_equal, allocate_uniform
+from .allocators import ALLOCATIONS
 from .architectures import ModelView, enable_output_biases, geometry_of, model_view
 from .checkpoint import patch_config_json, record_layout, structural_fields, write_loader_files
 from .engine import (
@@ -43,6 +44,7 @@ from .engine import (
     allocate_layers,
     kind_splitter,
     layer_forward,
+    make_allocator,
     targeted_prunable_count,
     unit_spaces,
 )
@@ -77,9 +79,15 @@ class StructPruneModifier(Modifier):
     head_unit: Literal["auto", "query", "kv_group"] = Field(
         "auto", description="under GQA: query heads evenly within KV groups, or whole KV groups"
     )
-    temperature: float = Field(
-        math.inf, description="allocation softmax temperature over layer energies; inf = uniform"
+    allocation: Literal[("auto", *ALLOCATIONS)] = Field(  # type: ignore[valid-type]
+        "auto",
+        description="layer allocation rule (as `struprune prune --allocation`); auto = uniform at "
+        "temperature inf, the energy softmax otherwise",
     )
+    temperature: float = Field(
+        math.inf, description="softmax temperature of the energy / energy-relative / kl rules; inf = uniform"
+    )
+    sensitivity_samples: int = Field(4, ge=1, description="calibration samples for the measured-KL pass")
     energy: Literal["obs", "wanda", "flap"] = Field("obs", description="group removal cost")
     energy_samples: int | None = Field(
         32, description="calibration samples for the energy pass (finite temperature only); None = all"
@@ -131,6 +139,8 @@ class StructPruneModifier(Modifier):
             skip_layers=skip_layers,
             equal_widths=self.equal_widths,
             device=device,
+            allocation=self.allocation,
+            sensitivity_samples=self.sensitivity_samples,
             temperature=self.temperature,
             energy=self.energy,
             energy_samples=self.energy_samples,
@@ -157,13 +167,16 @@ class StructPruneModifier(Modifier):
             self._counts = allocate_equal(
                 spaces, targeted_prunable_count(model, config), self.sparsity, config.channels_first
             )
-        elif math.isinf(self.temperature):
+        elif make_allocator(config).uniform:
             # Uniform allocation needs no energies, hence no extra pass over the data.
             self._counts = allocate_uniform(
                 spaces, targeted_prunable_count(model, config), self.sparsity, None, config.channels_first
             )
         else:
-            ids = calibration_ids(state.data.calib, self.energy_samples)
+            wanted = (
+                None if self.energy_samples is None else max(self.energy_samples, self.sensitivity_samples)
+            )
+            ids = calibration_ids(state.data.calib, wanted)
             self._counts, _ = allocate_layers(model, ids, config)
         if self.kind_split == "energy" and len(spaces) > 1:
             self._split = kind_splitter(spaces, self._counts)
@@ -173,7 +186,8 @@ class StructPruneModifier(Modifier):
         removed = {k: sum(v) for k, v in self._counts.items()}
         logger.info(
             f"StructPrune: {len(view.layers)} decoder layers ({len(skip)} ignored), sparsity "
-            f"{self.sparsity:.0%}, temperature {self.temperature}; removing {removed}"
+            f"{self.sparsity:.0%}, allocation {make_allocator(config).name}, temperature "
+            f"{self.temperature}; removing {removed}"
         )
         return True
 
@@ -359,7 +373,8 @@ def calibration_ids(dataloader, limit: int | None) -> torch.Tensor:
     pass; samples of different lengths are cut to the shortest."""
     if dataloader is None:
         raise CalibrationDataError(
-            "a finite temperature needs calibration data for the energy pass. Fix: pass a dataset to oneshot"
+            "a non-uniform allocation needs calibration data for its measurement passes. Fix: pass a "
+            "dataset to oneshot"
         )
     rows: list[torch.Tensor] = []
     for batch in dataloader:

@@ -19,6 +19,10 @@ def _fmt_ppl(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+#: Allocation summary keys that hold measurements, not settings (render_markdown lists settings).
+_ALLOCATION_DATA = ("allocation", "seconds", "stream_energy", "outlier_ratios", "sensitivity")
+
+
 def render_markdown(report: dict) -> str:
     p, r = report["pruning"], report["params"]
     lines = [
@@ -31,6 +35,15 @@ def render_markdown(report: dict) -> str:
         f"({r['total_after'] / r['total_before']:.1%} of dense); prunable {r['prunable_before']:,} -> "
         f"{r['prunable_after']:,}",
     ]
+    if p.get("allocation"):
+        a = p["allocation"]
+        settings = ", ".join(f"{k} {v}" for k, v in a.items() if k not in _ALLOCATION_DATA)
+        passes = ", ".join(f"{k} {v:.1f} s" for k, v in a.get("seconds", {}).items())
+        lines.append(
+            f"- allocation `{a['allocation']}`"
+            + (f" ({settings})" if settings else "")
+            + f"; passes: {passes}"
+        )
     if report.get("calibration"):
         c = report["calibration"]
         lines.append(

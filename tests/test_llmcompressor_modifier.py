@@ -89,12 +89,17 @@ def test_yaml_recipe_equals_the_plugins_own_run_and_saves_a_reloadable_folder(ti
     assert "StructPruneModifier" in (tmp_path / "out" / "recipe.yaml").read_text()
 
 
-def test_python_recipe_with_finite_temperature_matches_the_engine(tiny):
+@pytest.mark.parametrize(
+    "rule",
+    [dict(temperature=1.0, energy="wanda"), dict(allocation="kl-knapsack", sensitivity_samples=2)],
+    ids=["energy-softmax", "kl-knapsack"],
+)
+def test_python_recipe_with_a_per_layer_allocation_matches_the_engine(tiny, rule):
     model, tokenizer, ids = tiny
-    settings = dict(sparsity=0.35, temperature=1.0, admm_iterations=1, energy="wanda", energy_samples=4)
+    settings = dict(sparsity=0.35, admm_iterations=1, energy_samples=4, **rule)
     reference = prune_model(copy.deepcopy(model), ids, PruneConfig(**settings, batch_size=1), progress=False)
     pruned = run_oneshot(model, tokenizer, ids, [StructPruneModifier(**settings)])
-    assert len({w[2] for w in widths(pruned)}) > 1, "a finite temperature should give unequal widths"
+    assert len({w[2] for w in widths(pruned)}) > 1, "a per-layer allocation should give unequal widths"
     assert_same_pruning(pruned, reference.model)
 
 
