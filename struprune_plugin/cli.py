@@ -100,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="structprune",
-        choices=("magnitude", "wanda-sp", "flap", "structprune", "global"),
+        choices=("magnitude", "wanda-sp", "flap", "structprune", "global", "global-taylor"),
         help="flap: FLAP reference (fluctuation, global standardised ranking, bias compensation); "
-        "global: the O(N) reference, one energy threshold over all groups, same solver",
+        "global: one threshold over every group's local energy, same solver (streamed, not a global "
+        "method); global-taylor: the O(N) global reference (gradient of the whole model's loss, "
+        "first-order Taylor importance, one ranking over all groups, least-squares refits)",
     )
     p.add_argument("--sparsity", type=float, default=0.3, help="fraction of prunable parameters to remove")
     p.add_argument("--units", type=_units, default=("mlp", "heads"), help="mlp,heads | mlp | heads")

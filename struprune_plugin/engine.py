@@ -51,6 +51,7 @@ from .errors import (
     StructPruneError,
     UnsupportedArchitectureError,
 )
+from .global_taylor import prune_layer_global, taylor_gradients, taylor_group_scores
 from .groups import (
     UNIT_KINDS,
     LayerPlan,
@@ -70,7 +71,13 @@ from .surgery import build_layer_graph, prune_layer
 log = logging.getLogger(__name__)
 
 #: Every method the engine runs, and whether it needs calibration data.
-METHOD_NEEDS_CALIBRATION = {**NEEDS_CALIBRATION, "flap": True, "structprune": True, "global": True}
+METHOD_NEEDS_CALIBRATION = {
+    **NEEDS_CALIBRATION,
+    "flap": True,
+    "structprune": True,
+    "global": True,
+    "global-taylor": True,
+}
 ALL_METHODS = tuple(METHOD_NEEDS_CALIBRATION)
 #: Methods that run the energy pass and the per-layer solver; "global" allocates by one threshold
 #: over all groups' energies (the O(N) reference) instead of StructPrune's per-layer softmax.
@@ -193,7 +200,7 @@ class PruneConfig:
                 "kind_split='energy' chooses each layer's heads vs MLP share from its own energies, so "
                 "the widths would differ between layers. Fix: kind_split='mlp-first' or drop equal_widths"
             )
-        if self.bias_refit and (self.method not in SOLVER_METHODS or not self.refit):
+        if self.bias_refit and (self.method not in (*SOLVER_METHODS, "global-taylor") or not self.refit):
             raise StructPruneError(
                 "bias_refit fits biases in the solver's least-squares refits: it needs "
                 f"method='structprune' or 'global' with refit=True (got {self.method!r}, refit={self.refit})"
@@ -610,6 +617,12 @@ def _prune(
         if consumed:  # the energy pass consumed the batches: capture layer 0's inputs again
             with torch.no_grad():
                 batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
+    elif config.method == "global-taylor":
+        taylor_scores, counts, allocation = _global_taylor_allocation(
+            model, view, views, calibration_ids, config, spaces, prunable_before, progress
+        )
+        if config.bias_refit:
+            enable_output_biases(model, view)
     elif config.method == "flap":
         flap_stats = flap.dense_pass(view, batches, layer_forward, config.head_unit, device, progress)
         counts = allocate_global_threshold(
@@ -641,6 +654,10 @@ def _prune(
         remove = {k: counts[k][i] for k in counts}
         if config.method == "flap":
             pruned, plan = _prune_layer_flap(lv, remove, flap_stats[i], config, trace)
+        elif config.method == "global-taylor":
+            pruned, plan = prune_layer_global(
+                lv, i, batches, layer_forward, remove, taylor_scores[i], config, trace
+            )
         elif config.method in SOLVER_METHODS:
             pruned, plan = prune_layer_structprune(
                 lv, i, batches, layer_forward, remove, config, trace, reallocate, split
@@ -734,6 +751,22 @@ def _energy_allocation(model, view, batches, calibration_ids, config, spaces, pr
         del probe_batches
     counts = allocator.allocate(measured, config.sparsity * prunable, config.channels_first)
     return counts, energies, energy_batches is batches, allocation_summary(allocator, measured)
+
+
+def _global_taylor_allocation(model, view, views, calibration_ids, config, spaces, prunable, progress):
+    """The O(N) reference's ranking: gradients of the whole model's calibration loss (every layer
+    resident), Taylor importance per group, one threshold over all groups. Returns (per-layer group
+    scores, counts, allocation summary)."""
+    home = next(model.parameters()).device
+    info = taylor_gradients(model, view, calibration_ids, torch.device(config.device), progress)
+    scores = [taylor_group_scores(lv, config.head_unit, config.units) for lv in views]
+    for p in model.parameters():
+        p.grad = None
+    model.to(home)
+    by_kind = {kind: [s[kind] for s in scores] for kind in config.units}
+    counts = threshold_budget(spaces, by_kind, config.sparsity * prunable)
+    summary = {"allocation": "global-taylor", "seconds": {"gradients": info["seconds"]}, "loss": info["loss"]}
+    return scores, counts, summary
 
 
 def allocation_summary(allocator: Allocator, measured: LayerMeasurements) -> dict:
