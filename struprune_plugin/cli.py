@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--sensitivity-samples",
         type=_int_at_least(1),
-        default=4,
+        default=2,
         help="calibration windows for the measured-KL pass (allocation kl, kl-knapsack)",
     )
     sp.add_argument("--energy", default="obs", choices=("obs", "wanda", "flap"), help="group energy")

@@ -112,7 +112,7 @@ class PruneConfig:
     # "uniform" at T = inf, "energy" (the paper's softmax over layer energies) at finite T, and
     # "threshold" for method="global".
     allocation: str | Allocator = "auto"
-    sensitivity_samples: int = 4  # calibration windows for the measured-KL pass (allocation kl*)
+    sensitivity_samples: int = 2  # calibration windows for the measured-KL pass (allocation kl*)
     temperature: float = math.inf  # softmax over normalised layer energies; inf = uniform (measured best)
     energy: str = "obs"  # group energy: "obs", "wanda" or "flap"
     normalisation: str = "log-z"

@@ -87,7 +87,7 @@ class StructPruneModifier(Modifier):
     temperature: float = Field(
         math.inf, description="softmax temperature of the energy / energy-relative / kl rules; inf = uniform"
     )
-    sensitivity_samples: int = Field(4, ge=1, description="calibration samples for the measured-KL pass")
+    sensitivity_samples: int = Field(2, ge=1, description="calibration samples for the measured-KL pass")
     energy: Literal["obs", "wanda", "flap"] = Field("obs", description="group removal cost")
     energy_samples: int | None = Field(
         32, description="calibration samples for the energy pass (finite temperature only); None = all"
