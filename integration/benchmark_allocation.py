@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_quality import MODELS, RESULTS, Row, run_row, write_atomic  # noqa: E402
+from benchmark_quality import MODELS, RESULTS, Row, run_row, write_atomic
 
 OUT = RESULTS / "allocation"
 SPARSITIES = (0.2, 0.3, 0.5, 0.6)
@@ -38,9 +38,9 @@ RULES: dict[str, list[str]] = {
     "slimgpt": ["--allocation", "slimgpt"],
     "owl": ["--allocation", "owl"],
 }
-#: Quality-benchmark rows that ran the same command (their flags equal RULES[rule]).
-IMPORTED = {("uniform", s): f"structprune-{round(s * 100)}" for s in SPARSITIES}
-IMPORTED[("energy-T1", 0.3)] = "ablation-T-1"
+#: Quality-benchmark rows that ran the same command: (rule, sparsity) -> (row name, its flags).
+IMPORTED = {("uniform", s): (f"structprune-{round(s * 100)}", []) for s in SPARSITIES}
+IMPORTED[("energy-T1", 0.3)] = ("ablation-T-1", ["--temperature", "1"])  # auto at finite T = energy
 
 
 @dataclass
@@ -111,9 +111,9 @@ def run(p: Planned, args) -> dict:
 
 
 def imported(p: Planned) -> dict | None:
-    name = IMPORTED.get((p.rule, p.sparsity))
+    name, flags = IMPORTED.get((p.rule, p.sparsity), (None, None))
     q = quality_rows(p.model).get(name) if name else None
-    if q is None or q.get("flags", []) != RULES[p.rule]:
+    if q is None or q.get("flags", []) != flags:
         return None
     q = dict(q)
     q["source"] = f"{MODELS[p.model]['stem']}.json:{name}"
@@ -185,7 +185,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--contended", nargs="*", default=None, help="mark these stored rows' times contended")
+    parser.add_argument(
+        "--contended", nargs="*", default=None, help="mark these stored rows' times contended"
+    )
     args = parser.parse_args()
     plan = [p for p in planned(args.model, args.sparsity) if p.rule in args.rule]
     if args.rows:
@@ -220,7 +222,9 @@ def main() -> None:
         stored[p.name] = to_row(p, q)
         write_atomic(path, json.dumps(list(stored.values()), indent=1))
         write_atomic(OUT.with_suffix(".md"), render(list(stored.values())))
-        print(f"{p.name}: wiki {stored[p.name]['ppl']['wiki_test']:.2f} news {stored[p.name]['ppl']['news']:.2f}")
+        print(
+            f"{p.name}: wiki {stored[p.name]['ppl']['wiki_test']:.2f} news {stored[p.name]['ppl']['news']:.2f}"
+        )
     rows = list(stored.values())
     write_atomic(OUT.with_suffix(".md"), render(rows))
     for plot_path in plot(rows):
