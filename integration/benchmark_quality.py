@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-METHODS = ("magnitude", "wanda-sp", "flap", "global", "structprune")
+METHODS = ("magnitude", "wanda-sp", "flap", "global", "global-taylor", "structprune")
 SPARSITIES = (0.3, 0.2, 0.5)  # 30 % first: the ablations compare against it
 FULL_TEXTS = "wiki_test,news"
 #: Per model: the name tables use, the default results stem, and flags a method needs on it. Gemma
@@ -67,6 +67,8 @@ def planned_rows() -> list[Row]:
         for s in SPARSITIES
         for m in ("structprune", "global", "flap", "wanda-sp", "magnitude")
     ]
+    # The O(N) global reference (whole model resident, loss gradient), after the original table.
+    rows += [Row(f"global-taylor-{round(s * 100)}", "global-taylor", s) for s in SPARSITIES]
     # StructPrune with the references' heads vs MLP rule: heads take the allocation's share rounded
     # to whole head steps (a third of SmolLM2's query heads at 20 and 30 %). Its loss against the
     # default (MLP channels first) is what made mlp-first the default.
