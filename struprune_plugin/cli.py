@@ -50,7 +50,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         "--texts",
         type=_units,
         default=None,
-        help="built-in texts, comma-separated: wiki_test,wiki_valid,news (default wiki_test,news "
+        help="built-in texts, comma-separated: wiki_test,wiki_valid,news,newsgroups (default wiki_test,news "
         "unless --text is given)",
     )
     p.add_argument(

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .errors import CalibrationDataError, DataIntegrityError
 GENSIM_VERSION = "4.4.0"
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
+NEWSGROUPS_FILE = "mini_newsgroup"  # 200 Usenet posts (20 Newsgroups), a zlib'd protocol-0 pickle
 
 #: Split names and the sha256 of the text each one produces from gensim 4.4.0.
 TEXT_SHA256: dict[str, str] = {
@@ -31,6 +33,7 @@ TEXT_SHA256: dict[str, str] = {
     "wiki_valid": "7222d226fcdbe0db1c56435da6c6644fbca3d5abcd41738d9bd488b9fbb2571b",
     "wiki_test": "bd1927f42c51003619b9f2b826b4250150c40ae9e05dd63f383432e1e6fab9b1",
     "news": "2dba646f83b469d64fc6bd06df4a536d10f026e605be72b9beea4e534d6c9bd7",
+    "newsgroups": "c21acf8d3b702d1ea8043bb3cc049dc71b7448adbc02fb3c91b22738dffa8e3d",
 }
 
 MIN_ARTICLE_CHARS = 2000
@@ -51,9 +54,10 @@ def _gensim_test_data() -> Path:
             f"Fix: pip install gensim=={GENSIM_VERSION}"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data"
-    if not (path / WIKI_DUMP).exists() or not (path / NEWS_FILE).exists():
+    missing = [name for name in (WIKI_DUMP, NEWS_FILE, NEWSGROUPS_FILE) if not (path / name).exists()]
+    if missing:
         raise DataIntegrityError(
-            f"{path} lacks {WIKI_DUMP} or {NEWS_FILE}. Fix: pip install gensim=={GENSIM_VERSION}"
+            f"{path} lacks {', '.join(missing)}. Fix: pip install gensim=={GENSIM_VERSION}"
         )
     return path
 
@@ -106,7 +110,35 @@ def build_texts(test_data: Path | None = None) -> dict[str, str]:
     texts = {k: "\n".join(v) for k, v in splits.items()}
     news_lines = (test_data / NEWS_FILE).read_text(encoding="utf-8").splitlines()
     texts["news"] = "\n".join(line.strip() for line in news_lines if line.strip()) + "\n"
+    texts["newsgroups"] = newsgroup_posts(test_data / NEWSGROUPS_FILE)
     return texts
+
+
+_PICKLED_UNICODE = re.compile(r"^a?V(.*)$", re.M)
+
+
+def newsgroup_posts(path: Path) -> str:
+    """The bodies (headers dropped) of the Usenet posts in gensim's `mini_newsgroup`, a third kind
+    of text: informal forum discussion with quoted replies (alt.atheism, sci.space, ...).
+
+    The file is a pickled scikit-learn Bunch. It is never unpickled (that would run code named in
+    the file): its protocol-0 text form stores each post as a `V...` line in raw-unicode-escape,
+    which is read directly; only strings that are posts (they carry a Subject header) are kept."""
+    raw = zlib.decompress(path.read_bytes()).decode("latin-1")
+    strings = [
+        m.group(1).encode("latin-1").decode("raw_unicode_escape") for m in _PICKLED_UNICODE.finditer(raw)
+    ]
+    bodies = []
+    for post in strings:
+        header, sep, body = post.partition("\n\n")
+        if sep and "\nSubject:" in "\n" + header and body.strip():
+            lines = [line.rstrip() for line in body.strip().splitlines()]
+            bodies.append("\n".join(lines))
+    if not bodies:
+        raise DataIntegrityError(
+            f"{path} holds no newsgroup posts. Fix: pip install gensim=={GENSIM_VERSION}"
+        )
+    return "\n\n".join(bodies) + "\n"
 
 
 def sha256_text(text: str) -> str:

@@ -12,6 +12,7 @@ TEXT_LABELS = {
     "wiki_test": "Wikipedia subset (test)",
     "wiki_valid": "Wikipedia subset (valid)",
     "news": "news",
+    "newsgroups": "newsgroups (Usenet posts)",
 }
 
 

@@ -55,3 +55,23 @@ def test_calibration_windows_start_with_bos_when_asked():
     assert with_bos.shape == plain.shape == (6, 32)
     assert (with_bos[:, 0] == 2).all()
     assert torch.equal(with_bos[:, 1:], plain[:, :-1])
+
+
+def test_newsgroup_posts_are_read_without_unpickling(tmp_path):
+    """The parser reads the protocol-0 text of a pickle: posts (strings with a Subject header) lose
+    their headers; other strings (descriptions, group names, file names) are skipped."""
+    import pickle
+    import zlib
+
+    from struprune_plugin.data import newsgroup_posts
+
+    posts = [
+        "From: a@b.c\nSubject: Re: orbits\nLines: 2\n\nThe shuttle's orbit decays.\n> quoted — ünïcode\n",
+        "Newsgroups: alt.atheism\nSubject: hello\n\nSecond body.",
+    ]
+    payload = {"data": posts, "target_names": ["sci.space", "alt.atheism"], "DESCR": None}
+    path = tmp_path / "mini"
+    path.write_bytes(zlib.compress(pickle.dumps(payload, protocol=0)))
+    assert newsgroup_posts(path) == "The shuttle's orbit decays.\n> quoted — ünïcode\n\nSecond body.\n"
+    real = ensure_texts(tmp_path / "texts").read("newsgroups")
+    assert "\nPath: " not in real and real.count("writes:") > 50  # 200 posts, headers gone
