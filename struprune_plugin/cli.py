@@ -166,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the least-squares refits also fit o_proj/down_proj biases (Llama and OPT)",
     )
     sp.add_argument(
+        "--damping",
+        type=float,
+        default=0.01,
+        help="ridge damping of the least-squares solves, times the Gram's mean diagonal",
+    )
+    sp.add_argument(
+        "--solver-tokens",
+        type=_int_at_least(1),
+        default=8192,
+        help="calibration tokens the MLP solver fits on per layer (a seeded subsample beyond that)",
+    )
+    sp.add_argument(
         "--energy-samples",
         type=_int_at_least(0),
         default=32,
@@ -440,6 +452,8 @@ def cmd_prune(args) -> int:
         refresh_energies=args.refresh_energies,
         kind_split=args.kind_split,
         bias_refit=args.bias_refit,
+        damping=args.damping,
+        solver_tokens=args.solver_tokens,
         bias_compensation=not args.no_bias_compensation,
         allow_shortfall=args.allow_shortfall,
     )

@@ -123,6 +123,10 @@ class PruneConfig:
     use_aux: bool = True  # SparseLLM auxiliary variables in the MLP solver
     refit: bool = True  # least-squares refit of the kept weights (o_proj, MLP)
     bias_refit: bool = False  # the refits also fit o_proj/down_proj biases (mean compensation)
+    # Ridge damping of every least-squares solve (times the Gram's mean diagonal), and the
+    # calibration tokens the MLP solver fits on (a seeded subsample of the layer's tokens beyond it).
+    damping: float = 0.01
+    solver_tokens: int = 8192
     # FLAP only (method="flap"):
     bias_compensation: bool = True  # fold removed channels' mean output into o_proj/down_proj biases
 
@@ -175,6 +179,8 @@ class PruneConfig:
                 "refresh_energies re-measures the energies of the 'energy' softmax allocation; "
                 f"allocation {self._allocation_name()!r} does not read them"
             )
+        if not (isinstance(self.damping, (int, float)) and self.damping > 0 and math.isfinite(self.damping)):
+            raise StructPruneError(f"damping must be a positive number; got {self.damping!r}")
         if self.sensitivity_samples < 1:
             raise CalibrationDataError("sensitivity_samples must be >= 1")
         if self.refresh_energies and self.method != "structprune":
@@ -213,6 +219,7 @@ class PruneConfig:
             ("min_query_per_kv", 1),
             ("mlp_round_to", 1),
             ("trace_tokens", 2),
+            ("solver_tokens", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:

@@ -101,6 +101,8 @@ class StructPruneModifier(Modifier):
     use_aux: bool = Field(True, description="SparseLLM auxiliary variables in the MLP solver")
     refit: bool = Field(True, description="least-squares refit of the kept weights")
     bias_refit: bool = Field(False, description="the refits also fit o_proj/down_proj biases")
+    damping: float = Field(0.01, gt=0, description="ridge damping of the least-squares solves")
+    solver_tokens: int = Field(8192, ge=1, description="calibration tokens the MLP solver fits on per layer")
     mlp_round_to: int = Field(1, ge=1, description="keep every MLP width a multiple of this")
     min_query_per_kv: int = Field(1, ge=1, description="query heads every K/V head keeps at least")
     equal_widths: bool = Field(
@@ -149,6 +151,8 @@ class StructPruneModifier(Modifier):
             use_aux=self.use_aux,
             refit=self.refit,
             bias_refit=self.bias_refit,
+            damping=self.damping,
+            solver_tokens=self.solver_tokens,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -117,6 +117,8 @@ def admm_config(config, activation: str = "silu") -> ADMMConfig:
         use_aux=config.use_aux,
         refit=config.refit,
         intercept=config.bias_refit,
+        damping=config.damping,
+        max_tokens=config.solver_tokens,
     )
 
 
@@ -171,7 +173,7 @@ def prune_layer_structprune(
         new_o = shift = None
         if config.refit:
             kept = head_channels(plan.keep_heads, lv.head_dim)
-            new_o, shift = _refit(lv.o, rec.stats["o_in"], kept, config.bias_refit)
+            new_o, shift = _refit(lv.o, rec.stats["o_in"], kept, config.bias_refit, config.damping)
         heads_only = LayerPlan(list(range(geometry.intermediate)), plan.keep_heads, plan.keep_kv_heads)
         heads_only.validate(geometry)
         lv = prune_layer(lv, heads_only, graph)
@@ -211,7 +213,9 @@ def prune_layer_structprune(
             )
             plan.keep_mlp = choose_channels(scores, remove["mlp"])
             if config.refit:
-                refitted = _refit(lv.mlp_out, rec.stats["mlp_hidden"], plan.keep_mlp, config.bias_refit)
+                refitted = _refit(
+                    lv.mlp_out, rec.stats["mlp_hidden"], plan.keep_mlp, config.bias_refit, config.damping
+                )
         mlp_only = LayerPlan(plan.keep_mlp, list(range(lv.num_heads)), list(range(lv.num_kv_heads)))
         lv = prune_layer(lv, mlp_only, graph)
         # The new weights go where the pruned view says: gate and up may be row blocks of one fused
@@ -226,11 +230,11 @@ def prune_layer_structprune(
     return lv, plan
 
 
-def _refit(linear: torch.nn.Linear, moments, keep: list[int], intercept: bool):
+def _refit(linear: torch.nn.Linear, moments, keep: list[int], intercept: bool, damping: float = 0.01):
     """Least-squares refit of an output projection on its kept inputs (with a bias if asked)."""
     gram = moments.gram / moments.tokens
     mean = moments.mean() if intercept else None
-    return refit_output_columns(linear.weight.detach(), gram, keep, 0.01, mean)
+    return refit_output_columns(linear.weight.detach(), gram, keep, damping, mean)
 
 
 def _assign(linear: Projection, weight: torch.Tensor, shift: torch.Tensor | None) -> None:

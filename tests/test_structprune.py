@@ -248,3 +248,25 @@ def test_llama_layers_with_other_activations_prune_save_and_reload(hidden_act, t
     ids = torch.randint(0, VOCAB, (2, 9))
     reloaded = load_pruned(save_pruned(result.model, tmp_path / "pruned"))
     assert torch.equal(logits(reloaded, ids), logits(result.model, ids))
+
+
+def test_solver_tokens_and_damping_reach_the_solver(monkeypatch):
+    """PruneConfig's solver settings are what the MLP solver and the refits receive."""
+    import struprune_plugin.structprune as sp
+
+    seen = {}
+    real_solve, real_refit = sp.solve_gated_mlp, sp.refit_output_columns
+
+    def solve(x, *args):
+        seen["solver"] = (args[-1].max_tokens, args[-1].damping)
+        return real_solve(x, *args)
+
+    def refit(w, gram, keep, damping, mean=None):
+        seen["refit"] = damping
+        return real_refit(w, gram, keep, damping, mean)
+
+    monkeypatch.setattr(sp, "solve_gated_mlp", solve)
+    monkeypatch.setattr(sp, "refit_output_columns", refit)
+    config = PruneConfig(sparsity=0.5, damping=0.2, solver_tokens=33, admm_iterations=1, kind_split="ratio")
+    prune_model(make_model("llama", layers=2), torch.randint(0, VOCAB, (4, 16)), config, progress=False)
+    assert seen == {"solver": (33, 0.2), "refit": 0.2}
