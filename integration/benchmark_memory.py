@@ -92,7 +92,7 @@ def slope(points: list[tuple[float, float]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["structprune", "global"])
+    parser.add_argument("--methods", nargs="+", default=["structprune", "energy-threshold"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)

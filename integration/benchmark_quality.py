@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-METHODS = ("magnitude", "wanda-sp", "flap", "global", "global-taylor", "structprune")
+METHODS = ("magnitude", "wanda-sp", "flap", "energy-threshold", "global-taylor", "structprune")
 SPARSITIES = (0.3, 0.2, 0.5)  # 30 % first: the ablations compare against it
 FULL_TEXTS = "wiki_test,news"
 #: Per model: the name tables use, the default results stem, and flags a method needs on it. Gemma
@@ -65,7 +65,7 @@ def planned_rows() -> list[Row]:
     rows = [
         Row(f"{m}-{round(s * 100)}", m, s)
         for s in SPARSITIES
-        for m in ("structprune", "global", "flap", "wanda-sp", "magnitude")
+        for m in ("structprune", "energy-threshold", "flap", "wanda-sp", "magnitude")
     ]
     # The O(N) global reference (whole model resident, loss gradient), after the original table.
     rows += [Row(f"global-taylor-{round(s * 100)}", "global-taylor", s) for s in SPARSITIES]
@@ -398,6 +398,17 @@ def plot(results: dict[str, dict], out: Path, model: str = "smollm2") -> list[Pa
     return paths
 
 
+def load_results(path: Path) -> dict[str, dict]:
+    """Stored rows by name; rows of the threshold reference under its first name ("global") are
+    renamed to "energy-threshold", which says what it is."""
+    rows = json.loads(path.read_text()) if path.exists() else []
+    for row in rows:
+        if row.get("method") == "global":
+            row["method"] = "energy-threshold"
+            row["name"] = row["name"].replace("global-", "energy-threshold-", 1)
+    return {r["name"]: r for r in rows}
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -436,7 +447,7 @@ def main() -> None:
             print(f"{r.name:24s} {r.method:12s} {r.sparsity:.2f} {' '.join(r.flags)}")
         return
     json_path = args.out.with_suffix(".json")
-    results = {r["name"]: r for r in json.loads(json_path.read_text())} if json_path.exists() else {}
+    results = load_results(json_path)
     by_name = {r.name: r for r in rows}
     unknown = sorted(set(args.rows or ()) - set(by_name))
     if unknown:
@@ -460,7 +471,7 @@ def main() -> None:
         else:
             row_result = run_row(row, args)
         # Re-read before writing: several instances may fill the same file (one row each at a time).
-        results = {r["name"]: r for r in json.loads(json_path.read_text())} if json_path.exists() else {}
+        results = load_results(json_path)
         results[row.name] = row_result
         write_atomic(json_path, json.dumps(list(results.values()), indent=1))
         write_atomic(args.out.with_suffix(".md"), render(results, rows, args.calib_samples, args.model))

@@ -100,10 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="structprune",
-        choices=("magnitude", "wanda-sp", "flap", "structprune", "global", "global-taylor"),
+        choices=(
+            "magnitude",
+            "wanda-sp",
+            "flap",
+            "structprune",
+            "energy-threshold",
+            "global-taylor",
+            "global",
+        ),
         help="flap: FLAP reference (fluctuation, global standardised ranking, bias compensation); "
-        "global: one threshold over every group's local energy, same solver (streamed, not a global "
-        "method); global-taylor: the O(N) global reference (gradient of the whole model's loss, "
+        "energy-threshold (formerly 'global', still accepted): one threshold over every group's local "
+        "energy, same solver (streamed, not a global method); global-taylor: the O(N) global reference (gradient of the whole model's loss, "
         "first-order Taylor importance, one ranking over all groups, least-squares refits)",
     )
     p.add_argument("--sparsity", type=float, default=0.3, help="fraction of prunable parameters to remove")
@@ -424,12 +432,13 @@ def calibration_text(args) -> tuple[str, dict]:
 def cmd_prune(args) -> int:
     from .architectures import model_view
     from .checkpoint import save_pruned
-    from .engine import METHOD_NEEDS_CALIBRATION, PruneConfig, prune_model
+    from .engine import METHOD_ALIASES, METHOD_NEEDS_CALIBRATION, PruneConfig, prune_model
     from .outputs import check_output_folder
     from .report import plot_layer_widths, render_markdown, write_report
     from .zoo import resolve_model
 
     progress = not args.no_progress
+    args.method = METHOD_ALIASES.get(args.method, args.method)
     config = PruneConfig(
         method=args.method,
         sparsity=args.sparsity,

@@ -75,13 +75,16 @@ METHOD_NEEDS_CALIBRATION = {
     **NEEDS_CALIBRATION,
     "flap": True,
     "structprune": True,
-    "global": True,
+    "energy-threshold": True,
     "global-taylor": True,
 }
+#: Former method names, still accepted: "global" was the threshold reference's first name, but
+#: ranking local energies globally is not a global method (that is "global-taylor").
+METHOD_ALIASES = {"global": "energy-threshold"}
 ALL_METHODS = tuple(METHOD_NEEDS_CALIBRATION)
-#: Methods that run the energy pass and the per-layer solver; "global" allocates by one threshold
+#: Methods that run the energy pass and the per-layer solver; "energy-threshold" allocates by one threshold
 #: over all groups' energies (the O(N) reference) instead of StructPrune's per-layer softmax.
-SOLVER_METHODS = ("structprune", "global")
+SOLVER_METHODS = ("structprune", "energy-threshold")
 #: How a layer's budget is shared between heads and MLP channels: "mlp-first" (MLP channels take
 #: it, heads only the overflow; StructPrune's measured best), "ratio" (the allocation's own share,
 #: the references' rule), "energy" (one threshold over the layer's groups, see `kind_splitter`);
@@ -110,7 +113,7 @@ class PruneConfig:
     # StructPrune only (method="structprune"):
     # Layer allocation rule: a name from allocators.ALLOCATIONS or an Allocator instance; "auto" is
     # "uniform" at T = inf, "energy" (the paper's softmax over layer energies) at finite T, and
-    # "threshold" for method="global".
+    # "threshold" for method="energy-threshold".
     allocation: str | Allocator = "auto"
     sensitivity_samples: int = 2  # calibration windows for the measured-KL pass (allocation kl*)
     temperature: float = math.inf  # softmax over normalised layer energies; inf = uniform (measured best)
@@ -131,6 +134,7 @@ class PruneConfig:
     bias_compensation: bool = True  # fold removed channels' mean output into o_proj/down_proj biases
 
     def __post_init__(self) -> None:
+        self.method = METHOD_ALIASES.get(self.method, self.method)
         # units="mlp" would otherwise be read letter by letter; lists become hashable tuples
         if isinstance(self.units, str):
             self.units = tuple(u.strip() for u in self.units.split(",") if u.strip())
@@ -209,7 +213,7 @@ class PruneConfig:
         if self.bias_refit and (self.method not in (*SOLVER_METHODS, "global-taylor") or not self.refit):
             raise StructPruneError(
                 "bias_refit fits biases in the solver's least-squares refits: it needs "
-                f"method='structprune' or 'global' with refit=True (got {self.method!r}, refit={self.refit})"
+                f"method='structprune', 'energy-threshold' or 'global-taylor' with refit=True (got {self.method!r}, refit={self.refit})"
             )
         if self.energy_samples is not None and self.energy_samples < 1:
             raise CalibrationDataError("energy_samples must be >= 1 (or None for every window)")
@@ -247,7 +251,7 @@ def make_allocator(config: PruneConfig) -> Allocator:
         return config.allocation
     name = config.allocation
     if name == "auto":
-        if config.method == "global":
+        if config.method == "energy-threshold":
             name = "threshold"
         else:
             name = "uniform" if math.isinf(config.temperature) else "energy"
@@ -805,7 +809,7 @@ def allocate_layers(
     config.validate()
     if config.method not in SOLVER_METHODS:
         raise StructPruneError(
-            f"allocate_layers needs method 'structprune' or 'global', not {config.method!r}"
+            f"allocate_layers needs method 'structprune' or 'energy-threshold', not {config.method!r}"
         )
     view = model_view(model)
     calibration_ids = check_calibration(

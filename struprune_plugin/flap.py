@@ -6,7 +6,7 @@ layer and per module (z-score over the layer's heads or channels; a head's score
 channels' standardised scores), ranks heads and channels of every layer together against one
 threshold with parameter costs as weights (FLAP's "AL-AM" structure), and compensates every
 removed channel by folding its mean contribution ``W[:, c] * E[x_c]`` into the projection's bias.
-No weights are refitted. Like the global reference, it holds every group's score at once.
+No weights are refitted. Like the energy-threshold reference, it holds every group's score at once.
 
 LLaMA projections carry no bias: `architectures.enable_output_biases` switches them on where the
 checkpoint format allows it (see there); elsewhere FLAP runs only without compensation.

@@ -56,7 +56,7 @@ _REPLACED = {
     "importance": "the solver decides what goes (PruneConfig.energy scores, ADMM picks the MLP channels); "
     "pass calibration token ids instead",
     "global_pruning": "StructPrune's allocation already shares one budget over all layers; for one "
-    "threshold over every group use PruneConfig(method='global')",
+    "threshold over every group use PruneConfig(method='energy-threshold')",
     "pruning_ratio_dict": "StructPrune allocates each layer's share itself (PruneConfig.temperature); "
     "keep layers dense with ignored_layers=[decoder layer] or PruneConfig(skip_layers=...)",
     "head_pruning_ratio": "heads vs MLP channels are shared per layer by PruneConfig.kind_split; "

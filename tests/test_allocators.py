@@ -38,7 +38,7 @@ def test_every_allocation_prunes_to_the_exact_budget(allocation):
 def test_auto_allocation_is_uniform_at_infinite_temperature_and_energy_otherwise():
     assert make_allocator(PruneConfig()).name == "uniform"
     assert make_allocator(PruneConfig(temperature=2.0)).name == "energy"
-    assert make_allocator(PruneConfig(method="global")).name == "threshold"
+    assert make_allocator(PruneConfig(method="energy-threshold")).name == "threshold"
     assert make_allocator(PruneConfig(allocation="kl", temperature=0.5)).temperature == 0.5
 
 

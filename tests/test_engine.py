@@ -137,7 +137,7 @@ def test_tiny_trained_model_keeps_quality_better_with_wanda(tiny_trained_dir):
     assert ppl["dense"] < ppl["wanda-sp"] < ppl["magnitude"], ppl
 
 
-@pytest.mark.parametrize("method", ["wanda-sp", "structprune", "global", "flap"])
+@pytest.mark.parametrize("method", ["wanda-sp", "structprune", "energy-threshold", "flap"])
 def test_mlp_widths_round_to_multiples(method):
     model = make_model("llama", layers=3)
     calib = torch.randint(0, VOCAB, (4, 16))
@@ -163,7 +163,7 @@ def test_mlp_round_to_must_divide_the_width():
         )
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap", "structprune", "global"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap", "structprune", "energy-threshold"])
 def test_skipped_layers_stay_dense_and_the_budget_counts_the_rest(method):
     model = make_model("llama", layers=4)
     calib = torch.randint(0, VOCAB, (4, 16))

@@ -30,7 +30,7 @@ def test_global_reference_runs_to_budget(family):
     model = make_model(family, layers=3)
     calib = torch.randint(0, VOCAB, (4, 16))
     result = prune_model(
-        model, calib, PruneConfig(method="global", sparsity=0.4, admm_iterations=1), progress=False
+        model, calib, PruneConfig(method="energy-threshold", sparsity=0.4, admm_iterations=1), progress=False
     )
     tolerance = geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
     assert abs(result.achieved_sparsity - 0.4) <= tolerance
@@ -78,7 +78,7 @@ def test_split_rules_resolve_per_method_and_refuse_what_cannot_apply():
 
     assert PruneConfig().split_rule == "mlp-first"
     assert PruneConfig(method="flap").split_rule == "ratio"
-    assert PruneConfig(method="global").split_rule == "ratio"
+    assert PruneConfig(method="energy-threshold").split_rule == "ratio"
     with pytest.raises(StructPruneError, match="reference method 'wanda-sp'"):
         PruneConfig(method="wanda-sp", kind_split="mlp-first").validate()
     with pytest.raises(StructPruneError, match="head_sparsity"):
@@ -146,7 +146,7 @@ def test_refresh_is_rejected_for_the_global_reference():
     from struprune_plugin.errors import StructPruneError
 
     with pytest.raises(StructPruneError, match="structprune"):
-        PruneConfig(method="global", refresh_energies=True).validate()
+        PruneConfig(method="energy-threshold", refresh_energies=True).validate()
 
 
 def test_bias_refit_gives_biases_that_survive_a_reload(tmp_path):
@@ -223,7 +223,7 @@ def test_energy_split_is_refused_where_it_cannot_apply():
     from struprune_plugin.errors import StructPruneError
 
     with pytest.raises(StructPruneError, match="kind_split"):
-        PruneConfig(method="global", kind_split="energy").validate()
+        PruneConfig(method="energy-threshold", kind_split="energy").validate()
     with pytest.raises(StructPruneError, match="kind_split"):
         PruneConfig(kind_split="energy", equal_widths=True).validate()
     with pytest.raises(StructPruneError, match="unknown kind_split"):
@@ -270,3 +270,7 @@ def test_solver_tokens_and_damping_reach_the_solver(monkeypatch):
     config = PruneConfig(sparsity=0.5, damping=0.2, solver_tokens=33, admm_iterations=1, kind_split="ratio")
     prune_model(make_model("llama", layers=2), torch.randint(0, VOCAB, (4, 16)), config, progress=False)
     assert seen == {"solver": (33, 0.2), "refit": 0.2}
+
+
+def test_former_method_name_global_still_means_the_energy_threshold():
+    assert PruneConfig(method="global").method == "energy-threshold"

@@ -1,6 +1,6 @@
 """One threshold on energy per parameter over every group of every layer.
 
-This is what the benchmark calls the "global" reference: it needs every group's energy at once
+The `energy-threshold` method's rule (first called "global"): it needs every group's energy at once
 (O(N) scores), but the energies themselves are local (each layer's output-side error on the pruned
 prefix's dense inputs), so it is a global *ranking* of local scores, not a global method."""
 
