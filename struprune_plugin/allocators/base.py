@@ -10,6 +10,7 @@ construction, and a new rule is one module that subclasses `Allocator` and regis
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -90,6 +91,39 @@ class Allocator(ABC):
 
     def describe(self) -> dict:
         return {"allocation": self.name, **self.options()}
+
+
+class SoftmaxAllocator(Allocator):
+    """The paper's rule over some per-layer energy: a temperature softmax (Fermi-Dirac) with the
+    exact budget, after log + z-score normalisation across layers. T = inf is uniform, T -> 0
+    greedy by energy. Subclasses say which energy (`layer_energies`)."""
+
+    def __init__(self, temperature: float = 1.0, normalisation: str = "log-z") -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (inf for uniform); got {temperature!r}")
+        self.temperature = float(temperature)
+        self.normalisation = normalisation
+
+    @property
+    def uniform(self) -> bool:  # type: ignore[override]
+        return math.isinf(self.temperature)
+
+    @abstractmethod
+    def layer_energies(self, measured: LayerMeasurements, target: float) -> dict[str, list[float]]:
+        """Per unit kind, one energy per layer (higher: keep more)."""
+
+    def allocate(self, measured: LayerMeasurements, target: float, channels_first: bool):
+        from ..allocation import allocate_softmax_budget
+        from ..energies import normalise
+
+        normalised = {
+            kind: normalise(values, self.normalisation)
+            for kind, values in self.layer_energies(measured, target).items()
+        }
+        return allocate_softmax_budget(measured.spaces, normalised, target, self.temperature, channels_first)
+
+    def options(self) -> dict:
+        return {"temperature": self.temperature, "normalisation": self.normalisation}
 
 
 REGISTRY: dict[str, type[Allocator]] = {}

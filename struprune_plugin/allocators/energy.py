@@ -10,48 +10,24 @@ T = inf is uniform, T -> 0 greedy by energy.
 
 from __future__ import annotations
 
-import math
-
-from ..allocation import allocate_softmax_budget
-from ..energies import normalise
-from .base import Allocator, LayerMeasurements, register
+from .base import LayerMeasurements, SoftmaxAllocator, register
 
 
 @register
-class EnergySoftmaxAllocator(Allocator):
+class EnergySoftmaxAllocator(SoftmaxAllocator):
     name = "energy"
     needs = frozenset({"energies"})
 
-    def __init__(self, temperature: float = 1.0, normalisation: str = "log-z") -> None:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (inf for uniform); got {temperature!r}")
-        self.temperature = float(temperature)
-        self.normalisation = normalisation
-
-    @property
-    def uniform(self) -> bool:  # type: ignore[override]
-        return math.isinf(self.temperature)
-
-    def layer_energies(self, measured: LayerMeasurements) -> dict[str, list[float]]:
+    def layer_energies(self, measured: LayerMeasurements, target: float) -> dict[str, list[float]]:
         return measured.require("energies", self.name)
-
-    def allocate(self, measured: LayerMeasurements, target: float, channels_first: bool):
-        normalised = {
-            kind: normalise(values, self.normalisation)
-            for kind, values in self.layer_energies(measured).items()
-        }
-        return allocate_softmax_budget(measured.spaces, normalised, target, self.temperature, channels_first)
-
-    def options(self) -> dict:
-        return {"temperature": self.temperature, "normalisation": self.normalisation}
 
 
 @register
-class RelativeEnergySoftmaxAllocator(EnergySoftmaxAllocator):
+class RelativeEnergySoftmaxAllocator(SoftmaxAllocator):
     name = "energy-relative"
     needs = frozenset({"energies", "stream"})
 
-    def layer_energies(self, measured: LayerMeasurements) -> dict[str, list[float]]:
+    def layer_energies(self, measured: LayerMeasurements, target: float) -> dict[str, list[float]]:
         energies = measured.require("energies", self.name)
         stream = measured.require("stream", self.name)
         return {

@@ -14,9 +14,16 @@ import math
 
 import torch
 
-from ..allocation import allocate_softmax_budget, schedule_budget
-from ..energies import normalise
-from .base import Allocator, LayerMeasurements, SensitivityCurves, layer_capacity, layer_masses, register
+from ..allocation import schedule_budget
+from .base import (
+    Allocator,
+    LayerMeasurements,
+    SensitivityCurves,
+    SoftmaxAllocator,
+    layer_capacity,
+    layer_masses,
+    register,
+)
 
 #: Probe levels as multiples of the target share; the middle one is the softmax rule's energy.
 DEFAULT_LEVEL_MULTIPLES = (0.5, 1.0, 1.5)
@@ -28,53 +35,38 @@ def probe_levels(sparsity: float, multiples=DEFAULT_LEVEL_MULTIPLES) -> list[flo
     return sorted({round(min(m * sparsity, MAX_PROBE_LEVEL), 6) for m in multiples if m > 0})
 
 
-class _KLAllocator(Allocator):
+@register
+class KLSoftmaxAllocator(SoftmaxAllocator):
+    name = "kl"
     needs = frozenset({"sensitivity"})
 
-    def __init__(self, level_multiples=DEFAULT_LEVEL_MULTIPLES) -> None:
-        self.level_multiples = tuple(float(m) for m in level_multiples)
-
-    def options(self) -> dict:
-        return {"level_multiples": list(self.level_multiples)}
-
-
-@register
-class KLSoftmaxAllocator(_KLAllocator):
-    name = "kl"
-
     def __init__(self, temperature: float = 1.0, normalisation: str = "log-z", level_multiples=None) -> None:
-        super().__init__(level_multiples or DEFAULT_LEVEL_MULTIPLES)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (inf for uniform); got {temperature!r}")
-        self.temperature = float(temperature)
-        self.normalisation = normalisation
+        super().__init__(temperature, normalisation)
+        self.level_multiples = tuple(float(m) for m in level_multiples or DEFAULT_LEVEL_MULTIPLES)
 
-    @property
-    def uniform(self) -> bool:  # type: ignore[override]
-        return math.isinf(self.temperature)
-
-    def allocate(self, measured: LayerMeasurements, target: float, channels_first: bool):
+    def layer_energies(self, measured: LayerMeasurements, target: float) -> dict[str, list[float]]:
+        """Each layer's measured KL increase per removed parameter at the probe level nearest the
+        target share, the same for every unit kind of the layer."""
         curves: SensitivityCurves = measured.require("sensitivity", self.name)
         masses = layer_masses(measured.spaces)
         share = target / sum(masses)
         k = min(range(len(curves.levels)), key=lambda j: abs(curves.levels[j] - share))
-        per_param = [
+        energy = [
             max(kl[k], 1e-12) / (curves.levels[k] * m) if m else 1.0 for kl, m in zip(curves.kl, masses)
         ]
-        energy = normalise(per_param, self.normalisation)
-        energies = {kind: energy for kind in measured.spaces}
-        return allocate_softmax_budget(measured.spaces, energies, target, self.temperature, channels_first)
+        return {kind: energy for kind in measured.spaces}
 
     def options(self) -> dict:
-        return {**super().options(), "temperature": self.temperature, "normalisation": self.normalisation}
+        return {**super().options(), "level_multiples": list(self.level_multiples)}
 
 
 @register
-class KLKnapsackAllocator(_KLAllocator):
+class KLKnapsackAllocator(Allocator):
     name = "kl-knapsack"
+    needs = frozenset({"sensitivity"})
 
     def __init__(self, level_multiples=None, grid: int = 48, bins: int = 4000) -> None:
-        super().__init__(level_multiples or DEFAULT_LEVEL_MULTIPLES)
+        self.level_multiples = tuple(float(m) for m in level_multiples or DEFAULT_LEVEL_MULTIPLES)
         self.grid = grid
         self.bins = bins
 
@@ -91,7 +83,7 @@ class KLKnapsackAllocator(_KLAllocator):
         return schedule_budget(measured.spaces, ratios, target, channels_first)
 
     def options(self) -> dict:
-        return {**super().options(), "grid": self.grid, "bins": self.bins}
+        return {"level_multiples": list(self.level_multiples), "grid": self.grid, "bins": self.bins}
 
 
 def interpolate_curve(levels: list[float], values: list[float], x: torch.Tensor) -> torch.Tensor:
