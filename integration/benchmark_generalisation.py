@@ -1,0 +1,116 @@
+"""Generalisation benchmark: does the solver fit the calibration text at the expense of others?
+
+StructPrune's least-squares refits fit at most `--solver-tokens` calibration tokens per layer
+(Wikipedia). Each row prunes SmolLM2 with one solver setting changed (tokens, damping,
+calibration windows) and measures perplexity in domain (Wikipedia test) and out of domain (news,
+and newsgroups: informal Usenet posts), next to FLAP, which refits nothing. Rows are `struprune
+prune` runs (full evaluation texts); resumable. Writes `results/generalisation.{json,md}`.
+
+    .venv/bin/python integration/benchmark_generalisation.py --list
+    .venv/bin/python integration/benchmark_generalisation.py --rows default-30 tokens-32768-30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_quality import RESULTS, Row, run_row, write_atomic
+
+OUT = RESULTS / "generalisation"
+TEXTS = "wiki_test,news,newsgroups"
+#: variant -> (method, flags, calibration windows)
+VARIANTS: dict[str, tuple[str, list[str], int]] = {
+    "default": ("structprune", [], 128),
+    "tokens-32768": ("structprune", ["--solver-tokens", "32768"], 128),
+    "tokens-65536": ("structprune", ["--solver-tokens", "65536"], 128),
+    "damping-0.1": ("structprune", ["--damping", "0.1"], 128),
+    "damping-1": ("structprune", ["--damping", "1"], 128),
+    "calib-32": ("structprune", [], 32),
+    "flap": ("flap", [], 128),
+}
+SPARSITIES = (0.3, 0.5, 0.2)
+
+
+def planned() -> list[tuple[str, str, list[str], int, float]]:
+    return [
+        (f"{v}-{round(s * 100)}", method, flags, calib, s)
+        for s in SPARSITIES
+        for v, (method, flags, calib) in VARIANTS.items()
+    ]
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "# Generalisation benchmark (`integration/benchmark_generalisation.py`)",
+        "",
+        "SmolLM2-135M-Instruct, calibration on the Wikipedia train split (seed 0, 512-token windows);",
+        "perplexity on the full Wikipedia test split (in domain), the news text and the newsgroups",
+        "posts (out of domain). One solver setting changes per row; `flap` refits nothing.",
+        "",
+        "| row | method | calib windows | flags | ppl wiki | ppl news | ppl newsgroups | prune s |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["sparsity"], r["name"])):
+        ppl = r["ppl"]
+        lines.append(
+            f"| {r['name']} | {r['method']} | {r['calib_samples']} | {' '.join(r['flags'])} | "
+            + " | ".join(f"{ppl.get(t) or float('nan'):.2f}" for t in TEXTS.split(","))
+            + f" | {r['prune_seconds']:.0f}{' †' if r.get('timing_note') else ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=None)
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    plan = planned()
+    if args.list:
+        for name, method, flags, calib, _ in plan:
+            print(name, method, calib, " ".join(flags))
+        return
+    if args.rows:
+        by_name = {p[0]: p for p in plan}
+        unknown = sorted(set(args.rows) - set(by_name))
+        if unknown:
+            parser.error(f"unknown rows {unknown}; see --list")
+        plan = [by_name[n] for n in args.rows]
+    path = OUT.with_suffix(".json")
+    stored = {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+    for name, method, flags, calib, sparsity in plan:
+        if name in stored:
+            continue
+        ns = argparse.Namespace(
+            model="smollm2", runs=Path("runs/generalisation"), calib_samples=calib, device=args.device
+        )
+        q = run_row(Row(name, method, sparsity, flags, TEXTS), ns)
+        report = json.loads((ns.runs / name / "struprune_report.json").read_text())
+        ppl = {t: v.get("pruned", {}).get("ppl") for t, v in report.get("perplexity", {}).items()}
+        dense = {t: v.get("dense", {}).get("ppl") for t, v in report.get("perplexity", {}).items()}
+        stored = {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+        stored[name] = {
+            "name": name,
+            "method": method,
+            "sparsity": sparsity,
+            "flags": flags,
+            "calib_samples": calib,
+            "ppl": ppl,
+            "ppl_dense": dense,
+            "prune_seconds": q["prune_seconds"],
+            "peak_memory_mib": q["peak_mib"],
+            "threads": q["threads"],
+            "machine": q["machine"],
+        }
+        write_atomic(path, json.dumps(list(stored.values()), indent=1))
+        write_atomic(OUT.with_suffix(".md"), render(list(stored.values())))
+    print(render(list(stored.values())))
+
+
+if __name__ == "__main__":
+    main()
