@@ -1,4 +1,6 @@
-"""Memory scaling: peak working memory of a pruning run against model size, StructPrune vs global.
+"""Memory scaling: peak working memory of a pruning run against model size, StructPrune vs the
+references (energy-threshold: every group's score resident; global-taylor: the whole model with its
+gradients).
 
 A series of randomly initialised LLaMA configurations grows in depth and width together (shaped
 like the LLaMA-1 family, 7B -> 65B: width x2, depth x2.5, scaled down). Every point runs in its
@@ -10,7 +12,7 @@ layers). On a GPU it is CUDA max allocated during the run (the model stays on th
 visit the device one at a time). The fitted log-log slope against total parameters is reported.
 Workers run with MALLOC_MMAP_THRESHOLD_=65536 so that freed buffers leave the RSS at once.
 
-    .venv/bin/python integration/benchmark_memory.py [--device cuda] [--methods structprune global]
+    .venv/bin/python integration/benchmark_memory.py [--device cuda] [--methods global-taylor]
 """
 
 from __future__ import annotations
@@ -106,7 +108,13 @@ def main() -> None:
     # glibc otherwise serves allocations up to 32 MiB from its heap and keeps them after free, so
     # RSS would report the history of freed buffers instead of what is alive at the peak.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    rows = []
+    # Rows of methods not run now are kept from the stored file (the threshold reference's rows
+    # under its first name, "global", become "energy-threshold").
+    stored_path = args.out.with_suffix(".json")
+    stored = json.loads(stored_path.read_text())["rows"] if stored_path.exists() else []
+    for r in stored:
+        r["method"] = {"global": "energy-threshold"}.get(r["method"], r["method"])
+    rows = [r for r in stored if r["method"] not in args.methods]
     for method in args.methods:
         for i in range(len(CONFIGS)):
             cmd = [sys.executable, __file__, "--worker", str(i), "--method", method, "--device", args.device]
@@ -125,10 +133,12 @@ def main() -> None:
                 f"{method:12s} {r['params'] / 1e6:8.1f}M params  working {r['working_mib']:8.1f} MiB",
                 flush=True,
             )
-    slopes = {
-        m: slope([(r["params"], r["working_mib"]) for r in rows if r["method"] == m]) for m in args.methods
-    }
-    layer_slope = slope([(r["params"], r["layer_params"]) for r in rows if r["method"] == args.methods[0]])
+    methods = [
+        m for m in ("structprune", "energy-threshold", "global-taylor") if any(r["method"] == m for r in rows)
+    ]
+    methods += [m for m in args.methods if m not in methods]
+    slopes = {m: slope([(r["params"], r["working_mib"]) for r in rows if r["method"] == m]) for m in methods}
+    layer_slope = slope([(r["params"], r["layer_params"]) for r in rows if r["method"] == methods[0]])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "slopes": slopes}, indent=1))
     kind = rows[0]["peak_kind"]
@@ -140,13 +150,13 @@ def main() -> None:
         f"{args.samples} x {args.seq_len} tokens, device {args.device}; working memory = {what}, one "
         "process per point.",
         "",
-        "| hidden x layers | params | one layer | model (fp32) | " + " | ".join(args.methods) + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(args.methods),
+        "| hidden x layers | params | one layer | model (fp32) | " + " | ".join(methods) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(methods),
     ]
     for cfg in CONFIGS:
         per = {r["method"]: r for r in rows if tuple(r["config"]) == tuple(cfg)}
-        r0 = per[args.methods[0]]
-        cells = " | ".join(f"{per[m]['working_mib']:.0f} MiB" for m in args.methods)
+        r0 = per[methods[0]]
+        cells = " | ".join(f"{per[m]['working_mib']:.0f} MiB" for m in methods)
         lines.append(
             f"| {cfg[0]} x {cfg[1]} | {r0['params'] / 1e6:.1f}M | {r0['layer_params'] / 1e6:.2f}M | "
             f"{r0['model_mib']:.0f} MiB | {cells} |"
@@ -156,7 +166,7 @@ def main() -> None:
     lines.append(f"- (one decoder layer's parameters: {layer_slope:.2f}; the whole model: 1.00)")
     table = "\n".join(lines) + "\n"
     args.out.with_suffix(".md").write_text(table)
-    _plot(rows, args.methods, args.out.with_name(args.out.name + ".png"))
+    _plot(rows, methods, args.out.with_name(args.out.name + ".png"))
     print(table)
 
 
