@@ -60,6 +60,8 @@ def planned(models, sparsities) -> list[Planned]:
 
 def to_row(p: Planned, q: dict) -> dict:
     """The allocation.json row (issue keys first) from a quality-benchmark style result."""
+    # a layer's prunable parameters: every layer of these models has the same shape
+    layer_params = q["prunable_dense"] / len(q["layers"])
     return {
         "model": p.model,
         "method": "structprune",
@@ -73,21 +75,13 @@ def to_row(p: Planned, q: dict) -> dict:
         "flags": RULES[p.rule],
         "achieved": q["achieved"],
         "ppl_dense": {"wiki_test": q["ppl_wiki_dense"], "news": q["ppl_news_dense"]},
-        "keep_ratios": [
-            1 - layer["removed_params"] / max(_layer_params(layer, q), 1) for layer in q["layers"]
-        ],
+        "keep_ratios": [1 - layer["removed_params"] / layer_params for layer in q["layers"]],
         "allocation_summary": q.get("allocation_summary"),
         "threads": q.get("threads"),
         "timing_note": q.get("timing_note"),
         "source": q.get("source", "run"),
         "machine": q.get("machine"),
     }
-
-
-def _layer_params(layer: dict, q: dict) -> float:
-    """A layer's prunable parameters: the dense model's prunable total over its layers (every
-    layer of these models has the same shape)."""
-    return q["prunable_dense"] / len(q["layers"])
 
 
 def quality_rows(model: str) -> dict[str, dict]:
