@@ -244,6 +244,10 @@ class PruneConfig:
             raise StructPruneError(f"skip_layers must be decoder layer indices >= 0; got {self.skip_layers}")
 
 
+#: What the energy pass measures; a rule that reads none of these does not need the pass.
+ENERGY_PASS_MEASUREMENTS = frozenset({"energies", "groups", "stream", "outliers"})
+
+
 def make_allocator(config: PruneConfig) -> Allocator:
     """The allocation rule a config stands for (the one object the engine, the llm-compressor
     modifier and the Torch-Pruning adapter all call)."""
@@ -720,36 +724,39 @@ def _prune(
 
 
 def _energy_allocation(model, view, batches, calibration_ids, config, spaces, prunable, progress):
-    """The measurement passes the allocation rule needs (always the energy pass, whose layer
-    energies every report shows), then the rule itself.
+    """The measurement passes the allocation rule needs, then the rule itself. The energy pass
+    runs only when the rule (or the energy refresh) reads what it measures: uniform and the
+    KL rules skip it, which saves one forward pass over `energy_samples` windows.
 
-    Returns (removal counts, layer energies, whether `batches` were consumed by the pass, a
-    summary of the allocation for reports)."""
+    Returns (removal counts, layer energies or None, whether `batches` were consumed by the
+    pass, a summary of the allocation for reports)."""
     device = torch.device(config.device)
     allocator = make_allocator(config)
     needs = allocator.needs
-    subsample = config.energy_samples is not None and config.energy_samples < len(calibration_ids)
-    energy_batches = batches
-    if subsample or not batches:
-        with torch.no_grad():
-            ids = calibration_ids[: config.energy_samples] if subsample else calibration_ids
-            energy_batches = capture_layer_inputs(model, view, ids.split(config.batch_size), device)
     measured = LayerMeasurements(spaces)
-    t0 = time.perf_counter()
-    energies, groups, extras = energy_pass(
-        view,
-        energy_batches,
-        layer_forward,
-        config,
-        device,
-        progress,
-        "groups" in needs,
-        needs,
-        getattr(allocator, "m", 5.0),
-    )
-    measured.seconds["energies"] = time.perf_counter() - t0
-    measured.energies, measured.group_energies = energies, groups
-    measured.stream_energy, measured.outlier_ratios = extras.get("stream"), extras.get("outliers")
+    energies, energy_batches = None, None
+    if needs & ENERGY_PASS_MEASUREMENTS or config.refresh_energies:
+        subsample = config.energy_samples is not None and config.energy_samples < len(calibration_ids)
+        energy_batches = batches
+        if subsample or not batches:
+            with torch.no_grad():
+                ids = calibration_ids[: config.energy_samples] if subsample else calibration_ids
+                energy_batches = capture_layer_inputs(model, view, ids.split(config.batch_size), device)
+        t0 = time.perf_counter()
+        energies, groups, extras = energy_pass(
+            view,
+            energy_batches,
+            layer_forward,
+            config,
+            device,
+            progress,
+            "groups" in needs,
+            needs,
+            getattr(allocator, "m", 5.0),
+        )
+        measured.seconds["energies"] = time.perf_counter() - t0
+        measured.energies, measured.group_energies = energies, groups
+        measured.stream_energy, measured.outlier_ratios = extras.get("stream"), extras.get("outliers")
     if "sensitivity" in needs:
         with torch.no_grad():
             ids = calibration_ids[: config.sensitivity_samples]
@@ -761,7 +768,8 @@ def _energy_allocation(model, view, batches, calibration_ids, config, spaces, pr
         measured.seconds["sensitivity"] = measured.sensitivity.seconds
         del probe_batches
     counts = allocator.allocate(measured, config.sparsity * prunable, config.channels_first)
-    return counts, energies, energy_batches is batches, allocation_summary(allocator, measured)
+    consumed = energy_batches is not None and energy_batches is batches
+    return counts, energies, consumed, allocation_summary(allocator, measured)
 
 
 def _global_taylor_allocation(model, view, views, calibration_ids, config, spaces, prunable, progress):

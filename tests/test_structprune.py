@@ -21,7 +21,10 @@ def test_budget_and_shapes_on_every_family(family, temperature, split):
     result = prune_model(model, calib, config, progress=False)
     tolerance = geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
     assert abs(result.achieved_sparsity - 0.4) <= tolerance
-    assert result.layer_energies is not None and all(len(v) == 3 for v in result.layer_energies.values())
+    if temperature == float("inf"):  # uniform reads no energies, so the energy pass is skipped
+        assert result.layer_energies is None
+    else:
+        assert all(len(v) == 3 for v in result.layer_energies.values())
     out = logits(result.model, torch.randint(0, VOCAB, (2, 11)))
     assert out.isfinite().all()
 
@@ -135,7 +138,7 @@ def test_refreshed_energies_keep_the_budget_and_follow_the_pruned_prefix(family)
 def test_energy_pass_subsample_is_the_first_windows():
     model = make_model("llama", layers=2)
     calib = torch.randint(0, VOCAB, (6, 16))
-    config = dict(method="structprune", sparsity=0.3, admm_iterations=0)
+    config = dict(method="structprune", sparsity=0.3, admm_iterations=0, temperature=1.0)
     sub = prune_model(model, calib, PruneConfig(**config, energy_samples=2), progress=False)
     first = prune_model(model, calib[:2], PruneConfig(**config, energy_samples=None), progress=False)
     for kind in sub.layer_energies:
