@@ -221,7 +221,11 @@ def save_pruned(
     The folder is built as a hidden sibling and renamed into place, so a crash or SIGTERM leaves
     either the old folder or the new one (and the sibling is removed, or by the next run if the
     process was killed outright). `overwrite` replaces only a folder struprune wrote (see
-    `outputs.check_output_folder`); the folder the model came from is never a valid output."""
+    `outputs.check_output_folder`); the folder the model came from is never a valid output.
+
+    The layout is read from the modules' shapes here, so a model pruned by other means (by hand,
+    or a Torch-Pruning pruner without the adapter) is saved with the widths it really has."""
+    record_layout(model)
     output = check_output_folder(output, [getattr(model.config, "_name_or_path", None)], overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(output)

@@ -246,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     _add_eval_args(e)
+
+    x = sub.add_parser("export", help="write a saved model folder in a serving engine's format")
+    xs = x.add_subparsers(dest="format", required=True)
+    g = xs.add_parser(
+        "gguf",
+        help="one self-contained GGUF file for llama.cpp / Ollama / LM Studio "
+        "(stock llama architecture when every layer is the same, deci when they differ)",
+    )
+    g.add_argument("folder", help="a folder written by 'struprune prune' (or a plain HF Llama folder)")
+    g.add_argument("out", type=Path, help="the .gguf file to write")
+    g.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing file")
     return parser
 
 
@@ -552,6 +564,25 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export.gguf_model import export_gguf
+    from .zoo import resolve_model
+
+    info = export_gguf(resolve_model(args.folder), args.out, args.outtype, args.overwrite)
+    widths = info.feed_forward_length
+    print(
+        f"wrote {info.path} ({info.path.stat().st_size / 2**20:.1f} MiB): architecture {info.architecture}, "
+        f"{info.outtype}, {len(widths)} layers, heads {min(info.head_count)}-{max(info.head_count)}, "
+        f"KV heads {min(info.head_count_kv)}-{max(info.head_count_kv)}, MLP widths {min(widths)}-{max(widths)}, "
+        f"tokenizer {info.vocabulary['model']}/{info.vocabulary['pre']}"
+    )
+    if info.f16_fallbacks:
+        print(
+            f"note: {len(info.f16_fallbacks)} tensors kept in f16: their rows do not split into Q8_0 blocks of 32"
+        )
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .devices import resolve_device
     from .outputs import check_output_file
@@ -581,7 +612,9 @@ EXIT_BUDGET_MISSED = 3
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prepare": cmd_prepare, "prune": cmd_prune, "eval": cmd_eval}[args.command]
+    handler = {"prepare": cmd_prepare, "prune": cmd_prune, "eval": cmd_eval, "export": cmd_export}[
+        args.command
+    ]
     try:
         return handler(args)
     except StructPruneError as err:

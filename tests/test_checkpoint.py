@@ -99,3 +99,26 @@ def test_weights_not_matching_layout_are_refused(tmp_path):
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LayoutMismatchError, match="do not match"):
         load_pruned(out)
+
+
+def test_model_pruned_by_hand_saves_the_widths_it_has(tmp_path):
+    """save_pruned reads the layout from the modules, not from an earlier pruning run: a model
+    whose MLP was shrunk by other means reloads with its own weights (no re-initialised layers)."""
+    from torch import nn
+
+    model = make_model("llama", layers=3)
+    mlp = model.model.layers[1].mlp
+    keep = torch.arange(0, mlp.down_proj.in_features, 3)
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            new = nn.Linear(old.in_features, len(keep), bias=False)
+            new.weight.copy_(old.weight[keep])
+            setattr(mlp, name, new)
+        down = nn.Linear(len(keep), mlp.down_proj.out_features, bias=False)
+        down.weight.copy_(mlp.down_proj.weight[:, keep])
+        mlp.down_proj = down
+    ids = torch.randint(0, VOCAB, (2, 9))
+    folder = save_pruned(model, tmp_path / "by-hand")
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "struprune_llama"
+    torch.testing.assert_close(logits(load_pruned(folder), ids), logits(model, ids), rtol=0, atol=0)

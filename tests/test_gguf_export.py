@@ -1,0 +1,212 @@
+"""GGUF export run in a real llama.cpp (llama-cpp-python built from source, see
+scripts/install_llama_cpp.sh): logits and greedy continuations against PyTorch's, for dense,
+uniformly pruned and non-uniformly pruned models (both head units), plus the file's metadata and
+the tokenizer, and the errors for what the format cannot express."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_TRAINED
+from struprune_plugin.checkpoint import load_pruned, save_pruned
+from struprune_plugin.engine import PruneConfig, prune_model
+from struprune_plugin.export.gguf_model import GGUFExportError, export_gguf, permute_for_ggml_rope
+from struprune_plugin.export.gguf_vocab import GGUFVocabularyError, pre_tokenizer_name
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python: bash scripts/install_llama_cpp.sh")
+
+PROMPT = [1, 417, 1022, 88, 2500, 7, 3001, 12, 640, 9, 1500, 33]
+NEW_TOKENS = 32
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY_TRAINED)
+
+
+def _calib() -> torch.Tensor:
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    ids = _tokenizer()(text, return_tensors="pt").input_ids[0]
+    return ids[: 8 * 48].reshape(8, 48)
+
+
+def _llama(path, n_ctx: int = 128):
+    """llama.cpp with an f32 KV cache (its default is f16), so the comparison measures the export."""
+    f32 = llama_cpp.GGML_TYPE_F32
+    return llama_cpp.Llama(
+        str(path), n_ctx=n_ctx, logits_all=True, n_threads=2, verbose=False, seed=0, type_k=f32, type_v=f32
+    )
+
+
+def _cpp_logits(llm, tokens: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)], dtype=np.float64)
+
+
+def _cpp_greedy(llm, tokens: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(tokens)
+    out = []
+    for _ in range(n):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        llm.eval([nxt])
+    return out
+
+
+def _torch_greedy(model, tokens: list[int], n: int) -> list[int]:
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return ids[0, len(tokens) :].tolist()
+
+
+def _check_against_torch(folder, gguf_path, tol: float = 1e-4) -> None:
+    model = load_pruned(folder, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([PROMPT]), use_cache=False).logits[0].double().numpy()
+    llm = _llama(gguf_path)
+    got = _cpp_logits(llm, PROMPT)
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= tol * scale, np.abs(got - expected).max() / scale
+    assert _cpp_greedy(llm, PROMPT, NEW_TOKENS) == _torch_greedy(model, PROMPT, NEW_TOKENS)
+
+
+def _pruned(tmp_path, name: str, **config):
+    model = load_pruned(TINY_TRAINED)
+    result = prune_model(model, _calib(), PruneConfig(admm_iterations=1, **config), progress=False)
+    return save_pruned(result.model, tmp_path / name, tokenizer=_tokenizer())
+
+
+def test_dense_tiny_model_matches_torch(tmp_path):
+    info = export_gguf(TINY_TRAINED, tmp_path / "dense.gguf", "f32")
+    assert info.architecture == "llama"
+    _check_against_torch(TINY_TRAINED, info.path)
+
+
+def test_uniformly_pruned_model_is_a_stock_llama_file(tmp_path):
+    folder = _pruned(tmp_path, "uniform", method="structprune", sparsity=0.4, equal_widths=True)
+    info = export_gguf(folder, tmp_path / "uniform.gguf", "f32")
+    assert info.architecture == "llama" and len(set(info.feed_forward_length)) == 1
+    _check_against_torch(folder, info.path)
+
+
+@pytest.mark.parametrize("head_unit", ["query", "kv_group"])
+def test_non_uniform_pruned_model_is_a_deci_file_that_matches_torch(tmp_path, head_unit):
+    folder = _pruned(
+        tmp_path,
+        head_unit,
+        method="structprune",
+        sparsity=0.5,
+        temperature=0.5,
+        kind_split="ratio",
+        head_unit=head_unit,
+    )
+    info = export_gguf(folder, tmp_path / f"{head_unit}.gguf", "f32")
+    assert info.architecture == "deci"
+    assert len(set(info.feed_forward_length)) > 1 or len(set(info.head_count)) > 1
+    assert min(info.head_count) < 8  # heads were removed
+    _check_against_torch(folder, info.path)
+
+
+def test_q_and_k_rows_are_permuted_like_llama_cpps_converter():
+    # GGML's RoPE rotates adjacent pairs; HF rotates the halves: row r of half h goes to 2r + h
+    w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)  # 2 heads of dim 8
+    out = permute_for_ggml_rope(w, 2)
+    for head in range(2):
+        for r in range(4):
+            for h in range(2):
+                assert torch.equal(out[head * 8 + 2 * r + h], w[head * 8 + h * 4 + r])
+
+
+def test_f16_and_q8_0_files_load_and_stay_close(tmp_path):
+    folder = _pruned(tmp_path, "q", method="structprune", sparsity=0.5, temperature=0.5)
+    model = load_pruned(folder, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([PROMPT]), use_cache=False).logits[0].double().numpy()
+    for outtype, tol in (("f16", 0.01), ("q8_0", 0.05)):
+        info = export_gguf(folder, tmp_path / f"{outtype}.gguf", outtype)
+        got = _cpp_logits(_llama(info.path), PROMPT)
+        err = np.abs(got - expected).max() / np.abs(expected).max()
+        assert err < tol, (outtype, err)
+        if outtype == "q8_0":  # pruned widths not divisible by 32 cannot be Q8_0 rows
+            widths = [w for w in info.feed_forward_length if w % 32]
+            assert bool(info.f16_fallbacks) == bool(widths)
+
+
+def test_tokenizer_metadata_tokenizes_like_the_hf_tokenizer(tmp_path):
+    info = export_gguf(TINY_TRAINED, tmp_path / "t.gguf", "f32")
+    assert info.vocabulary["pre"] == "gpt-2"
+    llm = llama_cpp.Llama(str(info.path), vocab_only=True, verbose=False)
+    tok = _tokenizer()
+    text = "Hello world!  It's 2026: prices rose 3.5% (12345 units)\n\tnaïve café — ok?"
+    assert (
+        llm.tokenize(text.encode(), add_bos=False, special=False)
+        == tok(text, add_special_tokens=False).input_ids
+    )
+
+
+def test_unsupported_inputs_are_refused(tmp_path):
+    folder = tmp_path / "biased"
+    model = load_pruned(TINY_TRAINED)
+    model.config.attention_bias = True
+    save_pruned(model, folder, tokenizer=_tokenizer())
+    with pytest.raises(GGUFExportError, match="attention_bias"):
+        export_gguf(folder, tmp_path / "x.gguf")
+    with pytest.raises(GGUFExportError, match="outtype"):
+        export_gguf(TINY_TRAINED, tmp_path / "x.gguf", "q4_k")
+    (tmp_path / "exists.gguf").write_bytes(b"")
+    with pytest.raises(GGUFExportError, match="exists"):
+        export_gguf(TINY_TRAINED, tmp_path / "exists.gguf")
+    assert not list(tmp_path.glob(".x.gguf*"))  # nothing half-written left behind
+    with pytest.raises(GGUFVocabularyError, match="pre-tokenizer"):
+        pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}})
+    data = json.loads((TINY_TRAINED / "tokenizer.json").read_text())
+    assert pre_tokenizer_name(data) == "gpt-2"
+
+
+@pytest.mark.slow
+def test_smollm2_dense_uniform_and_non_uniform_match_torch(tmp_path):
+    """The real default model through llama.cpp: dense, equal widths (stock llama) and a
+    temperature allocation with the ratio split (deci, heads removed), 32 greedy tokens each."""
+    from transformers import AutoTokenizer
+
+    from struprune_plugin.data import ensure_texts, sample_calibration, tokenize
+    from struprune_plugin.zoo import ensure_smollm2
+
+    folder = ensure_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenize(tokenizer, ensure_texts().read("wiki_train"))
+    calib = sample_calibration(ids, 4, 64, seed=0)
+    prompt = ids[:24].tolist()
+    model = load_pruned(folder)
+    cases = {"dense": (folder, "llama")}
+    for name, config in {
+        "uniform": PruneConfig(method="structprune", sparsity=0.3, admm_iterations=0, equal_widths=True),
+        "deci": PruneConfig(
+            method="structprune", sparsity=0.3, admm_iterations=0, temperature=0.5, kind_split="ratio"
+        ),
+    }.items():
+        result = prune_model(model, calib, config, progress=False)
+        cases[name] = (
+            save_pruned(result.model, tmp_path / name, tokenizer=tokenizer),
+            name.replace("uniform", "llama"),
+        )
+    for name, (path, arch) in cases.items():
+        info = export_gguf(path, tmp_path / f"{name}.gguf", "f32")
+        assert info.architecture == arch, name
+        pruned = load_pruned(path, dtype=torch.float32)
+        with torch.no_grad():
+            expected = pruned(input_ids=torch.tensor([prompt]), use_cache=False).logits[0].double().numpy()
+        llm = _llama(info.path)
+        got = _cpp_logits(llm, prompt)
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), (name, np.abs(got - expected).max())
+        assert _cpp_greedy(llm, prompt, NEW_TOKENS) == _torch_greedy(pruned, prompt, NEW_TOKENS), name
