@@ -28,6 +28,12 @@ integration/results/speed.{json,md,png}. Target: speed-up >= 0.9 x (dense / prun
 
     .venv/bin/python integration/benchmark_speed.py --backend torch
     .venv-export/bin/python integration/benchmark_speed.py --backend ort
+    .venv/bin/python integration/benchmark_speed.py --backend llamacpp-f16 --batch 1
+
+`--backend llamacpp-f16` / `llamacpp-q8_0` export each folder with `struprune export gguf` and run
+it in llama.cpp (llama-cpp-python built from source, `bash scripts/install_llama_cpp.sh`), batch 1:
+prefill is one `eval` of the 512-token prompt (llama.cpp computes the last position's logits),
+`generate()` the bindings' greedy sampling iterator, the model loop `eval` + argmax per token.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "integration" / "results" / "speed"
 DEFAULT_PRUNED = [ROOT / "runs" / "quality" / f"structprune-{p}" for p in (20, 30, 50)]
 TARGET = 0.9
-BACKENDS = ("torch", "ort")
+BACKENDS = ("torch", "ort", "llamacpp-f16", "llamacpp-q8_0")
 
 
 def seconds_of(fn: Callable[..., object], *args: object) -> float:
@@ -127,6 +133,54 @@ def torch_runner(folder: Path) -> tuple[Runner, int]:
 
     params = sum(p.numel() for p in model.parameters())
     return Runner(prefill, _generate_fn(model), model_loop), params
+
+
+def llamacpp_runner(folder: Path, work: Path, threads: int, outtype: str, n_ctx: int) -> tuple[Runner, int]:
+    """llama.cpp through llama-cpp-python on the folder's GGUF export (`struprune export gguf`).
+    Batch 1 only (the bindings decode one sequence). `generate()` is the bindings' sampling
+    iterator at temperature 0 (greedy), the model loop a plain eval + argmax loop."""
+    import llama_cpp
+    import numpy as np
+
+    from struprune_plugin.export.gguf_model import export_gguf
+
+    path = export_gguf(folder, work / f"{folder.name}-{outtype}.gguf", outtype, overwrite=True).path
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+
+    def single(ids: torch.Tensor) -> list[int]:
+        if ids.shape[0] != 1:
+            raise ValueError("the llama.cpp backend decodes batch 1 only")
+        return ids[0].tolist()
+
+    def prefill(ids: torch.Tensor):
+        llm.reset()
+        llm.eval(single(ids))
+
+    def generate(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        out = []
+        for token in llm.generate(single(prompt), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(token)
+            if len(out) == new_tokens:
+                break
+        return torch.cat([prompt, torch.tensor([out])], dim=1)
+
+    def model_loop(prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+        llm.reset()
+        llm.eval(single(prompt))
+        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            llm.eval([tokens[-1]])
+            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        seconds = time.perf_counter() - start
+        return torch.cat([prompt, torch.tensor([tokens])], dim=1), seconds
+
+    from struprune_plugin.checkpoint import load_pruned
+
+    params = sum(p.numel() for p in load_pruned(folder).parameters())
+    return Runner(prefill, generate, model_loop), params
 
 
 def ort_runner(folder: Path, work: Path, threads: int) -> tuple[Runner, int]:
@@ -277,13 +331,14 @@ def render(rows: list[dict]) -> str:
     lines = [
         "# Speed benchmark (`integration/benchmark_speed.py`)",
         "",
-        f"float32, CPU. Target: speed-up >= {TARGET} x (dense / pruned parameters). Medians of the "
+        f"CPU (torch and ort in float32). Target: speed-up >= {TARGET} x (dense / pruned parameters). Medians of the "
         "repeats; the models take turns within every repeat.",
         "",
         "## Prefill (batch 1, 512-token prompt)",
         "",
-        "PyTorch computes the last position's logits (as generation does); Optimum's ONNX graph "
-        "computes the logits of all 512 positions.",
+        "PyTorch and llama.cpp compute the last position's logits (as generation does); Optimum's ONNX "
+        "graph computes the logits of all 512 positions. torch and ort run float32 weights; llama.cpp "
+        "the GGUF type its backend names.",
         "",
         "| backend | model | params | checkpoint MiB | prefill tok/s | speed-up | params ratio | target met |",
         "|---|---|---:|---:|---:|---:|---:|---|",
@@ -400,6 +455,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (one prefill step and one decode step)")
+    if args.backend.startswith("llamacpp") and args.batch != [1]:
+        parser.error("the llama.cpp backend decodes batch 1 only: pass --batch 1")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     args.work.mkdir(parents=True, exist_ok=True)
@@ -416,6 +473,10 @@ def main() -> int:
     for name, folder in models:
         if args.backend == "torch":
             runners[name], params[name] = torch_runner(folder)
+        elif args.backend.startswith("llamacpp"):
+            n_ctx = max(args.prefill_len, args.decode_prompt + args.new_tokens) + 8
+            outtype = args.backend.split("-", 1)[1]
+            runners[name], params[name] = llamacpp_runner(folder, args.work, args.threads, outtype, n_ctx)
         else:
             runners[name], params[name] = ort_runner(folder, args.work, args.threads)
         vocab = json.loads((folder / "config.json").read_text())["vocab_size"]

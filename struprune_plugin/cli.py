@@ -139,9 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--equal-widths",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="the same head count and MLP width in every layer: a plain config that stock tools "
-        "(transformers without the plugin, vLLM) load; uniform allocation only",
+        "(transformers without the plugin, vLLM, llama.cpp's llama graph) load; uniform allocation only. "
+        "Default: on for StructPrune's uniform allocation when every layer starts alike",
     )
     sp = p.add_argument_group("structprune (method=structprune)")
     sp.add_argument(

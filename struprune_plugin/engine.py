@@ -104,7 +104,10 @@ class PruneConfig:
     mlp_round_to: int = 1  # keep every MLP width a multiple of this (8, 64: GEMM-friendly)
     min_query_per_kv: int = 1  # query unit: query heads every K/V head keeps at least
     skip_layers: tuple[int, ...] = ()  # decoder layers kept dense; sparsity counts the others only
-    equal_widths: bool = False  # the same counts in every layer: a plain config stock tools load
+    # The same counts in every layer, so the result is a plain config stock tools load (vLLM,
+    # llama.cpp's llama graph). None = auto: StructPrune's uniform allocation on layers that start
+    # alike gets equal widths (it costs at most half an MLP channel per layer of the budget).
+    equal_widths: bool | None = None
     batch_size: int = 8
     device: str = "cpu"
     trace_tokens: int = 16
@@ -324,12 +327,29 @@ def check_skip_layers(config: PruneConfig, num_layers: int) -> None:
         raise StructPruneError("skip_layers names every decoder layer: nothing is left to prune")
 
 
+def equal_widths_for(config: PruneConfig, spaces: dict[str, list]) -> bool:
+    """Whether this run gives every layer the same counts: `equal_widths` when set; automatically
+    for StructPrune's uniform allocation when every layer starts alike (no skipped layers, no fixed
+    head share, no per-layer energy split), since per-layer rounding there only moves single
+    channels between layers and costs a stock checkpoint."""
+    if config.equal_widths is not None:
+        return config.equal_widths
+    return (
+        config.method == "structprune"
+        and make_allocator(config).uniform
+        and not config.refresh_energies
+        and config.head_sparsity is None
+        and config.split_rule != "energy"
+        and all(len(set(kind)) == 1 for kind in spaces.values())
+    )
+
+
 def budget_tolerance(spaces: dict[str, list], prunable: int, config: PruneConfig) -> float:
     """How far the achieved sparsity may lie from the request by rounding alone: one step of the
     coarsest unit any layer removes (equal widths: half an MLP step in every layer), at least 0.5
     percentage points. Anything further is a missed budget that must be reported."""
     coarsest = max(s.step * s.cost for kind in spaces.values() for s in kind)
-    equal = sum(s.step * s.cost for s in spaces.get("mlp", [])) / 2 if config.equal_widths else 0
+    equal = sum(s.step * s.cost for s in spaces.get("mlp", [])) / 2 if equal_widths_for(config, spaces) else 0
     return max(0.005, coarsest / prunable, equal / prunable)
 
 
@@ -649,7 +669,7 @@ def _prune(
     else:
         counts = allocate_uniform(spaces, prunable_before, config.sparsity, config.head_sparsity)
 
-    if config.equal_widths:
+    if equal_widths_for(config, spaces):
         counts = allocate_equal(spaces, prunable_before, config.sparsity, config.channels_first)
 
     reallocate = split = None

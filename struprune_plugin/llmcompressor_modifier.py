@@ -42,6 +42,7 @@ from .engine import (
     LayerRecord,
     PruneConfig,
     allocate_layers,
+    equal_widths_for,
     kind_splitter,
     layer_forward,
     make_allocator,
@@ -105,8 +106,10 @@ class StructPruneModifier(Modifier):
     solver_tokens: int = Field(8192, ge=1, description="calibration tokens the MLP solver fits on per layer")
     mlp_round_to: int = Field(1, ge=1, description="keep every MLP width a multiple of this")
     min_query_per_kv: int = Field(1, ge=1, description="query heads every K/V head keeps at least")
-    equal_widths: bool = Field(
-        False, description="the same widths in every layer: a plain config vLLM loads (temperature inf)"
+    equal_widths: bool | None = Field(
+        None,
+        description="the same widths in every layer: a plain config vLLM loads (uniform allocation); "
+        "None = automatically where the allocation is uniform and the layers start alike",
     )
     ignore: list[str] = Field(
         default_factory=list,
@@ -167,7 +170,7 @@ class StructPruneModifier(Modifier):
         config = self.prune_config(skip, device)
         config.validate()
         spaces = unit_spaces([geometry_of(lv) for lv in view.layer_views()], config)
-        if self.equal_widths:
+        if equal_widths_for(config, spaces):
             self._counts = allocate_equal(
                 spaces, targeted_prunable_count(model, config), self.sparsity, config.channels_first
             )

@@ -25,7 +25,14 @@ def _spaces(layers=6, config=None):
 def test_every_allocation_prunes_to_the_exact_budget(allocation):
     model = make_model("llama", layers=4, seed=7)
     calib = torch.randint(0, VOCAB, (6, 24))
-    config = PruneConfig(sparsity=0.4, allocation=allocation, temperature=1.0, batch_size=3, energy_samples=4)
+    config = PruneConfig(
+        sparsity=0.4,
+        allocation=allocation,
+        temperature=1.0,
+        batch_size=3,
+        energy_samples=4,
+        equal_widths=False,  # the rule's own counts (uniform would otherwise get equal widths)
+    )
     result = prune_model(model, calib, config, progress=False)
     geometry = geometry_of(model_view(model).layer(0))
     assert abs(result.achieved_sparsity - 0.4) <= geometry.mlp_channel_cost / result.prunable_before

@@ -146,7 +146,8 @@ def test_mlp_widths_round_to_multiples(method):
     )
     result = prune_model(model, calib, config, progress=False)
     assert all(r.mlp[1] % 8 == 0 for r in result.layers), [r.mlp for r in result.layers]
-    tolerance = 8 * geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
+    steps = 1.5 if method == "structprune" else 1  # equal widths (its default): half a step per layer
+    tolerance = steps * 8 * geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
     assert abs(result.achieved_sparsity - 0.35) <= tolerance
     ids = torch.randint(0, VOCAB, (1, 9))
     if method in ("wanda-sp", "flap"):  # no weight updates: the masked original is the reference

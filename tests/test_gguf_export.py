@@ -16,6 +16,7 @@ from struprune_plugin.checkpoint import load_pruned, save_pruned
 from struprune_plugin.engine import PruneConfig, prune_model
 from struprune_plugin.export.gguf_model import GGUFExportError, export_gguf, permute_for_ggml_rope
 from struprune_plugin.export.gguf_vocab import GGUFVocabularyError, pre_tokenizer_name
+from struprune_plugin.export.llama_cpp_check import compare_with_torch, llama_cpp_logits, open_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python: bash scripts/install_llama_cpp.sh")
 
@@ -35,49 +36,10 @@ def _calib() -> torch.Tensor:
     return ids[: 8 * 48].reshape(8, 48)
 
 
-def _llama(path, n_ctx: int = 128):
-    """llama.cpp with an f32 KV cache (its default is f16), so the comparison measures the export."""
-    f32 = llama_cpp.GGML_TYPE_F32
-    return llama_cpp.Llama(
-        str(path), n_ctx=n_ctx, logits_all=True, n_threads=2, verbose=False, seed=0, type_k=f32, type_v=f32
-    )
-
-
-def _cpp_logits(llm, tokens: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(tokens)
-    return np.array(llm.scores[: len(tokens)], dtype=np.float64)
-
-
-def _cpp_greedy(llm, tokens: list[int], n: int) -> list[int]:
-    llm.reset()
-    llm.eval(tokens)
-    out = []
-    for _ in range(n):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(nxt)
-        llm.eval([nxt])
-    return out
-
-
-def _torch_greedy(model, tokens: list[int], n: int) -> list[int]:
-    ids = torch.tensor([tokens])
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return ids[0, len(tokens) :].tolist()
-
-
-def _check_against_torch(folder, gguf_path, tol: float = 1e-4) -> None:
-    model = load_pruned(folder, dtype=torch.float32)
-    with torch.no_grad():
-        expected = model(input_ids=torch.tensor([PROMPT]), use_cache=False).logits[0].double().numpy()
-    llm = _llama(gguf_path)
-    got = _cpp_logits(llm, PROMPT)
-    scale = np.abs(expected).max()
-    assert np.abs(got - expected).max() <= tol * scale, np.abs(got - expected).max() / scale
-    assert _cpp_greedy(llm, PROMPT, NEW_TOKENS) == _torch_greedy(model, PROMPT, NEW_TOKENS)
+def _check_against_torch(folder, gguf_path, tol: float = 1e-4, prompt=PROMPT) -> None:
+    result = compare_with_torch(load_pruned(folder, dtype=torch.float32), gguf_path, prompt, NEW_TOKENS)
+    assert result["max_rel_logit_diff"] <= tol, result
+    assert result["greedy_tokens_equal"] == NEW_TOKENS, result
 
 
 def _pruned(tmp_path, name: str, **config):
@@ -134,7 +96,7 @@ def test_f16_and_q8_0_files_load_and_stay_close(tmp_path):
         expected = model(input_ids=torch.tensor([PROMPT]), use_cache=False).logits[0].double().numpy()
     for outtype, tol in (("f16", 0.01), ("q8_0", 0.05)):
         info = export_gguf(folder, tmp_path / f"{outtype}.gguf", outtype)
-        got = _cpp_logits(_llama(info.path), PROMPT)
+        got = llama_cpp_logits(open_gguf(info.path, f32_cache=False), PROMPT)
         err = np.abs(got - expected).max() / np.abs(expected).max()
         assert err < tol, (outtype, err)
         if outtype == "q8_0":  # pruned widths not divisible by 32 cannot be Q8_0 rows
@@ -203,10 +165,4 @@ def test_smollm2_dense_uniform_and_non_uniform_match_torch(tmp_path):
     for name, (path, arch) in cases.items():
         info = export_gguf(path, tmp_path / f"{name}.gguf", "f32")
         assert info.architecture == arch, name
-        pruned = load_pruned(path, dtype=torch.float32)
-        with torch.no_grad():
-            expected = pruned(input_ids=torch.tensor([prompt]), use_cache=False).logits[0].double().numpy()
-        llm = _llama(info.path)
-        got = _cpp_logits(llm, prompt)
-        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), (name, np.abs(got - expected).max())
-        assert _cpp_greedy(llm, prompt, NEW_TOKENS) == _torch_greedy(pruned, prompt, NEW_TOKENS), name
+        _check_against_torch(path, info.path, prompt=prompt)
