@@ -166,14 +166,22 @@ def llamacpp_runner(folder: Path, work: Path, threads: int, outtype: str, n_ctx:
                 break
         return torch.cat([prompt, torch.tensor([out])], dim=1)
 
+    vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        # the last position's logits, read from the context (the bindings keep no copy unless
+        # every position's logits are requested, which would slow prefill)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+        return int(np.argmax(logits))
+
     def model_loop(prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
         llm.reset()
         llm.eval(single(prompt))
-        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        tokens = [next_token()]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
             llm.eval([tokens[-1]])
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            tokens.append(next_token())
         seconds = time.perf_counter() - start
         return torch.cat([prompt, torch.tensor([tokens])], dim=1), seconds
 
@@ -423,7 +431,7 @@ def plot(rows: list[dict], out: Path) -> Path | None:
                 top = max(top, *(p for pair in pts for p in pair))
                 ax.plot(
                     *zip(*pts),
-                    ls={"torch": "-", "ort": "--"}[backend],
+                    ls={"torch": "-", "ort": "--"}.get(backend, ":"),
                     marker=marker,
                     label=f"{backend} b{batch}: {name}",
                 )
