@@ -39,11 +39,11 @@ def render_markdown(report: dict) -> str:
     if p.get("allocation"):
         a = p["allocation"]
         settings = ", ".join(f"{k} {v}" for k, v in a.items() if k not in _ALLOCATION_DATA)
-        passes = ", ".join(f"{k} {v:.1f} s" for k, v in a.get("seconds", {}).items())
+        passes = ", ".join(f"{k} {v:.1f} s" for k, v in a.get("seconds", {}).items()) or "none needed"
         lines.append(
             f"- allocation `{a['allocation']}`"
             + (f" ({settings})" if settings else "")
-            + f"; passes: {passes}"
+            + f"; measurement passes: {passes}"
         )
     if report.get("calibration"):
         c = report["calibration"]
