@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build llama.cpp's Python bindings (llama-cpp-python, source distribution from the registry) into
 # .venv, for `struprune export gguf`'s tests and the llama.cpp speed rows. Only the library is
-# built (no server, tools, examples or multimodal library): about 10 minutes on 2 cores.
+# built (no server, tools, examples or multimodal library): 7 minutes measured on a
+# 2-core machine that two benchmark jobs shared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
