@@ -35,6 +35,8 @@ RULES: dict[str, list[str]] = {
     "energy-relative-T1": ["--allocation", "energy-relative", "--temperature", "1"],
     "kl-T1": ["--allocation", "kl", "--temperature", "1"],
     "kl-knapsack": ["--allocation", "kl-knapsack"],
+    # the knapsack within OWL's trust region (every layer's share within +-0.08 of the target)
+    "kl-knapsack-tr": ["--allocation", "kl-knapsack", "--allocation-option", "max_deviation=0.08"],
     "slimgpt": ["--allocation", "slimgpt"],
     "owl": ["--allocation", "owl"],
 }

@@ -30,6 +30,17 @@ def _units(value: str) -> tuple[str, ...]:
     return tuple(u.strip() for u in value.split(",") if u.strip())
 
 
+def _allocation_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as JSON where it parses (0.08, null, [1, 1.5]), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. max_deviation=0.08); got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 def _int_at_least(least: int):
     """An argparse type: an integer >= `least`, refused with the option's own usage line otherwise."""
 
@@ -153,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer allocation rule: uniform, energy (the paper's softmax over layer energies), "
         "energy-relative (energies relative to the residual stream), kl / kl-knapsack (measured "
         "end-to-end KL per layer), slimgpt, owl, threshold; auto = uniform at T = inf, energy otherwise",
+    )
+    sp.add_argument(
+        "--allocation-option",
+        type=_allocation_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the allocation rule, repeatable (e.g. max_deviation=0.08 for kl-knapsack, "
+        "lam=0.05 for owl)",
     )
     sp.add_argument(
         "--temperature",
@@ -465,6 +485,7 @@ def cmd_prune(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         allocation=args.allocation,
+        allocation_options=dict(args.allocation_option),
         sensitivity_samples=args.sensitivity_samples,
         temperature=args.temperature,
         energy=args.energy,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import itertools
 import logging
 import math
@@ -118,6 +119,8 @@ class PruneConfig:
     # "uniform" at T = inf, "energy" (the paper's softmax over layer energies) at finite T, and
     # "threshold" for method="energy-threshold".
     allocation: str | Allocator = "auto"
+    # Settings of the rule's constructor (e.g. {"max_deviation": 0.08} for kl-knapsack).
+    allocation_options: dict = field(default_factory=dict)
     sensitivity_samples: int = 2  # calibration windows for the measured-KL pass (allocation kl*)
     temperature: float = math.inf  # softmax over normalised layer energies; inf = uniform (measured best)
     energy: str = "obs"  # group energy: "obs", "wanda" or "flap"
@@ -255,6 +258,11 @@ def make_allocator(config: PruneConfig) -> Allocator:
     """The allocation rule a config stands for (the one object the engine, the llm-compressor
     modifier and the Torch-Pruning adapter all call)."""
     if isinstance(config.allocation, Allocator):
+        if config.allocation_options:
+            raise StructPruneError(
+                "allocation_options configure a rule given by name; an Allocator instance carries "
+                "its own settings. Fix: drop allocation_options"
+            )
         return config.allocation
     name = config.allocation
     if name == "auto":
@@ -263,9 +271,25 @@ def make_allocator(config: PruneConfig) -> Allocator:
         else:
             name = "uniform" if math.isinf(config.temperature) else "energy"
     cls = REGISTRY[name]
+    options = dict(config.allocation_options)
     if name in ("energy", "energy-relative", "kl"):
-        return cls(temperature=config.temperature, normalisation=config.normalisation)
-    return cls()
+        options = {"temperature": config.temperature, "normalisation": config.normalisation, **options}
+    unknown = sorted(set(options) - allocator_settings(cls))
+    if unknown:
+        raise StructPruneError(
+            f"allocation {name!r} has no setting {', '.join(map(repr, unknown))}; its settings are "
+            f"{sorted(allocator_settings(cls)) or 'none'}"
+        )
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as err:
+        raise StructPruneError(f"allocation {name!r}: {err}") from err
+
+
+def allocator_settings(cls: type[Allocator]) -> set[str]:
+    """The keyword settings a rule's constructor takes (what allocation_options may name)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
 
 
 @dataclass

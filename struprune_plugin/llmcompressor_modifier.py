@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Callable
 from functools import partial, wraps
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from llmcompressor.core import Event, State
@@ -84,6 +84,10 @@ class StructPruneModifier(Modifier):
         "auto",
         description="layer allocation rule (as `struprune prune --allocation`); auto = uniform at "
         "temperature inf, the energy softmax otherwise",
+    )
+    allocation_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="settings of the allocation rule (as `--allocation-option`), e.g. {max_deviation: 0.08}",
     )
     temperature: float = Field(
         math.inf, description="softmax temperature of the energy / energy-relative / kl rules; inf = uniform"
@@ -145,6 +149,7 @@ class StructPruneModifier(Modifier):
             equal_widths=self.equal_widths,
             device=device,
             allocation=self.allocation,
+            allocation_options=dict(self.allocation_options),
             sensitivity_samples=self.sensitivity_samples,
             temperature=self.temperature,
             energy=self.energy,

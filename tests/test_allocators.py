@@ -137,6 +137,19 @@ def test_bad_allocation_settings_name_the_fix():
         PruneConfig(allocation="slimgpt", equal_widths=True).validate()
     with pytest.raises(StructPruneError, match="refresh_energies"):
         PruneConfig(allocation="kl", temperature=1.0, refresh_energies=True).validate()
+    with pytest.raises(StructPruneError, match=r"no setting 'lam'.*max_deviation"):
+        PruneConfig(allocation="kl-knapsack", allocation_options={"lam": 0.1}).validate()
+    with pytest.raises(StructPruneError, match="max_deviation must be a share"):
+        PruneConfig(allocation="kl-knapsack", allocation_options={"max_deviation": 2}).validate()
+
+
+def test_allocation_options_reach_the_rule():
+    rule = make_allocator(PruneConfig(allocation="owl", allocation_options={"lam": 0.05}))
+    assert rule.lam == 0.05
+    rule = make_allocator(
+        PruneConfig(allocation="kl", temperature=2.0, allocation_options={"level_multiples": [1.0]})
+    )
+    assert (rule.temperature, rule.level_multiples) == (2.0, (1.0,))
 
 
 def test_allocate_layers_gives_the_engines_counts_for_measured_rules():

@@ -183,13 +183,32 @@ def test_structprune_method_records_energies(cache, tiny_trained_dir):
 def test_allocation_rule_and_its_measurements_reach_the_report(cache, tiny_trained_dir):
     out = cache / "kl"
     args = ["prune", "--model", tiny_trained_dir, "--sparsity", 0.3, "--allocation", "kl-knapsack"]
-    args += ["--sensitivity-samples", 2, "--admm-iterations", 0, "--calib-samples", 4, "--calib-len", 32]
+    args += [
+        "--allocation-option",
+        "max_deviation=0.25",
+        "--sensitivity-samples",
+        2,
+        "--admm-iterations",
+        0,
+        "--calib-samples",
+        4,
+        "--calib-len",
+        32,
+    ]
     assert _run(*args, "--no-eval", "--output", out, "--no-progress") == 0
     report = json.loads((out / "struprune_report.json").read_text())
     allocation = report["pruning"]["allocation"]
     assert allocation["allocation"] == "kl-knapsack"
+    assert allocation["max_deviation"] == 0.25
     assert allocation["sensitivity"]["tokens"] == 2 * 32
     assert len(allocation["sensitivity"]["kl"]) == len(report["layers"])
     removed = [layer["removed_params"] for layer in report["layers"]]
     assert len(set(removed)) > 1  # measured curves differ: the widths do too
     assert "allocation `kl-knapsack`" in (out / "struprune_report.md").read_text()
+
+
+def test_a_bad_allocation_option_names_the_rules_settings(cache, tiny_trained_dir, capsys):
+    args = ["prune", "--model", tiny_trained_dir, "--allocation", "owl", "--allocation-option", "radius=1"]
+    assert _run(*args, "--no-eval", "--output", cache / "bad-option", "--no-progress") != 0
+    err = capsys.readouterr().err
+    assert "no setting 'radius'" in err and "lam" in err

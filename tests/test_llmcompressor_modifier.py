@@ -91,7 +91,10 @@ def test_yaml_recipe_equals_the_plugins_own_run_and_saves_a_reloadable_folder(ti
 
 @pytest.mark.parametrize(
     "rule",
-    [dict(temperature=1.0, energy="wanda"), dict(allocation="kl-knapsack", sensitivity_samples=2)],
+    [
+        dict(temperature=1.0, energy="wanda"),
+        dict(allocation="kl-knapsack", sensitivity_samples=2, allocation_options={"max_deviation": 0.2}),
+    ],
     ids=["energy-softmax", "kl-knapsack"],
 )
 def test_python_recipe_with_a_per_layer_allocation_matches_the_engine(tiny, rule):

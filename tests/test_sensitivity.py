@@ -158,6 +158,31 @@ def test_knapsack_is_exact_against_brute_force():
         assert got == pytest.approx(best, abs=1e-9)
 
 
+def test_knapsack_trust_region_is_exact_and_stays_within_the_deviation():
+    """With max_deviation every share lies within +-d of the target share, and the result is the
+    brute-force optimum over that window's grid."""
+    torch.manual_seed(1)
+    levels = [0.25, 0.5, 0.75]
+    masses = [8.0, 8.0, 8.0, 8.0]
+    for trial in range(12):
+        kl = torch.rand(4, 3).cumsum(1).tolist()
+        kl[trial % 4] = [5.0, 5.1, 5.2]  # costly first probe, flat after: looks cheap to cut deep
+        curves = SensitivityCurves(levels, kl, tokens=1)
+        target, d = 16.0, 0.1  # mean share 0.5
+        shares = knapsack_shares(curves, masses, [1.0] * 4, target, grid=4, bins=160, max_deviation=d)
+        assert all(0.4 - 1e-12 <= s <= 0.6 + 1e-12 for s in shares)
+        window = [0.4 + 0.05 * i for i in range(5)]
+        best = min(
+            sum(float(interpolate_curve(levels, kl[i], torch.tensor([s]))) for i, s in enumerate(combo))
+            for combo in itertools.product(window, repeat=4)
+            if abs(sum(s * m for s, m in zip(combo, masses)) - target) < 1e-9
+        )
+        got = sum(float(interpolate_curve(levels, kl[i], torch.tensor([s]))) for i, s in enumerate(shares))
+        assert got == pytest.approx(best, abs=1e-9)
+        unbounded = knapsack_shares(curves, masses, [1.0] * 4, target, grid=12, bins=160)
+        assert max(unbounded) > 0.6  # without the region the flat curve is cut past it
+
+
 def test_interpolated_curve_passes_through_the_measurements():
     x = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 2.0], dtype=torch.float64)
     y = interpolate_curve([0.5, 1.0], [1.0, 3.0], x)

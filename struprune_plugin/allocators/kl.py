@@ -6,7 +6,10 @@ layer is pruned (`sensitivity.py` measures it, one layer resident, all perturbed
 * `kl-knapsack`: minimise the sum of the layers' measured KL curves (linear between the measured
   levels, 0 at 0) under the exact budget, by dynamic programming over a fine grid of per-layer
   shares. The curves stop at the largest measured level, which bounds how far any layer may move
-  from uniform (a trust region: by default 1.5 x the target)."""
+  above uniform (by default 1.5 x the target). `max_deviation` adds a trust region as OWL's
+  (every layer's share within +-max_deviation of the target share): single-layer curves ignore how
+  layers' errors compound, and a layer whose curve flattens after a costly first probe (one
+  critical unit removed early) would otherwise look cheap to cut far below uniform."""
 
 from __future__ import annotations
 
@@ -65,10 +68,15 @@ class KLKnapsackAllocator(Allocator):
     name = "kl-knapsack"
     needs = frozenset({"sensitivity"})
 
-    def __init__(self, level_multiples=None, grid: int = 48, bins: int = 4000) -> None:
+    def __init__(
+        self, level_multiples=None, grid: int = 48, bins: int = 4000, max_deviation: float | None = None
+    ) -> None:
+        if max_deviation is not None and not (0 < float(max_deviation) < 1):
+            raise ValueError(f"max_deviation must be a share in (0, 1), or None; got {max_deviation!r}")
         self.level_multiples = tuple(float(m) for m in level_multiples or DEFAULT_LEVEL_MULTIPLES)
-        self.grid = grid
-        self.bins = bins
+        self.grid = int(grid)
+        self.bins = int(bins)
+        self.max_deviation = None if max_deviation is None else float(max_deviation)
 
     def allocate(self, measured: LayerMeasurements, target: float, channels_first: bool):
         curves: SensitivityCurves = measured.require("sensitivity", self.name)
@@ -79,11 +87,17 @@ class KLKnapsackAllocator(Allocator):
             target,
             self.grid,
             self.bins,
+            self.max_deviation,
         )
         return schedule_budget(measured.spaces, ratios, target, channels_first)
 
     def options(self) -> dict:
-        return {"level_multiples": list(self.level_multiples), "grid": self.grid, "bins": self.bins}
+        return {
+            "level_multiples": list(self.level_multiples),
+            "grid": self.grid,
+            "bins": self.bins,
+            "max_deviation": self.max_deviation,
+        }
 
 
 def interpolate_curve(levels: list[float], values: list[float], x: torch.Tensor) -> torch.Tensor:
@@ -102,24 +116,30 @@ def knapsack_shares(
     target: float,
     grid: int = 48,
     bins: int = 4000,
+    max_deviation: float | None = None,
 ) -> list[float]:
     """Per-layer removed shares minimising sum_l D_l(share_l) with sum_l share_l * mass_l = target.
 
-    Exact over the grid (shares k * top / grid per layer, top = min(last level, capacity)) and the
-    budget discretised into `bins`: a dynamic programme over layers, then a backtrack. The caller
-    rescales and rounds to the exact budget."""
+    Exact over the grid (grid + 1 evenly spaced shares from lo to top per layer, top = min(last
+    level, capacity), lo = 0; with `max_deviation` d both are clipped to the target share +- d) and
+    the budget discretised into `bins`: a dynamic programme over layers, then a backtrack. The
+    caller rescales and rounds to the exact budget."""
     total = sum(masses)
     unit = total / bins
+    mean_share = target / total
     goal = round(target / unit)
     best = torch.full((bins + 1,), math.inf, dtype=torch.float64)
     best[0] = 0.0
     choices, options = [], []
     for kl, mass, cap in zip(curves.kl, masses, capacity):
-        top = min(curves.levels[-1], cap)
+        top, lo = min(curves.levels[-1], cap), 0.0
+        if max_deviation is not None:
+            top = min(top, mean_share + max_deviation)
+            lo = min(max(0.0, mean_share - max_deviation), top)
         shares = (
-            torch.linspace(0.0, top, grid + 1, dtype=torch.float64)
-            if top > 0
-            else torch.zeros(1, dtype=torch.float64)
+            torch.linspace(lo, top, grid + 1, dtype=torch.float64)
+            if top > lo
+            else torch.full((1,), top, dtype=torch.float64)
         )
         damage = interpolate_curve(curves.levels, kl, shares)
         costs = torch.round(shares * mass / unit).long()
