@@ -24,14 +24,7 @@ from torch import nn
 from .architectures import apply_layout, is_uniform, layer_layout
 from .errors import CheckpointError, LayoutMismatchError, first_line
 from .modeling_struprune import check_layout
-from .outputs import (
-    MANIFEST,
-    check_output_folder,
-    remove_stale_temps,
-    temp_sibling,
-    terminate_as_exception,
-    write_text_atomic,
-)
+from .outputs import write_folder_atomically, write_text_atomic
 
 LAYOUT_KEY = "struprune_layout"
 
@@ -226,33 +219,16 @@ def save_pruned(
     The layout is read from the modules' shapes here, so a model pruned by other means (by hand,
     or a Torch-Pruning pruner without the adapter) is saved with the widths it really has."""
     record_layout(model)
-    output = check_output_folder(output, [getattr(model.config, "_name_or_path", None)], overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(output)
-    tmp = temp_sibling(output)
-    with terminate_as_exception():
-        try:
-            model.save_pretrained(tmp)
-            write_loader_files(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            if write_extras is not None:
-                write_extras(tmp)
-            files = sorted(p.name for p in tmp.iterdir())
-            write_text_atomic(
-                tmp / MANIFEST, json.dumps({"written_by": "struprune", "files": files}, indent=1)
-            )
-            if output.exists():
-                old = temp_sibling(output, "old")
-                os.replace(output, old)
-                os.replace(tmp, output)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, output)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return output
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        write_loader_files(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if write_extras is not None:
+            write_extras(tmp)
+
+    return write_folder_atomically(output, build, [getattr(model.config, "_name_or_path", None)], overwrite)
 
 
 #: Weight files that are pickles: loading one can run arbitrary code, so they are never loaded.

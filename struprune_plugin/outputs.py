@@ -19,7 +19,7 @@ import signal
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import OutputExistsError, OutputPathError
@@ -166,6 +166,40 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_folder_atomically(
+    output: str | os.PathLike,
+    build: Callable[[Path], None],
+    sources: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Let `build` fill a hidden sibling folder, add the manifest, and rename it into place.
+
+    A crash or SIGTERM leaves either the old folder or the new one (the sibling is removed, or by
+    the next run if the process was killed outright). `overwrite` replaces only a folder struprune
+    wrote, and no folder being read (`sources`) is ever a valid output (`check_output_folder`)."""
+    output = check_output_folder(output, sources, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(output)
+    tmp = temp_sibling(output)
+    with terminate_as_exception():
+        try:
+            tmp.mkdir()
+            build(tmp)
+            files = sorted(p.name for p in tmp.iterdir())
+            write_text_atomic(tmp / MANIFEST, json.dumps({"written_by": "struprune", "files": files}, indent=1))
+            if output.exists():
+                old = temp_sibling(output, "old")
+                os.replace(output, old)
+                os.replace(tmp, output)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return output
 
 
 def temp_sibling(output: Path, kind: str = "tmp") -> Path:
