@@ -280,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("out", type=Path, help="the .gguf file to write")
     g.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16")
     g.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    v = xs.add_parser(
+        "vllm",
+        help="a folder vLLM serves (experimental: not run in vLLM by the test suite): a stock checkpoint "
+        "when every layer is the same, the DeciLM layout (block_configs, --trust-remote-code) when K/V "
+        "heads or MLP widths differ",
+    )
+    v.add_argument("folder", help="a folder written by 'struprune prune' (or a plain HF folder)")
+    v.add_argument("out", type=Path, help="the folder to write")
+    v.add_argument("--overwrite", action="store_true", help="replace a folder struprune wrote")
     return parser
 
 
@@ -591,6 +600,18 @@ def cmd_export(args) -> int:
     from .export.gguf_model import export_gguf
     from .zoo import resolve_model
 
+    if args.format == "vllm":
+        from .export.vllm_folder import export_vllm
+
+        done = export_vllm(resolve_model(args.folder), args.out, args.overwrite)
+        serve = "vllm serve " + str(done.path) + (" --trust-remote-code" if done.layout == "deci" else "")
+        print(
+            f"wrote {done.path}: {done.layout} layout ({done.architecture}), {len(done.intermediate_sizes)} "
+            f"layers, {done.num_attention_heads} query heads, K/V heads {min(done.num_key_value_heads)}-"
+            f"{max(done.num_key_value_heads)}, MLP widths {min(done.intermediate_sizes)}-"
+            f"{max(done.intermediate_sizes)}\nserve with: {serve}"
+        )
+        return 0
     info = export_gguf(resolve_model(args.folder), args.out, args.outtype, args.overwrite)
     widths = info.feed_forward_length
     print(

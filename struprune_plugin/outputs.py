@@ -188,7 +188,9 @@ def write_folder_atomically(
             tmp.mkdir()
             build(tmp)
             files = sorted(p.name for p in tmp.iterdir())
-            write_text_atomic(tmp / MANIFEST, json.dumps({"written_by": "struprune", "files": files}, indent=1))
+            write_text_atomic(
+                tmp / MANIFEST, json.dumps({"written_by": "struprune", "files": files}, indent=1)
+            )
             if output.exists():
                 old = temp_sibling(output, "old")
                 os.replace(output, old)
