@@ -174,8 +174,24 @@ quant_stage:
     assert down.weight_scale.shape[0] == down.weight.shape[0]
     x = torch.randint(3, model.config.vocab_size, (1, 12))
     assert torch.isfinite(logits(pruned, x)).all()
-    saved = json.loads((tmp_path / "q" / "config.json").read_text())
-    assert "quantization_config" in saved and "struprune_layout" in saved
+    assert_stock_quantized_folder(tmp_path / "q", pruned, "int-quantized")
+
+
+def assert_stock_quantized_folder(folder: Path, pruned, fmt: str) -> None:
+    """A recipe's output_dir with equal widths is a stock compressed-tensors checkpoint (what `vllm
+    serve` reads): the base model type, no remote code, and stock transformers rebuilds the same
+    function from it."""
+    from transformers import LlamaForCausalLM
+
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["model_type"] == "llama" and "auto_map" not in saved
+    assert saved["quantization_config"]["format"] == fmt
+    assert saved["intermediate_size"] == widths(pruned)[0][2] < 384
+    assert not list(folder.glob("*.py"))
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(reloaded) is LlamaForCausalLM
+    x = torch.randint(3, pruned.config.vocab_size, (1, 12))
+    torch.testing.assert_close(logits(reloaded, x), logits(pruned, x), atol=1e-5, rtol=1e-5)
 
 
 W4A16 = """
@@ -195,15 +211,16 @@ quant_stage:
 """
 
 
-def test_group_quantization_needs_widths_in_whole_groups(tiny):
+def test_group_quantization_needs_widths_in_whole_groups(tiny, tmp_path):
     from struprune_plugin.errors import StructPruneError
 
     model, tokenizer, ids = tiny
     with pytest.raises(StructPruneError, match="Fix: set mlp_round_to: 128"):
         run_oneshot(copy.deepcopy(model), tokenizer, ids, W4A16.format(round_to=1))
-    pruned = run_oneshot(model, tokenizer, ids, W4A16.format(round_to=128))
+    pruned = run_oneshot(model, tokenizer, ids, W4A16.format(round_to=128), output_dir=str(tmp_path / "q"))
     assert all(w[2] % 128 == 0 for w in widths(pruned)) and any(w[2] < 384 for w in widths(pruned))
     assert model_view(pruned).layer(0).mlp_out.weight_scale.shape[1] == widths(pruned)[0][2] // 128
+    assert_stock_quantized_folder(tmp_path / "q", pruned, "pack-quantized")
 
 
 def test_group_quantization_check_counts_heads_the_energy_split_may_remove(tiny):
