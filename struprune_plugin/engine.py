@@ -871,11 +871,14 @@ def allocate_layers(
     was_training = model.training
     model.eval()
     try:
+        prunable = targeted_prunable_count(model, config)
         counts, energies, _, _ = _energy_allocation(
-            model, view, [], calibration_ids, config, spaces, targeted_prunable_count(model, config), progress
+            model, view, [], calibration_ids, config, spaces, prunable, progress
         )
     finally:
         model.train(was_training)
+    if equal_widths_for(config, spaces):  # as prune_model does: the same counts in every layer
+        counts = allocate_equal(spaces, prunable, config.sparsity, config.channels_first)
     return counts, energies
 
 

@@ -159,3 +159,17 @@ def test_allocate_layers_gives_the_engines_counts_for_measured_rules():
     counts, _ = allocate_layers(model, calib, config)
     result = prune_model(model, calib, config, progress=False)
     assert [r.mlp[0] - r.mlp[1] for r in result.layers] == counts["mlp"]
+
+
+def test_allocate_layers_gives_the_engines_equal_widths_for_the_default():
+    """The Torch-Pruning adapter calls allocate_layers: with the default (uniform) config it must
+    give the engine's equal widths, not per-layer rounding of the exact budget."""
+    model = make_model("llama", layers=4, seed=3)
+    calib = torch.randint(0, VOCAB, (4, 16))
+    config = PruneConfig(sparsity=0.33, batch_size=2, admm_iterations=0)
+    counts, _ = allocate_layers(model, calib, config)
+    exact, _ = allocate_layers(model, calib, PruneConfig(sparsity=0.33, equal_widths=False))
+    assert len(set(exact["mlp"])) > 1, "pick a sparsity whose exact budget differs per layer"
+    result = prune_model(model, calib, config, progress=False)
+    assert [r.mlp[0] - r.mlp[1] for r in result.layers] == counts["mlp"]
+    assert len(set(counts["mlp"])) == 1
