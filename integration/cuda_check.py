@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "integration"))
 OUT = ROOT / "integration" / "results" / "cuda_check"
 
 
@@ -61,19 +62,12 @@ def tiny_comparison() -> dict:
 
 
 def llama7b_stack(layers: int, tokens: int) -> dict:
+    from benchmark_rounding import SHAPES
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from struprune_plugin import PruneConfig, prune_model
 
-    config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        num_hidden_layers=layers,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    )
+    config = LlamaConfig(**{**SHAPES["llama2-7b"], "num_hidden_layers": layers})
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()  # on the CPU: the engine moves one layer at a time
     layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())

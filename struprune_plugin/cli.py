@@ -137,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mlp-round-to",
         type=_int_at_least(1),
-        default=1,
-        help="keep every MLP width a multiple of this (e.g. 8 or 64)",
+        default=None,
+        help="keep every MLP width a multiple of this (default: 8 when every layer's width is a "
+        "multiple of 8, else 1; 1 = exact widths, 64/128 for group-wise quantization)",
     )
     p.add_argument(
         "--skip-layers",

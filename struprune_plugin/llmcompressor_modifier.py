@@ -46,6 +46,7 @@ from .engine import (
     kind_splitter,
     layer_forward,
     make_allocator,
+    mlp_round_to_for,
     targeted_prunable_count,
     unit_spaces,
 )
@@ -108,7 +109,11 @@ class StructPruneModifier(Modifier):
     bias_refit: bool = Field(False, description="the refits also fit o_proj/down_proj biases")
     damping: float = Field(0.01, gt=0, description="ridge damping of the least-squares solves")
     solver_tokens: int = Field(8192, ge=1, description="calibration tokens the MLP solver fits on per layer")
-    mlp_round_to: int = Field(1, ge=1, description="keep every MLP width a multiple of this")
+    mlp_round_to: int | None = Field(
+        None,
+        ge=1,
+        description="keep every MLP width a multiple of this; None = 8 where the widths allow, else 1",
+    )
     min_query_per_kv: int = Field(1, ge=1, description="query heads every K/V head keeps at least")
     equal_widths: bool | None = Field(
         None,
@@ -128,6 +133,7 @@ class StructPruneModifier(Modifier):
     _pending: dict[int, list[LayerBatch]] = PrivateAttr(default_factory=dict)
     _records: list[LayerRecord] = PrivateAttr(default_factory=list)
     _keep: dict[int, dict] = PrivateAttr(default_factory=dict)
+    _round_to: int = PrivateAttr(default=1)  # mlp_round_to as resolved for the model
 
     @model_validator(mode="after")
     def _validate_settings(self) -> StructPruneModifier:
@@ -174,7 +180,9 @@ class StructPruneModifier(Modifier):
         device = str(next(model.parameters()).device)
         config = self.prune_config(skip, device)
         config.validate()
-        spaces = unit_spaces([geometry_of(lv) for lv in view.layer_views()], config)
+        geometries = [geometry_of(lv) for lv in view.layer_views()]
+        spaces = unit_spaces(geometries, config)
+        self._round_to = mlp_round_to_for(config, geometries)
         if equal_widths_for(config, spaces):
             self._counts = allocate_equal(
                 spaces, targeted_prunable_count(model, config), self.sparsity, config.channels_first
@@ -205,7 +213,7 @@ class StructPruneModifier(Modifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         # Every modifier of the recipe has initialised by now, quantizers included.
-        check_quantization_groups(self._view, self._counts, self.mlp_round_to, self._split is not None)
+        check_quantization_groups(self._view, self._counts, self._round_to, self._split is not None)
         for index, layer in enumerate(self._view.layers):
             if any(self._counts[kind][index] for kind in self._counts):
                 self._pending[index] = []

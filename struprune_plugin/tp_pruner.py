@@ -134,7 +134,7 @@ class StructPrunePruner(tp.pruner.BasePruner):
         if pruning_ratio is not None:
             config.sparsity = pruning_ratio
         if round_to is not None:
-            if config.mlp_round_to not in (1, round_to):
+            if config.mlp_round_to not in (None, 1, round_to):
                 raise StructPruneError(
                     f"round_to={round_to} and config.mlp_round_to={config.mlp_round_to} disagree; give one"
                 )

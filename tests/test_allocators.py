@@ -18,7 +18,9 @@ from struprune_plugin.errors import StructPruneError
 
 def _spaces(layers=6, config=None):
     model = make_model("llama", layers=layers)
-    return unit_spaces([geometry_of(lv) for lv in model_view(model).layer_views()], config or PruneConfig())
+    return unit_spaces(
+        [geometry_of(lv) for lv in model_view(model).layer_views()], config or PruneConfig(mlp_round_to=1)
+    )
 
 
 @pytest.mark.parametrize("allocation", [a for a in ALLOCATIONS if a != "threshold"])
@@ -35,7 +37,10 @@ def test_every_allocation_prunes_to_the_exact_budget(allocation):
     )
     result = prune_model(model, calib, config, progress=False)
     geometry = geometry_of(model_view(model).layer(0))
-    assert abs(result.achieved_sparsity - 0.4) <= geometry.mlp_channel_cost / result.prunable_before
+    assert (
+        abs(result.achieved_sparsity - 0.4)
+        <= result.config.mlp_round_to * geometry.mlp_channel_cost / result.prunable_before
+    )
     assert result.allocation["allocation"] == allocation
     if allocation.startswith("kl"):
         assert len(result.allocation["sensitivity"]["kl"]) == 4
@@ -72,7 +77,7 @@ def test_an_allocator_instance_is_used_as_given():
 
 
 def test_slimgpt_prunes_early_layers_least_and_hits_the_budget():
-    spaces = _spaces(8, PruneConfig(units=("mlp",)))
+    spaces = _spaces(8, PruneConfig(units=("mlp",), mlp_round_to=1))
     target = 0.3 * sum(layer_masses(spaces))
     counts = REGISTRY["slimgpt"]().allocate(LayerMeasurements(spaces), target, False)["mlp"]
     assert counts == sorted(counts) and counts[0] < counts[-1]
@@ -91,7 +96,7 @@ def test_slimgpt_spans_only_the_layers_not_skipped():
 
 
 def test_owl_moves_pruning_away_from_outlier_layers_within_lambda():
-    spaces = _spaces(4, PruneConfig(units=("mlp",)))
+    spaces = _spaces(4, PruneConfig(units=("mlp",), mlp_round_to=1))
     measured = LayerMeasurements(spaces, outlier_ratios=[0.01, 0.05, 0.02, 0.03])
     target = 0.4 * sum(layer_masses(spaces))
     counts = REGISTRY["owl"](lam=0.08).allocate(measured, target, False)["mlp"]
@@ -102,7 +107,7 @@ def test_owl_moves_pruning_away_from_outlier_layers_within_lambda():
 
 
 def test_relative_energy_divides_by_the_stream():
-    spaces = _spaces(4, PruneConfig(units=("mlp",)))
+    spaces = _spaces(4, PruneConfig(units=("mlp",), mlp_round_to=1))
     energies = {"mlp": [1.0, 2.0, 4.0, 8.0]}
     stream = [1.0, 2.0, 4.0, 8.0]  # the same relative energy everywhere: uniform
     measured = LayerMeasurements(spaces, energies=energies, stream_energy=stream)
@@ -116,7 +121,7 @@ def test_relative_energy_divides_by_the_stream():
 def test_kl_rules_prune_the_least_sensitive_layers_most():
     from struprune_plugin.allocators import SensitivityCurves
 
-    spaces = _spaces(4, PruneConfig(units=("mlp",)))
+    spaces = _spaces(4, PruneConfig(units=("mlp",), mlp_round_to=1))
     kl = [[3.0, 9.0, 18.0], [0.1, 0.3, 0.6], [0.5, 1.5, 3.0], [0.2, 0.6, 1.2]]
     measured = LayerMeasurements(spaces, sensitivity=SensitivityCurves([0.15, 0.3, 0.45], kl, tokens=1))
     target = 0.3 * sum(layer_masses(spaces))

@@ -26,7 +26,7 @@ def test_engine_prunes_to_budget_and_matches_masked(family, method, sparsity):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # exact budget: within one MLP channel of the request
     geometry = geometry_of(model_view(model).layer(0))
-    tolerance = geometry.mlp_channel_cost / result.prunable_before
+    tolerance = result.config.mlp_round_to * geometry.mlp_channel_cost / result.prunable_before
     assert abs(result.achieved_sparsity - sparsity) <= tolerance
     assert result.prunable_after == prunable_parameter_count(result.model)
     ids = torch.randint(0, VOCAB, (2, 19))
@@ -147,7 +147,13 @@ def test_mlp_widths_round_to_multiples(method):
     result = prune_model(model, calib, config, progress=False)
     assert all(r.mlp[1] % 8 == 0 for r in result.layers), [r.mlp for r in result.layers]
     steps = 1.5 if method == "structprune" else 1  # equal widths (its default): half a step per layer
-    tolerance = steps * 8 * geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
+    tolerance = (
+        steps
+        * 8
+        * result.config.mlp_round_to
+        * geometry_of(model_view(model).layer(0)).mlp_channel_cost
+        / result.prunable_before
+    )
     assert abs(result.achieved_sparsity - 0.35) <= tolerance
     ids = torch.randint(0, VOCAB, (1, 9))
     if method in ("wanda-sp", "flap"):  # no weight updates: the masked original is the reference
@@ -219,3 +225,28 @@ def test_layer_by_layer_walk_reproduces_the_models_own_forward(family):
             batch.hidden = layer_forward(layer, batch)
             assert torch.allclose(batch.hidden, reference[i + 1], atol=1e-5), f"layer {i}"
     assert all("forward" not in vars(layer) for layer in view.layers)  # the pass-through is undone
+
+
+def test_mlp_widths_round_to_8_by_default_where_every_width_allows():
+    """mlp_round_to=None rounds to 8 (GEMM-friendly widths) when every layer's MLP width is a
+    multiple of 8, keeps exact widths otherwise, and the result records what ran."""
+    calib = torch.randint(0, VOCAB, (2, 8))
+    result = prune_model(make_model("llama"), calib, PruneConfig(sparsity=0.3), progress=False)
+    assert result.config.mlp_round_to == 8
+    assert all(r.mlp[1] % 8 == 0 and r.mlp[1] < r.mlp[0] for r in result.layers)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=99,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+    )
+    odd = prune_model(LlamaForCausalLM(config), calib, PruneConfig(sparsity=0.3), progress=False)
+    assert odd.config.mlp_round_to == 1
+    exact = prune_model(make_model("llama"), calib, PruneConfig(sparsity=0.3, mlp_round_to=1), progress=False)
+    assert exact.config.mlp_round_to == 1
+    assert any(r.mlp[1] % 8 for r in exact.layers), "pick a sparsity whose exact width is no multiple of 8"

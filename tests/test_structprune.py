@@ -21,7 +21,12 @@ def test_budget_and_shapes_on_every_family(family, temperature, split):
     result = prune_model(model, calib, config, progress=False)
     # T = inf gives equal widths by default: within half an MLP channel in each of the 3 layers
     channels = 1.5 if temperature == float("inf") else 1
-    tolerance = channels * geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
+    tolerance = (
+        channels
+        * result.config.mlp_round_to
+        * geometry_of(model_view(model).layer(0)).mlp_channel_cost
+        / result.prunable_before
+    )
     assert abs(result.achieved_sparsity - 0.4) <= tolerance
     if temperature == float("inf"):  # uniform reads no energies, so the energy pass is skipped
         assert result.layer_energies is None
@@ -37,7 +42,11 @@ def test_global_reference_runs_to_budget(family):
     result = prune_model(
         model, calib, PruneConfig(method="energy-threshold", sparsity=0.4, admm_iterations=1), progress=False
     )
-    tolerance = geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
+    tolerance = (
+        result.config.mlp_round_to
+        * geometry_of(model_view(model).layer(0)).mlp_channel_cost
+        / result.prunable_before
+    )
     assert abs(result.achieved_sparsity - 0.4) <= tolerance
     assert logits(result.model, torch.randint(0, VOCAB, (1, 7))).isfinite().all()
 
@@ -55,6 +64,7 @@ def test_infinite_temperature_allocates_like_the_uniform_baselines():
             temperature=float("inf"),
             kind_split="ratio",
             equal_widths=False,
+            mlp_round_to=1,  # the references' channel-exact widths
         ),
         progress=False,
     )
@@ -66,7 +76,7 @@ def test_default_split_is_mlp_only_pruning_until_the_channels_run_out():
     does: same widths and the same weights. Above it, heads take the overflow and no more."""
     model = make_model("llama", layers=3)
     calib = torch.randint(0, VOCAB, (4, 16))
-    base = dict(method="structprune", admm_iterations=1)
+    base = dict(method="structprune", admm_iterations=1, mlp_round_to=1)  # channel by channel
     default = prune_model(model, calib, PruneConfig(**base, sparsity=0.3), progress=False)
     only_mlp = prune_model(model, calib, PruneConfig(**base, sparsity=0.3, units=("mlp",)), progress=False)
     assert [(r.heads, r.mlp) for r in default.layers] == [(r.heads, r.mlp) for r in only_mlp.layers]
@@ -80,7 +90,7 @@ def test_default_split_is_mlp_only_pruning_until_the_channels_run_out():
     # The overflow (5 % of the budget) is less than one head step (one query head per K/V head),
     # so every layer loses exactly one step and its channels cover the rest.
     assert all(r.heads == (8, 6) and r.mlp[1] <= 6 for r in high.layers)
-    tolerance = g.mlp_channel_cost / high.prunable_before
+    tolerance = high.config.mlp_round_to * g.mlp_channel_cost / high.prunable_before
     assert abs(high.achieved_sparsity - capacity - 0.05) <= tolerance
 
 
@@ -135,7 +145,11 @@ def test_refreshed_energies_keep_the_budget_and_follow_the_pruned_prefix(family)
     base = dict(method="structprune", sparsity=0.4, temperature=0.5, admm_iterations=1, energy_samples=None)
     plain = prune_model(model, calib, PruneConfig(**base), progress=False)
     fresh = prune_model(model, calib, PruneConfig(**base, refresh_energies=True), progress=False)
-    tolerance = geometry_of(model_view(model).layer(0)).mlp_channel_cost / fresh.prunable_before
+    tolerance = (
+        fresh.config.mlp_round_to
+        * geometry_of(model_view(model).layer(0)).mlp_channel_cost
+        / fresh.prunable_before
+    )
     assert abs(fresh.achieved_sparsity - 0.4) <= tolerance
     for kind, values in fresh.layer_energies.items():
         # Layer 0 sees the same (dense) inputs in both passes; later layers see the pruned prefix.
@@ -197,7 +211,7 @@ def test_energy_split_gives_a_layers_budget_to_its_cheaper_kind(cheap):
     base = dict(method="structprune", sparsity=0.3, admm_iterations=0)
     ratio = prune_model(model, calib, PruneConfig(**base, kind_split="ratio"), progress=False)
     energy = prune_model(model, calib, PruneConfig(**base, kind_split="energy"), progress=False)
-    tolerance = geometry_of(lv).mlp_channel_cost / energy.prunable_before
+    tolerance = energy.config.mlp_round_to * geometry_of(lv).mlp_channel_cost / energy.prunable_before
     assert abs(energy.achieved_sparsity - 0.3) <= tolerance
     heads_before, heads_ratio = ratio.layers[0].heads
     heads_energy = energy.layers[0].heads[1]
@@ -225,7 +239,11 @@ def test_energy_split_keeps_the_budget_on_every_family(family, refresh):
         admm_iterations=1,
     )
     result = prune_model(model, calib, config, progress=False)
-    tolerance = geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
+    tolerance = (
+        result.config.mlp_round_to
+        * geometry_of(model_view(model).layer(0)).mlp_channel_cost
+        / result.prunable_before
+    )
     assert abs(result.achieved_sparsity - 0.45) <= tolerance
     assert logits(result.model, torch.randint(0, VOCAB, (1, 9))).isfinite().all()
 
@@ -254,7 +272,11 @@ def test_llama_layers_with_other_activations_prune_save_and_reload(hidden_act, t
     result = prune_model(
         model, torch.randint(0, VOCAB, (6, 24)), PruneConfig(sparsity=0.3, admm_iterations=2), progress=False
     )
-    tolerance = geometry_of(model_view(model).layer(0)).mlp_channel_cost / result.prunable_before
+    tolerance = (
+        result.config.mlp_round_to
+        * geometry_of(model_view(model).layer(0)).mlp_channel_cost
+        / result.prunable_before
+    )
     assert abs(result.achieved_sparsity - 0.3) <= tolerance
     ids = torch.randint(0, VOCAB, (2, 9))
     reloaded = load_pruned(save_pruned(result.model, tmp_path / "pruned"))
@@ -297,9 +319,14 @@ def test_default_uniform_run_gives_equal_widths_and_a_stock_checkpoint(tmp_path)
     model = make_model("llama", layers=5)
     calib = torch.randint(0, VOCAB, (4, 16))
     exact = prune_model(
-        model, calib, PruneConfig(sparsity=0.37, equal_widths=False, admm_iterations=0), progress=False
+        model,
+        calib,
+        PruneConfig(sparsity=0.37, equal_widths=False, admm_iterations=0, mlp_round_to=1),
+        progress=False,
     )
-    default = prune_model(model, calib, PruneConfig(sparsity=0.37, admm_iterations=0), progress=False)
+    default = prune_model(
+        model, calib, PruneConfig(sparsity=0.37, admm_iterations=0, mlp_round_to=1), progress=False
+    )
     widths = {lv.intermediate_size for lv in model_view(default.model).layer_views()}
     heads = {lv.num_heads for lv in model_view(default.model).layer_views()}
     assert len(widths) == 1 and len(heads) == 1
