@@ -166,3 +166,53 @@ def test_smollm2_dense_uniform_and_non_uniform_match_torch(tmp_path):
         info = export_gguf(path, tmp_path / f"{name}.gguf", "f32")
         assert info.architecture == arch, name
         _check_against_torch(path, info.path, prompt=prompt)
+
+
+@pytest.mark.slow
+def test_gemma3_dense_and_pruned_match_torch_and_tokenize_alike(tmp_path):
+    """Gemma-3-270M through llama.cpp's gemma3 graph (sliding-window layers, GELU, (1 + w) norms,
+    SentencePiece vocabulary): tokens equal the HF tokenizer's, logits close to PyTorch's and 32
+    greedy tokens equal, dense and pruned with StructPrune's default (equal widths)."""
+    from transformers import AutoTokenizer
+
+    from struprune_plugin.data import ensure_texts, sample_calibration, tokenize
+    from struprune_plugin.zoo import ensure_gemma3_270m
+
+    folder = ensure_gemma3_270m()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dense = export_gguf(folder, tmp_path / "dense.gguf", "f32")
+    assert (dense.architecture, dense.vocabulary["model"]) == ("gemma3", "llama")
+    vocab = llama_cpp.Llama(str(dense.path), vocab_only=True, verbose=False)
+    for text in ("Hello world!  It's 2026: prices rose 3.5% (12345 units)\n\tnaïve café — ok?", "  a\n\nb  "):
+        assert (
+            vocab.tokenize(text.encode(), add_bos=False, special=False)
+            == tokenizer(text, add_special_tokens=False).input_ids
+        )
+    ids = tokenize(tokenizer, ensure_texts().read("wiki_train"))
+    prompt = [tokenizer.bos_token_id, *ids[:23].tolist()]
+    # llama.cpp's GELU and f32 sums differ a little more from PyTorch's than on Llama models
+    _check_against_torch(folder, dense.path, tol=2e-3, prompt=prompt)
+    calib = sample_calibration(ids, 4, 64, seed=0, bos_token_id=tokenizer.bos_token_id)
+    result = prune_model(
+        load_pruned(folder), calib, PruneConfig(sparsity=0.3, admm_iterations=0), progress=False
+    )
+    pruned = save_pruned(result.model, tmp_path / "pruned", tokenizer=tokenizer)
+    info = export_gguf(pruned, tmp_path / "pruned.gguf", "f32")
+    assert info.architecture == "gemma3" and len(set(info.feed_forward_length)) == 1
+    assert info.feed_forward_length[0] < 2048
+    _check_against_torch(pruned, info.path, tol=2e-3, prompt=prompt)
+
+
+def test_gemma3_with_per_layer_widths_is_refused(tmp_path):
+    from conftest import make_model
+
+    model = make_model("gemma3", layers=2)
+    mlp = model.model.layers[0].mlp
+    keep = mlp.down_proj.in_features // 2
+    for proj in (mlp.gate_proj, mlp.up_proj):
+        proj.weight, proj.out_features = torch.nn.Parameter(proj.weight[:keep].clone()), keep
+    mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, :keep].clone())
+    mlp.down_proj.in_features = keep
+    folder = save_pruned(model, tmp_path / "g")
+    with pytest.raises(GGUFExportError, match="gemma3 graph builds every layer"):
+        export_gguf(folder, tmp_path / "g.gguf")

@@ -13,6 +13,11 @@ The `deci` graph's pitfall (a layer whose MLP width is 0 skips its attention's r
 arise: a saved layout keeps at least one head and one channel per layer (`check_layout` refuses
 anything else). What the format cannot express (attention biases, activations other than SiLU,
 RoPE scaling, sliding windows) is refused with an error naming it.
+
+Gemma 3 text models are written as llama.cpp's `gemma3` architecture: sliding-window layers as the
+config lists them, the local RoPE base, GELU, norm weights plus one (Gemma's RMSNorm scales by
+1 + w) and the SentencePiece vocabulary (`gguf_vocab`). Its graph builds every layer with layer 0's
+counts, so only equal widths (StructPrune's default) are written.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from .gguf_vocab import add_vocabulary
 OUTTYPES = ("f32", "f16", "q8_0")
 #: Model types the writer knows; Mistral is llama.cpp's `llama` architecture too.
 LLAMA_TYPES = ("llama", "mistral", "struprune_llama", "struprune_mistral")
+#: Gemma 3 text models: llama.cpp's `gemma3` graph, one width for every layer.
+GEMMA3_TYPES = ("gemma3_text", "struprune_gemma3_text")
 
 
 class GGUFExportError(StructPruneError):
@@ -51,12 +58,47 @@ class GGUFExport:
     f16_fallbacks: list[str] = field(default_factory=list)  # q8_0 tensors whose rows do not split in 32s
 
 
+def _check_gemma3(config, uniform: bool, head_dim: int, heads: int) -> None:
+    """What llama.cpp's `gemma3` graph computes, checked against the config."""
+    if not uniform:
+        raise GGUFExportError(
+            "Gemma 3 with per-layer widths: llama.cpp's gemma3 graph builds every layer with layer 0's "
+            "head count and MLP width. Fix: prune with equal widths (StructPrune's default uniform "
+            "allocation, or --equal-widths)"
+        )
+    if getattr(config, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise GGUFExportError(
+            f"hidden_activation {config.hidden_activation!r}: llama.cpp's gemma3 uses GELU (tanh)"
+        )
+    if getattr(config, "attn_logit_softcapping", None):
+        raise GGUFExportError("attention logit soft-capping is not part of llama.cpp's gemma3 graph")
+    # llama.cpp scales attention by 1/sqrt(head_dim), except for 62-layer models (27B), where it
+    # uses 1/sqrt(hidden / heads): with pruned heads that is no longer the scale the model learnt
+    expected = config.hidden_size / heads if config.num_hidden_layers == 62 else head_dim
+    if getattr(config, "query_pre_attn_scalar", head_dim) != expected:
+        raise GGUFExportError(
+            f"query_pre_attn_scalar {config.query_pre_attn_scalar} but llama.cpp's gemma3 graph would "
+            f"scale attention by 1/sqrt({expected:g}) for this model"
+        )
+    rope = getattr(config, "rope_parameters", None) or {}
+    for kind in ("full_attention", "sliding_attention"):
+        rope_type = (
+            (rope.get(kind) or {}).get("rope_type", "default") if isinstance(rope, dict) else "default"
+        )
+        if rope_type != "default":
+            raise GGUFExportError(
+                f"RoPE scaling {rope_type!r} ({kind}) is not written by the GGUF exporter yet"
+            )
+
+
 def _check_supported(config) -> None:
     model_type = getattr(config, "model_type", "")
+    if model_type in GEMMA3_TYPES:
+        return
     if model_type not in LLAMA_TYPES:
         raise GGUFExportError(
             f"model type {model_type!r}: the GGUF exporter writes Llama-family models "
-            f"({', '.join(LLAMA_TYPES[:2])}) so far"
+            f"({', '.join(LLAMA_TYPES[:2])}) and Gemma 3 so far"
         )
     if getattr(config, "hidden_act", "silu") != "silu":
         raise GGUFExportError(f"hidden_act {config.hidden_act!r}: llama.cpp's llama/deci graphs use SiLU")
@@ -75,6 +117,8 @@ def _check_supported(config) -> None:
 
 def _rope_theta(config) -> float:
     rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):  # Gemma 3: per layer type
+        rope = rope["full_attention"]
     if isinstance(rope, dict) and "rope_theta" in rope:
         return float(rope["rope_theta"])
     return float(getattr(config, "rope_theta", 10000.0))
@@ -132,7 +176,12 @@ def export_gguf(
     )
     head_dim = int(layout["head_dim"])
     uniform = is_uniform(layout)
-    arch = gguf.MODEL_ARCH.LLAMA if uniform else gguf.MODEL_ARCH.DECI
+    gemma = config.model_type in GEMMA3_TYPES
+    if gemma:
+        _check_gemma3(config, uniform, head_dim, heads[0])
+        arch = gguf.MODEL_ARCH.GEMMA3
+    else:
+        arch = gguf.MODEL_ARCH.LLAMA if uniform else gguf.MODEL_ARCH.DECI
 
     n_layers = len(heads)
     tmp = temp_sibling(out, "gguf")
@@ -150,6 +199,8 @@ def export_gguf(
         writer.add_rope_dimension_count(head_dim)
         writer.add_rope_freq_base(_rope_theta(config))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        if gemma:
+            _add_gemma3_keys(writer, config)
         writer.add_vocab_size(int(config.vocab_size))
         writer.add_file_type(
             {
@@ -162,7 +213,7 @@ def export_gguf(
         fallbacks: list[str] = []
         names = gguf.get_tensor_name_map(arch, n_layers)
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        for hf_name, tensor in _tensors(model, heads, kv_heads, tied):
+        for hf_name, tensor in _tensors(model, heads, kv_heads, tied, gemma):
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise GGUFExportError(f"no GGUF name for tensor {hf_name!r}")
@@ -182,12 +233,32 @@ def export_gguf(
     )
 
 
-def _tensors(model, heads: list[int], kv_heads: list[int], tied: bool):
-    """(Hugging Face name, tensor) pairs in llama.cpp's layout."""
+def _add_gemma3_keys(writer, config) -> None:
+    """Sliding-window attention as the config has it: the window, which layers use it (written per
+    layer rather than left to llama.cpp's default pattern of 6) and their RoPE base."""
+    types = list(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    if window and "sliding_attention" in types:
+        writer.add_sliding_window(int(window))
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+        rope = getattr(config, "rope_parameters", None) or {}
+        local = (rope.get("sliding_attention") or {}).get("rope_theta") if isinstance(rope, dict) else None
+        writer.add_rope_freq_base_swa(float(local or getattr(config, "rope_local_base_freq", 10000.0)))
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+
+
+def _tensors(model, heads: list[int], kv_heads: list[int], tied: bool, gemma: bool = False):
+    """(Hugging Face name, tensor) pairs in llama.cpp's layout. Gemma's RMSNorms scale by (1 + w),
+    llama.cpp's by w: its norm weights are written plus one, as llama.cpp's converter does; its
+    RoPE is Hugging Face's own (NeoX) layout, so Q/K rows stay as they are."""
     state = model.state_dict()
     for name, tensor in state.items():
         if tied and name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
+        if gemma:
+            yield name, tensor + 1.0 if name.endswith("norm.weight") else tensor
+            continue
         parts = name.split(".")
         if "layers" in parts:
             i = int(parts[parts.index("layers") + 1])

@@ -1,4 +1,5 @@
-"""A Hugging Face byte-level BPE tokenizer, written as llama.cpp's `gpt2` vocabulary.
+"""A Hugging Face BPE tokenizer written as a llama.cpp vocabulary: byte-level BPE as `gpt2`,
+SentencePiece-style BPE (byte fallback, spaces as U+2581, as Gemma's) as `llama`.
 
 llama.cpp re-implements each pre-tokenizer by name (`tokenizer.ggml.pre`); the name must describe
 the same splitting as the folder's tokenizer.json or text is tokenized differently from how the
@@ -82,6 +83,78 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     return KNOWN_PRE_TOKENIZERS[shape]
 
 
+def is_sentencepiece_bpe(tokenizer_json: dict) -> bool:
+    """SentencePiece's BPE as `tokenizers` writes it: byte fallback, spaces replaced by U+2581 by
+    the normalizer, no splitting before BPE (a split on ' ' finds none left after the normalizer)."""
+    model, normalizer = tokenizer_json.get("model", {}), tokenizer_json.get("normalizer") or {}
+    replaces = normalizer.get("type") == "Replace" and normalizer.get("content") == "\u2581"
+    pre = _shape(tokenizer_json.get("pre_tokenizer"))
+    return (
+        model.get("type") == "BPE"
+        and bool(model.get("byte_fallback"))
+        and replaces
+        and pre in ((), (("Split", " ", "MergedWithPrevious"),))
+    )
+
+
+def add_sentencepiece_vocabulary(writer, folder: Path, data: dict, vocab_size: int) -> dict:
+    """llama.cpp's `llama` (SentencePiece) vocabulary from a SentencePiece-style BPE tokenizer.json.
+
+    llama.cpp's SentencePiece tokenizer merges the adjacent pair whose merged token has the
+    highest score; Hugging Face's BPE merges the pair of lowest rank. A merged token's score is
+    therefore minus the rank of its first merge, which gives both the same order. Other tokens get
+    SentencePiece's conventions: 0 for byte tokens, -1000 for control and user-defined ones."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size or len(vocab) != vocab_size:
+        raise GGUFVocabularyError(
+            f"the tokenizer has {len(vocab)} tokens (ids up to {max(vocab.values())}) for {vocab_size} embeddings"
+        )
+    first_merge: dict[str, int] = {}
+    for rank, merge in enumerate(data["model"].get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        first_merge.setdefault(left + right, rank)
+    reverse = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        text = reverse[i]
+        tokens.append(text)
+        if i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+            scores.append(-1000.0)
+        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types.append(gguf.TokenType.BYTE)
+            scores.append(0.0)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+            scores.append(-float(first_merge.get(text, len(first_merge))))
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(False)  # the normalizer replaces spaces and prepends nothing
+    special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size)
+    special.add_to_gguf(writer, quiet=True)
+    add_bos = special.add_special_token.get("bos")
+    if add_bos is None:
+        ids = tokenizer("a").input_ids
+        add_bos = tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+        writer.add_add_bos_token(add_bos)
+    return {
+        "model": "llama",
+        "pre": "default",
+        "tokens": len(tokens),
+        "merges": len(first_merge),
+        "add_bos": add_bos,
+        "chat_template": special.chat_template is not None,
+    }
+
+
 def add_vocabulary(writer, folder: Path, vocab_size: int) -> dict:
     """Write the folder's tokenizer into `writer` (a gguf.GGUFWriter). Returns what was written."""
     import gguf
@@ -90,10 +163,12 @@ def add_vocabulary(writer, folder: Path, vocab_size: int) -> dict:
     path = folder / "tokenizer.json"
     if not path.exists():
         raise GGUFVocabularyError(
-            f"{folder} has no tokenizer.json: the GGUF exporter writes byte-level BPE tokenizers "
-            "from it (SentencePiece tokenizer.model files are not supported yet)"
+            f"{folder} has no tokenizer.json: the GGUF exporter writes BPE tokenizers from it "
+            "(SentencePiece tokenizer.model files alone are not supported yet)"
         )
     data = json.loads(path.read_text())
+    if is_sentencepiece_bpe(data):
+        return add_sentencepiece_vocabulary(writer, folder, data, vocab_size)
     # byte_fallback is allowed: after a byte-level pre-tokenizer every byte is already a token
     if data.get("model", {}).get("type") != "BPE":
         raise GGUFVocabularyError(
