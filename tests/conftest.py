@@ -155,6 +155,15 @@ def masked_reference(model: torch.nn.Module, plans) -> torch.nn.Module:
     return ref
 
 
+def halve_mlp(mlp: torch.nn.Module) -> None:
+    """Keep the first half of a gated MLP's channels, by hand (a layer unlike its neighbours)."""
+    keep = mlp.down_proj.in_features // 2
+    for proj in (mlp.gate_proj, mlp.up_proj):
+        proj.weight, proj.out_features = torch.nn.Parameter(proj.weight[:keep].clone()), keep
+    mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, :keep].clone())
+    mlp.down_proj.in_features = keep
+
+
 def logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits

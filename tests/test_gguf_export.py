@@ -204,15 +204,10 @@ def test_gemma3_dense_and_pruned_match_torch_and_tokenize_alike(tmp_path):
 
 
 def test_gemma3_with_per_layer_widths_is_refused(tmp_path):
-    from conftest import make_model
+    from conftest import halve_mlp, make_model
 
     model = make_model("gemma3", layers=2)
-    mlp = model.model.layers[0].mlp
-    keep = mlp.down_proj.in_features // 2
-    for proj in (mlp.gate_proj, mlp.up_proj):
-        proj.weight, proj.out_features = torch.nn.Parameter(proj.weight[:keep].clone()), keep
-    mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, :keep].clone())
-    mlp.down_proj.in_features = keep
+    halve_mlp(model.model.layers[0].mlp)
     folder = save_pruned(model, tmp_path / "g")
     with pytest.raises(GGUFExportError, match="gemma3 graph builds every layer"):
         export_gguf(folder, tmp_path / "g.gguf")

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_TRAINED, make_model
+from conftest import TINY_TRAINED, halve_mlp, make_model
 from struprune_plugin.checkpoint import load_pruned, save_pruned
 from struprune_plugin.engine import PruneConfig, prune_model
 from struprune_plugin.export.vllm_folder import VLLMExportError, export_vllm, load_deci_reference
@@ -103,12 +103,7 @@ def test_what_the_layout_cannot_express_is_refused_and_nothing_is_written(tmp_pa
 
 def test_non_llama_models_with_differing_layers_are_refused(tmp_path):
     model = make_model("qwen2", layers=2)
-    mlp = model.model.layers[0].mlp
-    keep = mlp.down_proj.in_features // 2
-    for proj in (mlp.gate_proj, mlp.up_proj):
-        proj.weight, proj.out_features = torch.nn.Parameter(proj.weight[:keep].clone()), keep
-    mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, :keep].clone())
-    mlp.down_proj.in_features = keep
+    halve_mlp(model.model.layers[0].mlp)
     folder = save_pruned(model, tmp_path / "qwen2")
     with pytest.raises(VLLMExportError, match=r"model type 'struprune_qwen2'.*--equal-widths"):
         export_vllm(folder, tmp_path / "out")
