@@ -78,7 +78,7 @@ def base_config(shape: str):
     return LlamaConfig(**SHAPES[shape])
 
 
-def rounded_config(config, sparsity: float, round_to: int):
+def rounded_config(config, sparsity: float, round_to: int | None):
     """The config of the model StructPrune's default gives at this rounding (equal widths)."""
     from transformers import AutoModelForCausalLM
 

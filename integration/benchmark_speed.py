@@ -452,6 +452,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=BACKENDS, default="torch")
     parser.add_argument("--pruned", type=Path, nargs="*", default=DEFAULT_PRUNED)
+    parser.add_argument(
+        "--dense",
+        type=Path,
+        default=None,
+        help="the dense folder the pruned ones are compared with (default: SmolLM2)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
     parser.add_argument("--repeats", type=int, default=10)
@@ -468,7 +474,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     args.work.mkdir(parents=True, exist_ok=True)
-    models = [("dense", resolve_model("smollm2"))]
+    models = [("dense", args.dense or resolve_model("smollm2"))]
     for folder in args.pruned:
         if not (folder / "config.json").exists():
             print(f"skipping {folder}: not there (run integration/benchmark_quality.py first)")
