@@ -538,7 +538,7 @@ def cmd_prune(args) -> int:
     summary = result.summary()
     report["pruning"] = {
         "method": args.method,
-        "settings": {k: v for k, v in vars(config).items() if k not in ("method", "device")},
+        "settings": {k: v for k, v in vars(result.config).items() if k not in ("method", "device")},
         "layer_energies": result.layer_energies,
         "allocation": result.allocation,
         "units": list(args.units),

@@ -175,6 +175,7 @@ def test_structprune_method_records_energies(cache, tiny_trained_dir):
     )
     report = json.loads((out / "struprune_report.json").read_text())
     assert report["pruning"]["settings"]["temperature"] == 0.5
+    assert report["pruning"]["settings"]["mlp_round_to"] == 8  # the rounding that ran, not "auto"
     assert len(report["pruning"]["layer_energies"]["mlp"]) == 4
     assert abs(report["pruning"]["achieved_sparsity"] - 0.4) < 0.01
     assert load_pruned(out)(input_ids=torch.tensor([[5, 6, 7]])).logits.isfinite().all()
