@@ -83,6 +83,17 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     return KNOWN_PRE_TOKENIZERS[shape]
 
 
+def _write_add_bos(writer, special, tokenizer) -> bool:
+    """Whether llama.cpp should prepend BOS: tokenizer_config.json's setting (SpecialVocab writes
+    it), else what the HF tokenizer does (written here)."""
+    add_bos = special.add_special_token.get("bos")
+    if add_bos is None:
+        ids = tokenizer("a").input_ids
+        add_bos = tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+        writer.add_add_bos_token(add_bos)
+    return add_bos
+
+
 def is_sentencepiece_bpe(tokenizer_json: dict) -> bool:
     """SentencePiece's BPE as `tokenizers` writes it: byte fallback, spaces replaced by U+2581 by
     the normalizer, no splitting before BPE (a split on ' ' finds none left after the normalizer)."""
@@ -140,11 +151,7 @@ def add_sentencepiece_vocabulary(writer, folder: Path, data: dict, vocab_size: i
     writer.add_add_space_prefix(False)  # the normalizer replaces spaces and prepends nothing
     special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size)
     special.add_to_gguf(writer, quiet=True)
-    add_bos = special.add_special_token.get("bos")
-    if add_bos is None:
-        ids = tokenizer("a").input_ids
-        add_bos = tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
-        writer.add_add_bos_token(add_bos)
+    add_bos = _write_add_bos(writer, special, tokenizer)
     return {
         "model": "llama",
         "pre": "default",
@@ -203,11 +210,7 @@ def add_vocabulary(writer, folder: Path, vocab_size: int) -> dict:
     if not special.merges:
         raise GGUFVocabularyError(f"{path} has no BPE merges")
     special.add_to_gguf(writer, quiet=True)
-    add_bos = special.add_special_token.get("bos")
-    if add_bos is None:  # not in tokenizer_config.json: write what the HF tokenizer does
-        ids = tokenizer("a").input_ids
-        add_bos = tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
-        writer.add_add_bos_token(add_bos)
+    add_bos = _write_add_bos(writer, special, tokenizer)
     return {
         "model": "gpt2",
         "pre": pre,
