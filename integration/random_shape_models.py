@@ -6,6 +6,8 @@ The widths come from the engine's own allocation (`benchmark_rounding.rounded_co
 tokenizer files are copied from `--tokenizer` so the folders export to GGUF.
 
     .venv/bin/python integration/random_shape_models.py --shape smollm2 --tokenizer TOKDIR --out runs/shapes
+    .venv/bin/python integration/random_shape_models.py --sparsity 0.3 --round-to 1 8 16 32 64 \
+        --tokenizer TOKDIR --out runs/shapes-rounding
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=list(SHAPES), default="smollm2")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.2, 0.3, 0.5])
+    p.add_argument(
+        "--round-to",
+        type=int,
+        nargs="+",
+        default=None,
+        help="MLP roundings to build (folders named structprune-S-rR); default: StructPrune's default only",
+    )
     p.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json and friends")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
@@ -33,8 +42,13 @@ def main() -> None:
     base = base_config(args.shape)
     configs = {
         "dense": base,
-        **{f"structprune-{round(s * 100)}": rounded_config(base, s, None) for s in args.sparsity},
     }
+    for s in args.sparsity:
+        if args.round_to is None:
+            configs[f"structprune-{round(s * 100)}"] = rounded_config(base, s, None)
+        else:
+            for r in args.round_to:
+                configs[f"structprune-{round(s * 100)}-r{r}"] = rounded_config(base, s, r)
     for name, config in configs.items():
         torch.manual_seed(0)
         folder = args.out / name
