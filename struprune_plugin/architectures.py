@@ -73,7 +73,9 @@ class LayerView:
     mlp_in: tuple[Projection, ...]  # (gate, up) or (fc1,): their output rows are the MLP channels
     mlp_out: nn.Linear  # down or fc2: its input columns are the MLP channels
     head_dim: int
-    head_norm_weights: tuple[nn.Parameter, ...]  # Qwen3 q_norm/k_norm act on head_dim: never pruned
+    # Qwen3's q_norm/k_norm act on head_dim: never pruned. The modules, not their weights, since a
+    # layer streamed from disk (residency.py) gets new weight tensors on every visit.
+    head_norms: tuple[nn.Module, ...]
     activation: str = "silu"  # the MLP's own activation (admm.ACTIVATIONS), which the solver uses
     fused_qkv: nn.Linear | None = None  # Phi-3 qkv_proj, whose row blocks q, k and v are
     fused_mlp_in: nn.Linear | None = None  # Phi-3 gate_up_proj, whose row blocks mlp_in are
@@ -81,6 +83,10 @@ class LayerView:
     @property
     def fused(self) -> bool:
         return self.fused_qkv is not None
+
+    @property
+    def head_norm_weights(self) -> tuple[nn.Parameter, ...]:
+        return tuple(m.weight for m in self.head_norms)
 
     @property
     def gated(self) -> bool:
@@ -348,7 +354,7 @@ def layer_view(layer: nn.Module, family: str | None = None) -> LayerView:
     if head_dim <= 0:
         raise UnsupportedArchitectureError(f"{type(attn).__name__} does not expose `head_dim`")
     norms = tuple(
-        getattr(attn, n).weight
+        getattr(attn, n)
         for n in ("q_norm", "k_norm")
         if getattr(attn, n, None) is not None and getattr(getattr(attn, n), "weight", None) is not None
     )
@@ -370,7 +376,7 @@ def layer_view(layer: nn.Module, family: str | None = None) -> LayerView:
         mlp_in=mlp_in,
         mlp_out=mlp_out,
         head_dim=head_dim,
-        head_norm_weights=norms,
+        head_norms=norms,
         activation=mlp_activation(layer, family),
     )
 
@@ -401,7 +407,7 @@ def _fused_view(layer: nn.Module, head_dim: int) -> LayerView:
         mlp_in=(RowBlock(gate_up, 0, width), RowBlock(gate_up, width, 2 * width)),
         mlp_out=down,
         head_dim=head_dim,
-        head_norm_weights=(),
+        head_norms=(),
         activation=mlp_activation(layer, "phi3"),
         fused_qkv=qkv,
         fused_mlp_in=gate_up,

@@ -261,6 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--stream-weights",
+        action="store_true",
+        help="never hold the whole model: read one decoder layer at a time from the folder's "
+        "safetensors, prune it, write it to the output, drop it (perplexity is then measured on "
+        "the saved output; add --no-eval for models larger than memory)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="dtype the layers run and are saved in (auto: the checkpoint's); statistics and solves "
+        "stay float32/float64, perplexity is measured in float32",
+    )
     _add_eval_args(p)
 
     e = sub.add_parser("eval", help="perplexity of a saved (pruned or dense) model folder")
@@ -441,10 +455,10 @@ def _load_tokenizer(folder: Path):
         ) from err
 
 
-def _load(folder: Path, device: str):
+def _load(folder: Path, device: str, dtype: torch.dtype | None = None):
     from .checkpoint import load_pruned
 
-    model = load_pruned(folder).to(device)  # checks the folder's config and weights first
+    model = load_pruned(folder, dtype).to(device)  # checks the folder's config and weights first
     return model, _load_tokenizer(folder)
 
 
@@ -477,7 +491,7 @@ def cmd_prune(args) -> int:
     from .architectures import model_view
     from .checkpoint import save_pruned
     from .engine import METHOD_ALIASES, METHOD_NEEDS_CALIBRATION, PruneConfig, prune_model
-    from .outputs import check_output_folder
+    from .outputs import add_to_manifest, check_output_folder
     from .report import plot_layer_widths, render_markdown, write_report
     from .zoo import resolve_model
 
@@ -515,7 +529,13 @@ def cmd_prune(args) -> int:
     folder = resolve_model(args.model)
     output = args.output or Path("runs") / f"{folder.name}-{args.method}-{round(args.sparsity * 100)}"
     check_output_folder(output, [folder], args.overwrite)  # before any work
-    model, tokenizer = _load(folder, "cpu")
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.stream_weights:
+        from .streaming import skeleton
+
+        model, tokenizer = skeleton(folder, dtype), _load_tokenizer(folder)
+    else:
+        model, tokenizer = _load(folder, "cpu", dtype)
     model_view(model)  # unsupported architectures fail here, before any work
     inputs = None if args.no_eval else eval_inputs(model, tokenizer, args)
     report: dict = {"struprune_version": __version__, "model": {"name": folder.name, "path": str(folder)}}
@@ -533,7 +553,15 @@ def cmd_prune(args) -> int:
             "seed": args.seed,
             "bos": bos is not None,
         }
-    result = prune_model(model, calibration, config, inplace=True, progress=progress)
+    if args.stream_weights:
+        from .streaming import prune_checkpoint
+
+        del model
+        result = prune_checkpoint(
+            folder, output, calibration, config, dtype=dtype, overwrite=args.overwrite, progress=progress
+        )
+    else:
+        result = prune_model(model, calibration, config, inplace=True, progress=progress)
     pruned = result.model
     summary = result.summary()
     report["pruning"] = {
@@ -550,6 +578,8 @@ def cmd_prune(args) -> int:
         "device": args.device,
         "peak_memory_bytes": result.peak_memory_bytes,
         "peak_memory_kind": result.peak_memory_kind,
+        "weights": "streamed from disk" if args.stream_weights else "in memory",
+        "dtype": str(next(pruned.parameters()).dtype).removeprefix("torch."),
     }
     report["params"] = {
         "total_before": result.params_before,
@@ -568,9 +598,16 @@ def cmd_prune(args) -> int:
         # Pruning ran first so its memory figure is not inflated by evaluation buffers; the dense
         # reference is cached per folder content and protocol, and otherwise reloaded from disk.
         t0 = time.perf_counter()
-        pruned_ppl = evaluate_texts(pruned.to(args.device), tokenizer, args, progress, inputs=inputs)
+        if args.stream_weights:
+            evaluated = _load(output, args.device, torch.float32)[0]
+        else:  # float32 for the evaluation; back to the run's dtype (exactly) before saving
+            run_dtype = next(pruned.parameters()).dtype
+            evaluated = pruned.to(args.device, torch.float32)
+        pruned_ppl = evaluate_texts(evaluated, tokenizer, args, progress, inputs=inputs)
         report["eval_seconds"] = time.perf_counter() - t0
-        pruned.to("cpu")
+        del evaluated
+        if not args.stream_weights:
+            pruned.to("cpu", run_dtype)
         dense_ppl = evaluate_texts(
             lambda: _load(folder, args.device)[0], tokenizer, args, progress, dense_of=folder, inputs=inputs
         )
@@ -582,7 +619,11 @@ def cmd_prune(args) -> int:
         title = f"{folder.name}: {args.method} at {result.achieved_sparsity:.1%}"
         plot_layer_widths(report["layers"], tmp / "layer_widths.png", title)
 
-    save_pruned(pruned, output, tokenizer=tokenizer, overwrite=args.overwrite, write_extras=write_extras)
+    if args.stream_weights:  # the folder is written: add the report (atomically, file by file)
+        write_extras(output)
+        add_to_manifest(output, ["struprune_report.json", "struprune_report.md", "layer_widths.png"])
+    else:
+        save_pruned(pruned, output, tokenizer=tokenizer, overwrite=args.overwrite, write_extras=write_extras)
     print(render_markdown(report))
     print(f"saved pruned model and report to {output}")
     if result.budget_missed:

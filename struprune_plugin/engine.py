@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import itertools
 import logging
 import math
 import time
@@ -63,6 +62,7 @@ from .groups import (
     unit_space,
 )
 from .memory import RssSampler, peak_memory, reset_peak
+from .residency import all_resident, is_streamed, resident
 from .scoring import NEEDS_CALIBRATION, LayerInputs, head_scores, mlp_channel_scores
 from .sensitivity import sensitivity_pass
 from .stats import InputRecorder
@@ -556,9 +556,8 @@ def capture_layer_inputs(
 
         return hook
 
-    homes = [(m, next(itertools.chain(m.parameters(), m.buffers()), None)) for m in view.pre_layer_modules]
-    for module, _ in homes:
-        module.to(device)
+    stack = contextlib.ExitStack()
+    stack.enter_context(all_resident(view.pre_layer_modules, device))
     handles = [view.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in range(last + 1)]
     skipped = [view.layers[i] for i in range(last)]
     for layer in skipped:  # an instance attribute shadows the class's forward for this pass only
@@ -572,9 +571,7 @@ def capture_layer_inputs(
             handle.remove()
         for layer in skipped:
             del layer.forward
-        for module, param in homes:
-            if param is not None:
-                module.to(param.device if param.device.type != "meta" else "cpu")
+        stack.close()
     return captured
 
 
@@ -644,13 +641,18 @@ def prune_model(
     config: PruneConfig,
     inplace: bool = False,
     progress: bool = True,
+    *,
+    sink=None,
 ) -> PruneResult:
-    """Prune a causal LM layer by layer. The input model is left untouched unless `inplace`."""
+    """Prune a causal LM layer by layer. The input model is left untouched unless `inplace`, and
+    it is not copied either: the result shares the tensors pruning does not change (embeddings,
+    norms, the LM head) with it. `sink(index, layer)` receives every pruned layer while it is
+    resident (`streaming.prune_checkpoint` writes it to disk there)."""
     config.validate()
     device = torch.device(config.device)
     reset_peak(device)
     with RssSampler() as sampler:
-        result = _prune(model, calibration_ids, config, inplace, progress)
+        result = _prune(model, calibration_ids, config, inplace, progress, sink)
     peak = peak_memory(device, sampler)
     result.peak_memory_bytes, result.peak_memory_kind = peak.bytes, peak.kind
     log.info(
@@ -662,14 +664,45 @@ def prune_model(
     return result
 
 
+def copy_sharing_weights(model: nn.Module) -> nn.Module:
+    """The model's modules copied, its tensors shared: new Parameter objects over the same storage.
+
+    Pruning replaces a layer's tensors (the engine clones each layer's before it changes them), so
+    the copy leaves the input untouched at the cost of one layer, where a deep copy costs a whole
+    model. Ties (a shared embedding and LM head) stay ties in the copy."""
+    memo: dict[int, object] = {}
+    for param in model.parameters():
+        memo[id(param)] = nn.Parameter(param.data, requires_grad=param.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer
+    return copy.deepcopy(model, memo)
+
+
+def _own_tensors(module: nn.Module) -> None:
+    """Give `module` private copies of its parameters before the engine changes them."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                sub._parameters[name] = nn.Parameter(
+                    param.detach().clone(), requires_grad=param.requires_grad
+                )
+
+
 def _prune(
-    model: nn.Module, calibration_ids: torch.Tensor | None, config: PruneConfig, inplace: bool, progress: bool
+    model: nn.Module,
+    calibration_ids: torch.Tensor | None,
+    config: PruneConfig,
+    inplace: bool,
+    progress: bool,
+    sink=None,
 ) -> PruneResult:
+    """The engine. `sink(index, layer)`, when given, receives every pruned layer while it is still
+    resident (the out-of-core path writes it to the output shards before it is dropped)."""
     start = time.perf_counter()
     device = torch.device(config.device)
     view = model_view(model)  # fail on unsupported models before copying anything
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_sharing_weights(model)
         view = model_view(model)
     model.eval()
     home = next(model.parameters()).device
@@ -737,28 +770,30 @@ def _prune(
         tqdm(views, desc=f"pruning ({config.method})", disable=not progress, unit="layer")
     ):
         t0 = time.perf_counter()
-        layer_home = next(lv.layer.parameters()).device
-        lv.layer.to(device)
         before = (lv.num_heads, lv.num_kv_heads, lv.intermediate_size)
         remove = {k: counts[k][i] for k in counts}
-        if config.method == "flap":
-            pruned, plan = _prune_layer_flap(lv, remove, flap_stats[i], config, trace)
-        elif config.method == "global-taylor":
-            pruned, plan = prune_layer_global(
-                lv, i, batches, layer_forward, remove, taylor_scores[i], config, trace
-            )
-        elif config.method in SOLVER_METHODS:
-            pruned, plan = prune_layer_structprune(
-                lv, i, batches, layer_forward, remove, config, trace, reallocate, split
-            )
-        else:
-            pruned, plan = _prune_layer_by_score(lv, i, batches, remove, config, trace)
-        plans.append(plan)
-        with torch.no_grad():
-            if needs_calibration and i + 1 < len(views):
-                for b in batches:
-                    b.hidden = layer_forward(lv.layer, b)
-        lv.layer.to(layer_home)
+        with resident(lv.layer, device):
+            if not inplace and not is_streamed(lv.layer):
+                _own_tensors(lv.layer)
+            if config.method == "flap":
+                pruned, plan = _prune_layer_flap(lv, remove, flap_stats[i], config, trace)
+            elif config.method == "global-taylor":
+                pruned, plan = prune_layer_global(
+                    lv, i, batches, layer_forward, remove, taylor_scores[i], config, trace
+                )
+            elif config.method in SOLVER_METHODS:
+                pruned, plan = prune_layer_structprune(
+                    lv, i, batches, layer_forward, remove, config, trace, reallocate, split
+                )
+            else:
+                pruned, plan = _prune_layer_by_score(lv, i, batches, remove, config, trace)
+            plans.append(plan)
+            with torch.no_grad():
+                if needs_calibration and i + 1 < len(views):
+                    for b in batches:
+                        b.hidden = layer_forward(lv.layer, b)
+            if sink is not None:
+                sink(i, lv.layer)
         records.append(
             LayerRecord(
                 index=i,
@@ -771,7 +806,8 @@ def _prune(
         )
     del batches
     record_layout(model)
-    model.to(home)
+    if home.type != "meta":
+        model.to(home)
     prunable_after = targeted_prunable_count(model, config)
     achieved = 1.0 - prunable_after / prunable_before
     missed = missed_budget(config.sparsity, achieved, budget_tolerance(spaces, prunable_before, config))

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .architectures import LayerView, ModelView, geometry_of
 from .groups import resolve_head_unit
+from .residency import resident
 from .stats import InputRecorder
 
 
@@ -67,15 +68,13 @@ def dense_pass(
     """One pass over the dense model, one layer resident, keeping FLAP's scores and means."""
     out = []
     for i, lv in enumerate(tqdm(view.layer_views(), desc="flap scores", disable=not progress, unit="layer")):
-        home = next(lv.layer.parameters()).device
-        lv.layer.to(device)
-        taps = {name: m for name, m in lv.input_taps().items() if name in ("o_in", "mlp_hidden")}
-        with torch.no_grad(), InputRecorder(taps, i) as rec:
-            outputs = [forward(lv.layer, b) for b in batches]
-        out.append(layer_scores(lv, rec.stats, head_unit))
-        for batch, hidden in zip(batches, outputs):
-            batch.hidden = hidden
-        lv.layer.to(home)
+        with resident(lv.layer, device):
+            taps = {name: m for name, m in lv.input_taps().items() if name in ("o_in", "mlp_hidden")}
+            with torch.no_grad(), InputRecorder(taps, i) as rec:
+                outputs = [forward(lv.layer, b) for b in batches]
+            out.append(layer_scores(lv, rec.stats, head_unit))
+            for batch, hidden in zip(batches, outputs):
+                batch.hidden = hidden
     return out
 
 

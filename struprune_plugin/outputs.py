@@ -204,6 +204,14 @@ def write_folder_atomically(
     return output
 
 
+def add_to_manifest(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Record files added to a finished struprune folder (a report written after the weights)."""
+    path = Path(folder) / MANIFEST
+    data = json.loads(path.read_text())
+    data["files"] = sorted({*data["files"], *(n for n in names if (Path(folder) / n).is_file())})
+    write_text_atomic(path, json.dumps(data, indent=1))
+
+
 def temp_sibling(output: Path, kind: str = "tmp") -> Path:
     """A hidden sibling of `output` that names this process, so stale ones can be recognised."""
     return output.parent / f".{output.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

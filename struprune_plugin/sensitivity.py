@@ -35,6 +35,7 @@ from .allocators.base import SensitivityCurves
 from .architectures import LayerView, ModelView, geometry_of
 from .energies import LayerMoments
 from .groups import UnitSpace, choose_channels, choose_heads, head_channels, resolve_head_unit
+from .residency import all_resident, head_modules, resident
 from .stats import InputRecorder
 from .structprune import group_energies, taps_for
 
@@ -108,17 +109,16 @@ def _refit_zeroed(weight: torch.Tensor, moments, keep: list[int]) -> torch.Tenso
 
 @contextlib.contextmanager
 def swapped(weights: dict[nn.Linear, torch.Tensor]):
-    """Temporarily give linears other weights (restored even on error)."""
-    saved = {m: m.weight.detach().clone() for m in weights}
+    """Temporarily give linears other weights (restored even on error). The model's own weight
+    tensors are swapped out, not overwritten, since they may be shared with the caller's model."""
+    saved = {m: m.weight for m in weights}
     try:
-        with torch.no_grad():
-            for m, w in weights.items():
-                m.weight.copy_(w)
+        for m, w in weights.items():  # new Parameters: the weights themselves are never written
+            m.weight = nn.Parameter(w.to(m.weight.dtype), requires_grad=False)
         yield
     finally:
-        with torch.no_grad():
-            for m, w in saved.items():
-                m.weight.copy_(w)
+        for m, w in saved.items():
+            m.weight = w
 
 
 @dataclass
@@ -148,9 +148,7 @@ def sensitivity_pass(
     prunable = [any(spaces[k][i].max_remove > 0 for k in spaces) for i in range(len(view.layers))]
     grams = tuple(n for k in spaces for n in {"mlp": ("mlp_hidden",), "heads": ("o_in",)}[k])
     for j, lv in enumerate(tqdm(view.layer_views(), desc="sensitivity", disable=not progress, unit="layer")):
-        home = next(lv.layer.parameters()).device
-        lv.layer.to(device)
-        with torch.no_grad():
+        with resident(lv.layer, device), torch.no_grad():
             for s in streams:
                 s.hidden = [
                     forward(lv.layer, replace(b, hidden=h.to(device))).to(store)
@@ -168,7 +166,6 @@ def sensitivity_pass(
             del rec
             for b, out in zip(batches, outputs):
                 b.hidden = out
-        lv.layer.to(home)
         peak_bytes = max(peak_bytes, sum(h.numel() * h.element_size() for s in streams for h in s.hidden))
     kl = _kl_per_stream(model, view, batches, streams, device)
     curves = [[0.0] * len(levels) for _ in view.layers]
@@ -185,7 +182,7 @@ def _kl_per_stream(model, view, batches, streams: list[_Stream], device) -> list
     tokens = 0
     vocab = model.get_output_embeddings().weight.shape[0]
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // vocab)
-    with torch.no_grad():
+    with torch.no_grad(), all_resident(head_modules(model, view.backbone), device):
         for bi, b in enumerate(batches):
             dense = b.hidden.reshape(-1, b.hidden.shape[-1])
             tokens += dense.shape[0]

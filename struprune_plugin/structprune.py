@@ -21,6 +21,7 @@ from .admm import ADMMConfig, refit_output_columns, solve_gated_mlp
 from .architectures import LayerView, ModelView, Projection, geometry_of
 from .energies import LayerMoments, head_energy, layer_energy, mlp_channel_energy
 from .groups import LayerPlan, choose_channels, choose_heads, head_channels, resolve_head_unit, unit_space
+from .residency import resident
 from .stats import InputRecorder
 from .surgery import build_layer_graph, prune_layer
 
@@ -74,26 +75,24 @@ def energy_pass(
     )
     extras: dict[str, list[float]] = {name: [] for name in measure & {"stream", "outliers"}}
     for i, lv in enumerate(tqdm(view.layer_views(), desc="energies", disable=not progress, unit="layer")):
-        home = next(lv.layer.parameters()).device
-        lv.layer.to(device)
-        if "stream" in extras:
-            sq = sum(float(b.hidden.double().pow(2).sum()) for b in batches)
-            extras["stream"].append(sq / sum(b.hidden.shape[0] * b.hidden.shape[1] for b in batches))
-        taps = lv.input_taps() if "outliers" in extras else taps_for(lv, config.units)
-        with torch.no_grad(), InputRecorder(taps, i) as rec:
-            outputs = [forward(lv.layer, b) for b in batches]
-        moments = LayerMoments.from_stats(rec.stats)
-        per_group = group_energies(lv, moments, config.energy, config.head_unit, config.units)
-        for kind, value in layer_energies_of(lv, per_group, config.head_unit).items():
-            energies[kind].append(value)
-        for kind in config.units:
-            if groups is not None:
-                groups[kind].append(per_group[kind].detach().double().cpu())
-        if "outliers" in extras:
-            extras["outliers"].append(outlier_ratio(lv, rec.stats, owl_m))
-        for batch, out in zip(batches, outputs):
-            batch.hidden = out
-        lv.layer.to(home)
+        with resident(lv.layer, device):
+            if "stream" in extras:
+                sq = sum(float(b.hidden.double().pow(2).sum()) for b in batches)
+                extras["stream"].append(sq / sum(b.hidden.shape[0] * b.hidden.shape[1] for b in batches))
+            taps = lv.input_taps() if "outliers" in extras else taps_for(lv, config.units)
+            with torch.no_grad(), InputRecorder(taps, i) as rec:
+                outputs = [forward(lv.layer, b) for b in batches]
+            moments = LayerMoments.from_stats(rec.stats)
+            per_group = group_energies(lv, moments, config.energy, config.head_unit, config.units)
+            for kind, value in layer_energies_of(lv, per_group, config.head_unit).items():
+                energies[kind].append(value)
+            for kind in config.units:
+                if groups is not None:
+                    groups[kind].append(per_group[kind].detach().double().cpu())
+            if "outliers" in extras:
+                extras["outliers"].append(outlier_ratio(lv, rec.stats, owl_m))
+            for batch, out in zip(batches, outputs):
+                batch.hidden = out
     return energies, groups, extras
 
 

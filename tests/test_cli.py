@@ -213,3 +213,34 @@ def test_a_bad_allocation_option_names_the_rules_settings(cache, tiny_trained_di
     assert _run(*args, "--no-eval", "--output", cache / "bad-option", "--no-progress") != 0
     err = capsys.readouterr().err
     assert "no setting 'radius'" in err and "lam" in err
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_stream_weights_gives_the_in_memory_result(cache, tiny_trained_dir, dtype):
+    """`--stream-weights` (one layer in memory) and the in-memory run write the same tensors and
+    report the same perplexities; the streamed folder lists its report in the manifest."""
+    from safetensors.torch import load_file
+
+    common = ["prune", "--model", tiny_trained_dir, "--sparsity", 0.3, "--calib-samples", 8]
+    common += ["--calib-len", 64, "--eval-seq-len", 64, "--eval-max-windows", 3, "--no-progress"]
+    common += ["--dtype", dtype]
+    assert _run(*common, "--output", cache / "mem") == 0
+    assert _run(*common, "--stream-weights", "--output", cache / "disk") == 0
+
+    def tensors(folder):
+        out = {}
+        for f in folder.glob("*.safetensors"):
+            out.update(load_file(f))
+        return out
+
+    a, b = tensors(cache / "mem"), tensors(cache / "disk")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    if dtype == "bfloat16":
+        assert {t.dtype for t in b.values()} == {torch.bfloat16}
+    ra, rb = (json.loads((cache / f / "struprune_report.json").read_text()) for f in ("mem", "disk"))
+    assert ra["perplexity"] == rb["perplexity"]
+    assert rb["pruning"]["weights"] == "streamed from disk" and rb["pruning"]["dtype"] == (
+        "bfloat16" if dtype == "bfloat16" else "float32"
+    )
+    manifest = json.loads((cache / "disk" / "struprune_manifest.json").read_text())["files"]
+    assert "struprune_report.json" in manifest and "model.safetensors.index.json" in manifest
