@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import distributed
+from .distributed import all_sum
+
 
 @dataclass(frozen=True)
 class Activation:
@@ -168,6 +171,13 @@ def _in_row_blocks(fn, *tensors: torch.Tensor, rows: int = 256) -> torch.Tensor:
     return torch.cat([fn(*parts) for parts in zip(*(t.split(rows) for t in tensors))])
 
 
+def _mean_square(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-column mean of squares over every rank's rows (float64)."""
+    if not distributed.active():
+        return t.pow(2).mean(0).double()
+    return all_sum(t.pow(2).sum(0).double()) / n
+
+
 def channel_scores(w_down: torch.Tensor, gram_p_diag: torch.Tensor) -> torch.Tensor:
     """Output error of removing channel j alone: ||W_down[:, j]||^2 * E[p_j^2] (OBS-diagonal)."""
     return w_down.double().pow(2).sum(0) * gram_p_diag.double()
@@ -193,27 +203,40 @@ def _gated(
     return ACTIVATIONS[activation].fn(x @ w_gate.T) * (x @ w_up.T)
 
 
-def block_loss(x, y, w_gate, w_up, w_down, bias=None, activation: str = "silu") -> float:
-    """Mean squared output error of a (pruned) gated MLP on the calibration tokens."""
+def block_loss(
+    x, y, w_gate, w_up, w_down, bias=None, activation: str = "silu", n: int | None = None
+) -> float:
+    """Mean squared output error of a (pruned) gated MLP on the calibration tokens (`n`: the token
+    count over every rank, when the tokens are shared by torch.distributed ranks)."""
     t = x.dtype
     out = _gated(x, w_gate.to(t), w_up.to(t), activation) @ w_down.to(t).T
     if bias is not None:
         out = out + bias.to(t)
-    return float((y - out).double().pow(2).sum() / x.shape[0])
+    total = distributed.all_sum_scalar(float((y - out).double().pow(2).sum()))
+    return total / (n or x.shape[0])
 
 
-def refit_down(x, y, w_gate, w_up, damping: float, intercept: bool = False, activation: str = "silu"):
+def refit_down(
+    x,
+    y,
+    w_gate,
+    w_up,
+    damping: float,
+    intercept: bool = False,
+    activation: str = "silu",
+    n: int | None = None,
+):
     """Least-squares W_down for given (kept) gate/up rows: argmin ||Y - p W^T (- c)||^2.
 
     Returns (W, c); with `intercept` the bias shift c is fitted too (centred normal equations),
-    else c is None."""
+    else c is None. `n` is the token count over every distributed rank (default: x's rows)."""
     p = _gated(x, w_gate.to(x.dtype), w_up.to(x.dtype), activation)
     if not intercept:
-        return ridge_solve((y.T @ p).double(), (p.T @ p).double(), damping), None
-    n = p.shape[0]
-    mp, my = p.double().mean(0), y.double().mean(0)
-    gram = (p.T @ p).double() / n - torch.outer(mp, mp)
-    cross = (y.T @ p).double() / n - torch.outer(my, mp)
+        return ridge_solve(all_sum((y.T @ p).double()), all_sum((p.T @ p).double()), damping), None
+    n = n or p.shape[0]
+    mp, my = all_sum(p.double().sum(0)) / n, all_sum(y.double().sum(0)) / n
+    gram = all_sum((p.T @ p).double()) / n - torch.outer(mp, mp)
+    cross = all_sum((y.T @ p).double()) / n - torch.outer(my, mp)
     w = ridge_solve(cross, gram, damping)
     return w, my - w @ mp
 
@@ -241,11 +264,16 @@ def solve_gated_mlp(
         )
     act = ACTIVATIONS[cfg.activation]
     t = cfg.token_dtype
-    if x.shape[0] > cfg.max_tokens:  # the per-token work dominates; least squares needs far fewer rows
-        pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[: cfg.max_tokens]
+    # Under torch.distributed each rank holds a consecutive block of the one-process rows: the
+    # seeded subsample is drawn over all rows and every rank keeps the picks that fall in its block.
+    offset, total = distributed.row_offset(x.shape[0])
+    if total > cfg.max_tokens:  # the per-token work dominates; least squares needs far fewer rows
+        pick = torch.randperm(total, generator=torch.Generator().manual_seed(0))[: cfg.max_tokens]
+        if distributed.active():
+            pick = pick[(pick >= offset) & (pick < offset + x.shape[0])] - offset
         x = x[pick.to(x.device)]
     x = x.to(t)
-    n = x.shape[0]
+    n = min(total, cfg.max_tokens)  # tokens over every rank: every sum below is all-reduced
     wg, wu, wd = w_gate.double(), w_up.double(), w_down.double()
     width = wd.shape[1]
     s = x @ wg.T.to(t)
@@ -256,14 +284,14 @@ def solve_gated_mlp(
         return MLPSolution(list(range(width)), w_gate, w_up, w_down, history=[0.0])
     s_target, z_target = (None, None) if cfg.use_aux else (s.clone(), z.clone())
     # Preconditioners, fixed for the whole solve (float32 means of squares: no token-sized float64 copy).
-    dx = x.pow(2).mean(0).double().sqrt().clamp(min=1e-8)
-    dp = p.pow(2).mean(0).double().sqrt().clamp(min=1e-8)
+    dx = _mean_square(x, n).sqrt().clamp(min=1e-8)
+    dp = _mean_square(p, n).sqrt().clamp(min=1e-8)
     xs = x / dx.to(t)
-    gram_x = (xs.T @ xs).double() / n
+    gram_x = all_sum((xs.T @ xs).double()) / n
     tg, tu, td = wg * dx, wu * dx, wd * dp  # weights in the preconditioned space (float64)
 
     def cross(target, inputs):
-        return (target.T @ inputs).double() / n
+        return all_sum((target.T @ inputs).double()) / n
 
     def project(vg, vu, vd):
         score = cfg.alpha * (vg.pow(2).sum(1) + vu.pow(2).sum(1)) + cfg.beta * vd.pow(2).sum(0)
@@ -273,7 +301,7 @@ def solve_gated_mlp(
         return idx, vg * mask[:, None], vu * mask[:, None], vd * mask[None, :]
 
     def loss(vg, vu, vd):
-        return block_loss(x, y, vg / dx, vu / dx, vd / dp, activation=act.name)
+        return block_loss(x, y, vg / dx, vu / dx, vd / dp, activation=act.name, n=n)
 
     idx, qg, qu, qd = project(tg, tu, td)
     lg, lu, ld = torch.zeros_like(tg), torch.zeros_like(tu), torch.zeros_like(td)
@@ -281,7 +309,7 @@ def solve_gated_mlp(
     rho = cfg.rho
     for _ in range(cfg.iterations):
         ps = p / dp.to(t)
-        gram_p = (ps.T @ ps).double() / n
+        gram_p = all_sum((ps.T @ ps).double()) / n
         tu = weight_update(cross(z, xs), gram_x, qu - lu, cfg.alpha, rho * cfg.alpha)
         tg = weight_update(cross(s, xs), gram_x, qg - lg, cfg.alpha, rho * cfg.alpha)
         td = weight_update(cross(y, ps), gram_p, qd - ld, cfg.beta, rho * cfg.beta)
@@ -307,13 +335,13 @@ def solve_gated_mlp(
     kg, ku = qg[idx] / dx, qu[idx] / dx
     if cfg.refit:
         if cfg.use_aux:  # gate/up rows towards their auxiliary targets, then down against Y
-            gram = (x.T @ x).double() / n
+            gram = all_sum((x.T @ x).double()) / n
             kg = ridge_solve(cross(s[:, idx], x), gram, cfg.damping)
             ku = ridge_solve(cross(z[:, idx], x), gram, cfg.damping)
-        kd, shift = refit_down(x, y, kg, ku, cfg.damping, cfg.intercept, act.name)
+        kd, shift = refit_down(x, y, kg, ku, cfg.damping, cfg.intercept, act.name, n)
     else:
         kd, shift = qd[:, idx] / dp[idx], None
-    history.append(block_loss(x, y, kg, ku, kd, shift, act.name))
+    history.append(block_loss(x, y, kg, ku, kd, shift, act.name, n))
     dtype = w_down.dtype
     return MLPSolution(
         idx.tolist(),

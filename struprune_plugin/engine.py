@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import flap
+from . import distributed, flap
 from .allocation import (
     allocate_equal,
     allocate_global_threshold,
@@ -43,6 +43,7 @@ from .architectures import (
 )
 from .checkpoint import record_layout
 from .devices import resolve_device
+from .distributed import shard_windows
 from .energies import ENERGIES, normalise
 from .errors import (
     BudgetMissedError,
@@ -728,7 +729,9 @@ def _prune(
         trace = capture_layer_inputs(model, view, [trace_ids], device)[0]
         batches = []
         if needs_calibration:
-            batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
+            batches = capture_layer_inputs(
+                model, view, shard_windows(calibration_ids).split(config.batch_size), device
+            )
     energies = allocation = None
     if config.method in SOLVER_METHODS:
         counts, energies, consumed, allocation = _energy_allocation(
@@ -738,8 +741,15 @@ def _prune(
             enable_output_biases(model, view)
         if consumed:  # the energy pass consumed the batches: capture layer 0's inputs again
             with torch.no_grad():
-                batches = capture_layer_inputs(model, view, calibration_ids.split(config.batch_size), device)
+                batches = capture_layer_inputs(
+                    model, view, shard_windows(calibration_ids).split(config.batch_size), device
+                )
     elif config.method == "global-taylor":
+        if distributed.active():
+            raise StructPruneError(
+                "global-taylor is the O(N) reference, run in one process; under torch.distributed "
+                "use the layer-wise methods. Fix: launch it without torchrun"
+            )
         taylor_scores, counts, allocation = _global_taylor_allocation(
             model, view, views, calibration_ids, config, spaces, prunable_before, progress
         )
@@ -851,7 +861,9 @@ def _energy_allocation(model, view, batches, calibration_ids, config, spaces, pr
         if subsample or not batches:
             with torch.no_grad():
                 ids = calibration_ids[: config.energy_samples] if subsample else calibration_ids
-                energy_batches = capture_layer_inputs(model, view, ids.split(config.batch_size), device)
+                energy_batches = capture_layer_inputs(
+                    model, view, shard_windows(ids).split(config.batch_size), device
+                )
         t0 = time.perf_counter()
         energies, groups, extras = energy_pass(
             view,
@@ -870,7 +882,9 @@ def _energy_allocation(model, view, batches, calibration_ids, config, spaces, pr
     if "sensitivity" in needs:
         with torch.no_grad():
             ids = calibration_ids[: config.sensitivity_samples]
-            probe_batches = capture_layer_inputs(model, view, ids.split(config.batch_size), device)
+            probe_batches = capture_layer_inputs(
+                model, view, shard_windows(ids).split(config.batch_size), device
+            )
         levels = probe_levels(config.sparsity, allocator.level_multiples)
         measured.sensitivity = sensitivity_pass(
             model, view, probe_batches, layer_forward, spaces, levels, config, device, progress

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .admm import refit_output_columns
 from .allocation import mlp_first
 from .allocators.base import SensitivityCurves
@@ -171,7 +172,7 @@ def sensitivity_pass(
     curves = [[0.0] * len(levels) for _ in view.layers]
     for s, value in zip(streams, kl):
         curves[s.layer][s.level] = value
-    tokens = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in batches)
+    tokens = distributed.all_sum_int(sum(b.hidden.shape[0] * b.hidden.shape[1] for b in batches))
     return SensitivityCurves(list(levels), curves, tokens, time.perf_counter() - start, peak_bytes)
 
 
@@ -196,4 +197,5 @@ def _kl_per_stream(model, view, batches, streams: list[_Stream], device) -> list
                     h = s.hidden[bi].reshape(-1, dense.shape[-1])[lo : lo + chunk].to(device)
                     logq = torch.log_softmax(head_logits(model, view, h).double(), -1)
                     totals[si] += float((p * (logp - logq)).sum())
-    return (totals / max(tokens, 1)).tolist()
+    distributed.all_sum(totals)
+    return (totals / max(distributed.all_sum_int(tokens), 1)).tolist()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import NonFiniteActivationError
 
 
@@ -39,6 +40,17 @@ class FeatureMoments:
             self.gram = g if self.gram is None else self.gram + g
         if self.keep_inputs:
             self.inputs.append(flat.float().clone())
+
+    def combine_ranks(self) -> None:
+        """Under torch.distributed, sum the statistics of every rank's tokens (the kept inputs
+        stay local: the solver reduces what it computes from them)."""
+        if not distributed.active():
+            return
+        for name in ("sum_x", "sum_sq", "gram"):
+            value = getattr(self, name)
+            if value is not None:
+                distributed.all_sum(value)
+        self.tokens = distributed.all_sum_int(self.tokens)
 
     def norms(self) -> torch.Tensor:
         """||X_j||_2 over all calibration tokens (Wanda's activation norm)."""
@@ -87,7 +99,10 @@ class InputRecorder:
 
         return record
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if exc_type is None:
+            for moments in self.stats.values():
+                moments.combine_ranks()

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .architectures import apply_layout, model_view
 from .checkpoint import LAYOUT_KEY, read_model_config, write_loader_files
 from .engine import PruneConfig, PruneResult, prune_model
@@ -124,6 +125,8 @@ def prune_checkpoint(
     reader = ShardReader(folder)
     modules = [*view.pre_layer_modules, *view.layers, *head_modules(model, view.backbone)]
     prefixes = attach_checkpoint(model, reader, modules, next(model.parameters()).dtype)
+    if not distributed.is_writer():  # under torch.distributed only rank 0 writes the folder
+        return prune_model(model, calibration_ids, config, inplace=True, progress=False)
     layer_prefixes = [prefixes[layer] for layer in view.layers]
     layers_root = prefixes[view.layers[0]].rpartition(".")[0] + "."
     holder: dict[str, PruneResult] = {}

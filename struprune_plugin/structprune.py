@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .admm import ADMMConfig, refit_output_columns, solve_gated_mlp
 from .architectures import LayerView, ModelView, Projection, geometry_of
 from .energies import LayerMoments, head_energy, layer_energy, mlp_channel_energy
@@ -77,8 +78,9 @@ def energy_pass(
     for i, lv in enumerate(tqdm(view.layer_views(), desc="energies", disable=not progress, unit="layer")):
         with resident(lv.layer, device):
             if "stream" in extras:
-                sq = sum(float(b.hidden.double().pow(2).sum()) for b in batches)
-                extras["stream"].append(sq / sum(b.hidden.shape[0] * b.hidden.shape[1] for b in batches))
+                sq = distributed.all_sum_scalar(sum(float(b.hidden.double().pow(2).sum()) for b in batches))
+                count = distributed.all_sum_int(sum(b.hidden.shape[0] * b.hidden.shape[1] for b in batches))
+                extras["stream"].append(sq / count)
             taps = lv.input_taps() if "outliers" in extras else taps_for(lv, config.units)
             with torch.no_grad(), InputRecorder(taps, i) as rec:
                 outputs = [forward(lv.layer, b) for b in batches]

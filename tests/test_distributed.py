@@ -1,0 +1,79 @@
+"""Data-parallel calibration on torch.distributed (gloo, two CPU processes): the same decisions
+and the same weights (within float tolerance) as one process over all the windows."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import VOCAB, make_model
+from struprune_plugin import distributed
+from struprune_plugin.engine import PruneConfig, prune_model
+
+CASES = {
+    "structprune": dict(sparsity=0.4),
+    "structprune-subsample": dict(sparsity=0.4, solver_tokens=100, bias_refit=True),
+    "kl-knapsack": dict(sparsity=0.3, allocation="kl-knapsack", sensitivity_samples=2),
+    "energy-softmax": dict(sparsity=0.3, temperature=1.0, energy_samples=4),
+    "wanda-sp": dict(method="wanda-sp", sparsity=0.4),
+    "flap": dict(method="flap", sparsity=0.4),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _inputs():
+    torch.manual_seed(1)
+    return make_model("llama", layers=3), torch.randint(0, VOCAB, (7, 24))  # 7 windows: 4 + 3
+
+
+def _run(case: str):
+    model, ids = _inputs()
+    result = prune_model(model, ids, PruneConfig(batch_size=2, **CASES[case]), progress=False)
+    state = {k: v.clone() for k, v in result.model.state_dict().items()}
+    return [(p.keep_mlp, p.keep_heads, p.keep_kv_heads) for p in result.plans], state
+
+
+def _worker(rank: int, port: int, case: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        plans, state = _run(case)
+        torch.save({"plans": plans, "state": state, "rank": distributed.rank()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_windows_blocks_cover_every_window_once(monkeypatch):
+    ids = torch.arange(7)[:, None]
+    blocks = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "active", lambda: True)
+        monkeypatch.setattr(distributed, "world", lambda: 3)
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        blocks.append(distributed.shard_windows(ids)[:, 0].tolist())
+    assert blocks == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_gloo_ranks_match_one_process(case, tmp_path):
+    single_plans, single_state = _run(case)
+    out = str(tmp_path / "rank")
+    mp.spawn(_worker, args=(_free_port(), case, out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in (0, 1)]
+    assert [got["rank"] for got in ranks] == [0, 1]  # both ran as ranks of one group
+    for got in ranks:
+        assert got["plans"] == single_plans  # the same heads and channels in every layer
+        assert sorted(got["state"]) == sorted(single_state)
+        for key, want in single_state.items():
+            torch.testing.assert_close(got["state"][key], want, rtol=1e-4, atol=1e-5, msg=key)
