@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import inspect
 import logging
 import math
@@ -804,6 +805,7 @@ def _prune(
                         b.hidden = layer_forward(lv.layer, b)
             if sink is not None:
                 sink(i, lv.layer)
+        gc.collect()  # the dense layer's tensors sit in Torch-Pruning's reference cycles: free them now
         records.append(
             LayerRecord(
                 index=i,

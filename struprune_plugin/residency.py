@@ -16,6 +16,7 @@ memory and on one larger than memory.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -158,6 +159,10 @@ def resident(module: nn.Module, device: torch.device | str) -> Iterator[nn.Modul
         yield module
     finally:
         source.unload(module)
+        # Torch-Pruning's dependency graphs hold the layer's old tensors in reference cycles,
+        # which Python's collector frees only when object counts (not bytes) trigger it: collect
+        # now, or every visited layer lingers and memory grows with depth.
+        gc.collect()
 
 
 @contextlib.contextmanager
