@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mlp-round-to",
         type=_int_at_least(1),
         default=None,
-        help="keep every MLP width a multiple of this (default: 8 when every layer's width is a "
-        "multiple of 8, else 1; 1 = exact widths, 64/128 for group-wise quantization)",
+        help="keep every MLP width a multiple of this (default for structprune: 32, else 8, where "
+        "every layer's width is a multiple with 16 steps or more, else 1; 1 = exact widths)",
     )
     p.add_argument(
         "--skip-layers",

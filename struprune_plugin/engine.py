@@ -104,10 +104,11 @@ class PruneConfig:
     units: tuple[str, ...] = ("mlp", "heads")
     head_unit: str = "auto"  # "query" (even within KV groups), "kv_group", or auto by GQA
     head_sparsity: float | None = None  # honoured exactly per layer when given
-    # Keep every MLP width a multiple of this. None = auto: for StructPrune 8 when every layer's
-    # MLP width is a multiple of 8, else 1 (references: 1). An odd width halves bf16 GEMM throughput on a GPU (LLaMA-2-7B shapes on
-    # an H200: prefill 13.4k vs 27.6k tok/s at 30 %, integration/results/rounding.md) and 8 moves
-    # the budget by at most 4 channels per layer; 64 or 128 buy little more.
+    # Keep every MLP width a multiple of this. None = auto (`mlp_round_to_for`): for StructPrune 32,
+    # else 8, where every layer's width allows, else 1 (references: 1). integration/results/rounding.md:
+    # an odd width halves bf16 GEMM throughput on a GPU (LLaMA-2-7B shapes on an H200: prefill
+    # 13.4k vs 27.6k tok/s at 30 %), llama.cpp's AVX-512 f16 kernels need multiples of 16 (SmolLM2
+    # prefill 0.76x dense at width 922, 0.98x at 920, 1.25x at 928) and q8_0 rows blocks of 32.
     mlp_round_to: int | None = None
     min_query_per_kv: int = 1  # query unit: query heads every K/V head keeps at least
     skip_layers: tuple[int, ...] = ()  # decoder layers kept dense; sparsity counts the others only
@@ -341,21 +342,25 @@ class PruneResult:
         return data
 
 
-#: What mlp_round_to=None rounds MLP widths to, where every layer's width allows it.
-AUTO_MLP_ROUND_TO = 8
+#: What mlp_round_to=None rounds MLP widths to, best first, with the narrowest MLP each step is
+#: taken for: 32 (llama.cpp's q8_0/q4_0 blocks and its AVX-512 f16 kernels' multiple of 16) where
+#: every layer has 16 steps or more, so a small model's budget is not moved by a large fraction of
+#: a layer; else 8 (GPU tensor cores, AVX2).
+AUTO_MLP_ROUND_TO = ((32, 512), (8, 0))
 
 
 def mlp_round_to_for(config: PruneConfig, geometries) -> int:
-    """The MLP rounding a run uses: `mlp_round_to` when set; otherwise, for StructPrune, 8 when
-    every layer's MLP width is a multiple of 8 (GEMM-friendly widths at no measurable cost), else 1.
-    The reference methods (magnitude, Wanda-sp, FLAP, the global references) keep channel-exact
-    widths unless asked, as published."""
+    """The MLP rounding a run uses: `mlp_round_to` when set; otherwise, for StructPrune, the first
+    of 32 (for MLPs 512 wide or more) and 8 that divides every layer's MLP width (32 for SmolLM2,
+    Gemma 3, LLaMA-2-7B and -70B, Qwen2.5), else 1. The reference methods (magnitude,
+    Wanda-sp, FLAP, the global references) keep channel-exact widths unless asked, as published."""
     if config.mlp_round_to is not None:
         return config.mlp_round_to
     if config.method != "structprune":  # the references prune channel by channel, as published
         return 1
-    if all(g.intermediate % AUTO_MLP_ROUND_TO == 0 for g in geometries):
-        return AUTO_MLP_ROUND_TO
+    for step, narrowest in AUTO_MLP_ROUND_TO:
+        if all(g.intermediate % step == 0 and g.intermediate >= narrowest for g in geometries):
+            return step
     return 1
 
 

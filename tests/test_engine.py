@@ -227,14 +227,32 @@ def test_layer_by_layer_walk_reproduces_the_models_own_forward(family):
     assert all("forward" not in vars(layer) for layer in view.layers)  # the pass-through is undone
 
 
-def test_mlp_widths_round_to_8_by_default_where_every_width_allows():
-    """mlp_round_to=None rounds to 8 (GEMM-friendly widths) when every layer's MLP width is a
-    multiple of 8, keeps exact widths otherwise, and the result records what ran."""
+def test_mlp_widths_round_by_default_where_every_width_allows():
+    """mlp_round_to=None rounds to 32 where every layer's MLP width is a multiple of 32 and at least
+    512, else to 8 where every width is a multiple of 8, else keeps exact widths; the result
+    records what ran."""
     calib = torch.randint(0, VOCAB, (2, 8))
     result = prune_model(make_model("llama"), calib, PruneConfig(sparsity=0.3), progress=False)
+    assert make_model("llama").config.intermediate_size < 512  # too narrow for 32
     assert result.config.mlp_round_to == 8
     assert all(r.mlp[1] % 8 == 0 and r.mlp[1] < r.mlp[0] for r in result.layers)
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    wide_model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=512,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+        )
+    )
+    wide = prune_model(wide_model, calib, PruneConfig(sparsity=0.3), progress=False)
+    assert wide.config.mlp_round_to == 32
+    assert all(r.mlp[1] % 32 == 0 and r.mlp[1] < r.mlp[0] for r in wide.layers)
 
     config = LlamaConfig(
         hidden_size=64,
