@@ -487,7 +487,37 @@ def calibration_text(args) -> tuple[str, dict]:
     }
 
 
+def _join_process_group(args) -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL with one GPU per rank for
+    `--device cuda`, gloo on CPU. Returns whether this process started it."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
 def cmd_prune(args) -> int:
+    """Under torchrun every rank prunes on its share of the calibration windows (see
+    `distributed`); rank 0 evaluates, saves and prints."""
+    import torch.distributed as dist
+
+    started = _join_process_group(args)
+    try:
+        return _cmd_prune(args)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _cmd_prune(args) -> int:
+    from . import distributed
     from .architectures import model_view
     from .checkpoint import save_pruned
     from .engine import METHOD_ALIASES, METHOD_NEEDS_CALIBRATION, PruneConfig, prune_model
@@ -495,7 +525,7 @@ def cmd_prune(args) -> int:
     from .report import plot_layer_widths, render_markdown, write_report
     from .zoo import resolve_model
 
-    progress = not args.no_progress
+    progress = not args.no_progress and distributed.is_writer()
     args.method = METHOD_ALIASES.get(args.method, args.method)
     config = PruneConfig(
         method=args.method,
@@ -562,6 +592,8 @@ def cmd_prune(args) -> int:
         )
     else:
         result = prune_model(model, calibration, config, inplace=True, progress=progress)
+    if not distributed.is_writer():
+        return 0  # rank 0 evaluates and saves the (identical) result
     pruned = result.model
     summary = result.summary()
     report["pruning"] = {
@@ -579,6 +611,7 @@ def cmd_prune(args) -> int:
         "peak_memory_bytes": result.peak_memory_bytes,
         "peak_memory_kind": result.peak_memory_kind,
         "weights": "streamed from disk" if args.stream_weights else "in memory",
+        "processes": distributed.world(),
         "dtype": str(next(pruned.parameters()).dtype).removeprefix("torch."),
     }
     report["params"] = {
