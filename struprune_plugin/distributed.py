@@ -13,6 +13,9 @@ special case world = 1, not a separate code path.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -43,9 +46,24 @@ def window_range(count: int) -> tuple[int, int]:
     return start, start + base + (1 if r < extra else 0)
 
 
+_ALREADY_SHARDED = False
+
+
+@contextlib.contextmanager
+def windows_already_sharded() -> Iterator[None]:
+    """Within the block, calibration ids are taken to be this rank's own share already (as in
+    llm-compressor, whose users partition the dataset per rank), so `shard_windows` keeps them."""
+    global _ALREADY_SHARDED
+    previous, _ALREADY_SHARDED = _ALREADY_SHARDED, True
+    try:
+        yield
+    finally:
+        _ALREADY_SHARDED = previous
+
+
 def shard_windows(ids: torch.Tensor) -> torch.Tensor:
     """This rank's contiguous block of calibration windows (rows of `ids`)."""
-    if not active():
+    if not active() or _ALREADY_SHARDED:
         return ids
     if ids.shape[0] < world():
         from .errors import CalibrationDataError

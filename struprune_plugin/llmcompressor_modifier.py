@@ -33,6 +33,7 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
+from . import distributed
 from .allocation import allocate_equal, allocate_uniform
 from .allocators import ALLOCATIONS
 from .architectures import ModelView, enable_output_biases, geometry_of, model_view
@@ -197,7 +198,8 @@ class StructPruneModifier(Modifier):
                 None if self.energy_samples is None else max(self.energy_samples, self.sensitivity_samples)
             )
             ids = calibration_ids(state.data.calib, wanted)
-            self._counts, _ = allocate_layers(model, ids, config)
+            with distributed.windows_already_sharded():  # each rank's dataloader holds its share
+                self._counts, _ = allocate_layers(model, ids, config)
         if self.kind_split == "energy" and len(spaces) > 1:
             self._split = kind_splitter(spaces, self._counts)
         if self.bias_refit:

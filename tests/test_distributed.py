@@ -138,3 +138,61 @@ def test_torchrun_cli_equals_one_process(tiny_trained_dir, tmp_path):
     assert sorted(a) == sorted(b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _oneshot_worker(rank: int, port: int, tiny_dir: str, settings: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model, tokenizer, ids = _tiny_inputs(tiny_dir)
+        start, stop = distributed.window_range(len(ids))  # as llm-compressor's get_rank_partition
+        pruned = _oneshot(model, tokenizer, ids[start:stop], settings)
+        torch.save({k: v.clone() for k, v in pruned.state_dict().items()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _tiny_inputs(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    return model, AutoTokenizer.from_pretrained(tiny_dir), torch.randint(3, model.config.vocab_size, (8, 96))
+
+
+def _oneshot(model, tokenizer, ids, settings):
+    import datasets
+    from llmcompressor import oneshot
+
+    from struprune_plugin.llmcompressor_modifier import StructPruneModifier
+
+    return oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}),
+        recipe=[StructPruneModifier(**settings)],
+        num_calibration_samples=len(ids),
+        max_seq_length=ids.shape[1],
+        shuffle_calibration_samples=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(sparsity=0.4, admm_iterations=2), dict(sparsity=0.35, temperature=1.0, energy_samples=4)],
+    ids=["uniform", "energy-softmax"],
+)
+def test_modifier_under_two_gloo_ranks_matches_one_process(tiny_trained_dir, tmp_path, settings):
+    """StructPruneModifier in llm-compressor's oneshot with the dataset partitioned per rank (two
+    gloo processes) prunes as one process on the whole dataset does."""
+    pytest.importorskip("llmcompressor")
+    model, tokenizer, ids = _tiny_inputs(tiny_trained_dir)
+    single = {k: v.clone() for k, v in _oneshot(model, tokenizer, ids, settings).state_dict().items()}
+    out = str(tmp_path / "rank")
+    mp.spawn(_oneshot_worker, args=(_free_port(), str(tiny_trained_dir), settings, out), nprocs=2, join=True)
+    for r in (0, 1):
+        got = torch.load(f"{out}.{r}", weights_only=False)
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in single.items()}
+        for key, want in single.items():
+            torch.testing.assert_close(got[key], want, rtol=1e-3, atol=1e-4, msg=key)
