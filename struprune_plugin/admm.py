@@ -97,6 +97,16 @@ class ADMMConfig:
     track_history: bool = False  # record the projected loss after every iteration (costs a forward)
 
 
+def cholesky_in_place(g: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor of a symmetric positive definite `g`, written over `g`.
+
+    `torch.linalg.cholesky(g, out=g)` still copies a row-major input to LAPACK's column-major
+    order (a GB at 7B MLP widths). A symmetric matrix read column-major is itself, so factorising
+    its transposed view as U^T U leaves L = U^T in g's own row-major memory, with no copy."""
+    torch.linalg.cholesky(g.mT, upper=True, out=g.mT)
+    return g
+
+
 def chol_solve_rows(rhs: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
     """rhs @ (L L^T)^-1 for a lower Cholesky factor L, by two triangular solves: unlike
     `torch.cholesky_solve`, which copies the factor (a GB at 7B MLP widths) on every call."""
@@ -111,7 +121,7 @@ def ridge_solve(
     float64 `gram` becomes its own factor (the caller's temporary: no second width-squared copy)."""
     g = gram if overwrite and gram.dtype == torch.float64 else gram.double().clone()
     g.diagonal().add_(damping * float(g.diagonal().mean().clamp(min=1e-12)))  # no identity matrix
-    chol = torch.linalg.cholesky(g, out=g)
+    chol = cholesky_in_place(g)
     return chol_solve_rows(rhs, chol)
 
 
@@ -123,7 +133,7 @@ def weight_update(
     (The solver itself runs the same step in place, `update_in_place`.)"""
     g = gram.double().mul(weight)
     g.diagonal().add_(0.5 * rho)
-    chol = torch.linalg.cholesky(g, out=g)
+    chol = cholesky_in_place(g)
     rhs = anchor.double().mul(0.5 * rho).add_(cross.double(), alpha=weight)
     return torch.cholesky_solve(rhs.T, chol).T
 
@@ -141,7 +151,7 @@ def p_update(
     w = w_down.double()
     k = w @ w.T
     k.diagonal().add_(gamma / beta)
-    chol = torch.linalg.cholesky(k, out=k)
+    chol = cholesky_in_place(k)
     w_t = w.to(y.dtype)
     rhs = (y @ w_t).mul_(beta).add_(act.to(y.dtype), alpha=gamma)  # token-sized, tokens' dtype
     coeff = torch.cholesky_solve((rhs @ w_t.T).double().T, chol).T.to(y.dtype)
@@ -169,7 +179,7 @@ def update_in_place(
     (start, stop) giving those rows of the cross term, so it too is formed block by block."""
     g = gram if overwrite_gram and gram.dtype == torch.float64 else gram.double().clone()
     g.mul_(weight).diagonal().add_(0.5 * rho)
-    chol = torch.linalg.cholesky(g, out=g)
+    chol = cholesky_in_place(g)
     for start in range(0, v.shape[0], chunk):
         block = v[start : start + chunk]
         m = mask[start : start + chunk, None] if rows else mask[None, :]
@@ -360,7 +370,7 @@ def solve_gated_mlp(
     # space) and the mask m of kept channels. After every projection Q = V m and L = V (1 - m),
     # so the next anchor Q - L is V (2m - 1) and W + L is W + V (1 - m): one matrix per weight
     # instead of W, Q and L, which at 7B widths saves gigabytes. (Exactly the same arithmetic.)
-    vg, vu, vd = w_gate.double() * dx, w_up.double() * dx, w_down.double() * dp
+    vg, vu, vd = (w.to(torch.float64).mul_(scale) for w, scale in ((w_gate, dx), (w_up, dx), (w_down, dp)))
     first = True  # before the first update L = 0, so the anchor is Q itself
 
     def project() -> torch.Tensor:
@@ -398,7 +408,7 @@ def solve_gated_mlp(
         first = False
         if cfg.use_aux:
             sigma = act.fn(s)
-            p = p_update(y, kept(vd, False) / dp, sigma * z, cfg.beta, cfg.gamma)
+            p = p_update(y, kept(vd, False).div_(dp), sigma * z, cfg.beta, cfg.gamma)
             z = _in_row_blocks(
                 lambda *rows: z_update(*rows, cfg.alpha, cfg.gamma), xs @ kept(vu, True, t).T, sigma, p
             )
@@ -416,6 +426,9 @@ def solve_gated_mlp(
             history.append(loss())
         rho = min(rho * cfg.rho_growth, cfg.rho_max)
     kg, ku = vg[idx] / dx, vu[idx] / dx
+    vg = vu = None  # free the ADMM state (the closures above keep the names)
+    if cfg.refit:
+        vd = None  # the refit fits down_proj afresh: free the ADMM state first
     if cfg.refit:
         if cfg.use_aux:  # gate/up rows towards their auxiliary targets, then down against Y
             gram = all_sum((x.T @ x).double()) / n

@@ -1,0 +1,106 @@
+"""Prune time against one dense forward pass over the same calibration tokens.
+
+The issue's yardstick: pruning a model should cost at most 3x one dense forward over its
+calibration tokens on the same machine. Both are timed in one process, on the same windows,
+the forward before and after the pruning (their mean is the reference, which evens out drift in
+the machine's load). The forward is the model's own (all positions' logits, as a calibration
+forward computes them), batch by batch like the engine.
+
+    .venv/bin/python integration/benchmark_prune_speed.py --model smollm2 --sparsity 0.3
+
+Writes integration/results/prune_speed.{json,md} (rows replaced by model, sparsity, machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "integration" / "results" / "prune_speed"
+
+
+def dense_forward_seconds(model, ids: torch.Tensor, batch_size: int) -> float:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for batch in ids.split(batch_size):
+            model(input_ids=batch, use_cache=False)
+    return time.perf_counter() - t0
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "# Prune time against one dense forward (`integration/benchmark_prune_speed.py`)",
+        "",
+        "StructPrune's default, full calibration (windows x tokens below), one process; the dense "
+        "forward is timed before and after the pruning on the same windows and averaged.",
+        "",
+        "| model | sparsity | machine | threads | calib tokens | dense forward s | prune s | ratio | solver code |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['sparsity']:.2f} | {r['machine']} | {r['threads']} | {r['calib_tokens']} | "
+            f"{r['forward_seconds']:.1f} | {r['prune_seconds']:.1f} | **{r['ratio']:.2f}** | {r['code']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--sparsity", type=float, default=0.3)
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--machine", default=f"{platform.machine()}, {os.cpu_count()} cores")
+    p.add_argument("--code", default="this commit", help="a label for the code measured (a commit)")
+    args = p.parse_args()
+    from transformers import AutoTokenizer
+
+    from struprune_plugin.checkpoint import load_pruned
+    from struprune_plugin.data import ensure_texts, sample_calibration, tokenize
+    from struprune_plugin.engine import PruneConfig, prune_model
+    from struprune_plugin.zoo import resolve_model
+
+    folder = resolve_model(args.model)
+    model, tok = load_pruned(folder), AutoTokenizer.from_pretrained(folder)
+    ids = sample_calibration(
+        tokenize(tok, ensure_texts().read("wiki_train")), args.calib_samples, args.calib_len, 0
+    )
+    before = dense_forward_seconds(model, ids, args.batch_size)
+    print(f"dense forward {before:.1f}s", flush=True)
+    result = prune_model(model, ids, PruneConfig(sparsity=args.sparsity, batch_size=args.batch_size))
+    after = dense_forward_seconds(model, ids, args.batch_size)
+    forward = (before + after) / 2
+    row = {
+        "model": folder.name,
+        "sparsity": args.sparsity,
+        "machine": args.machine,
+        "threads": torch.get_num_threads(),
+        "calib_tokens": args.calib_samples * args.calib_len,
+        "forward_seconds": forward,
+        "forward_seconds_before_after": [before, after],
+        "prune_seconds": result.seconds,
+        "ratio": result.seconds / forward,
+        "code": args.code,
+    }
+    path = RESULTS.with_suffix(".json")
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    key = (row["model"], row["sparsity"], row["machine"], row["code"])
+    rows = [r for r in rows if (r["model"], r["sparsity"], r["machine"], r["code"]) != key] + [row]
+    path.write_text(json.dumps(rows, indent=1))
+    RESULTS.with_suffix(".md").write_text(render(rows))
+    print(render(rows))
+
+
+if __name__ == "__main__":
+    main()
