@@ -173,3 +173,13 @@ def logits(model, ids) -> torch.Tensor:
 def tiny_trained_dir() -> Path:
     assert (TINY_TRAINED / "config.json").exists(), "run tests/fixtures/build_tiny_model.py"
     return TINY_TRAINED
+
+
+def folder_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved folder's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import folder_tensors
 from struprune_plugin.checkpoint import load_pruned
 from struprune_plugin.cli import main
 
@@ -219,21 +220,13 @@ def test_a_bad_allocation_option_names_the_rules_settings(cache, tiny_trained_di
 def test_stream_weights_gives_the_in_memory_result(cache, tiny_trained_dir, dtype):
     """`--stream-weights` (one layer in memory) and the in-memory run write the same tensors and
     report the same perplexities; the streamed folder lists its report in the manifest."""
-    from safetensors.torch import load_file
-
     common = ["prune", "--model", tiny_trained_dir, "--sparsity", 0.3, "--calib-samples", 8]
     common += ["--calib-len", 64, "--eval-seq-len", 64, "--eval-max-windows", 3, "--no-progress"]
     common += ["--dtype", dtype]
     assert _run(*common, "--output", cache / "mem") == 0
     assert _run(*common, "--stream-weights", "--output", cache / "disk") == 0
 
-    def tensors(folder):
-        out = {}
-        for f in folder.glob("*.safetensors"):
-            out.update(load_file(f))
-        return out
-
-    a, b = tensors(cache / "mem"), tensors(cache / "disk")
+    a, b = folder_tensors(cache / "mem"), folder_tensors(cache / "disk")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     if dtype == "bfloat16":
         assert {t.dtype for t in b.values()} == {torch.bfloat16}

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import VOCAB, make_model
+from conftest import VOCAB, folder_tensors, make_model
 from struprune_plugin import distributed
 from struprune_plugin.engine import PruneConfig, prune_model
 
@@ -87,8 +87,6 @@ def test_torchrun_cli_equals_one_process(tiny_trained_dir, tmp_path):
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
-
     # 768 tokens for 384 MLP channels: with fewer tokens than channels the refits' Gram is
     # singular up to the damping, and float summation order alone moves the weights by 1e-3.
     args = ["prune", "--model", str(tiny_trained_dir), "--sparsity", "0.3", "--calib-samples", "6"]
@@ -128,13 +126,7 @@ def test_torchrun_cli_equals_one_process(tiny_trained_dir, tmp_path):
         {**r, "seconds": t["seconds"]} for r, t in zip(ref["layers"], report["layers"])
     ]
 
-    def tensors(folder):
-        out = {}
-        for f in folder.glob("*.safetensors"):
-            out.update(load_file(f))
-        return out
-
-    a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    a, b = folder_tensors(tmp_path / "one"), folder_tensors(tmp_path / "two")
     assert sorted(a) == sorted(b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)

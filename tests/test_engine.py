@@ -227,6 +227,24 @@ def test_layer_by_layer_walk_reproduces_the_models_own_forward(family):
     assert all("forward" not in vars(layer) for layer in view.layers)  # the pass-through is undone
 
 
+def _llama_of_width(intermediate: int):
+    """A two-layer GQA Llama whose MLP is `intermediate` channels wide."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=intermediate,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            num_hidden_layers=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+        )
+    )
+
+
 def test_mlp_widths_round_by_default_where_every_width_allows():
     """mlp_round_to=None rounds to 32 where every layer's MLP width is a multiple of 32 and at least
     512, else to 8 where every width is a multiple of 8, else keeps exact widths; the result
@@ -236,34 +254,11 @@ def test_mlp_widths_round_by_default_where_every_width_allows():
     assert make_model("llama").config.intermediate_size < 512  # too narrow for 32
     assert result.config.mlp_round_to == 8
     assert all(r.mlp[1] % 8 == 0 and r.mlp[1] < r.mlp[0] for r in result.layers)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    wide_model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=512,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            num_hidden_layers=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=128,
-        )
-    )
-    wide = prune_model(wide_model, calib, PruneConfig(sparsity=0.3), progress=False)
+    wide = prune_model(_llama_of_width(512), calib, PruneConfig(sparsity=0.3), progress=False)
     assert wide.config.mlp_round_to == 32
     assert all(r.mlp[1] % 32 == 0 and r.mlp[1] < r.mlp[0] for r in wide.layers)
 
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=99,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-    )
-    odd = prune_model(LlamaForCausalLM(config), calib, PruneConfig(sparsity=0.3), progress=False)
+    odd = prune_model(_llama_of_width(99), calib, PruneConfig(sparsity=0.3), progress=False)
     assert odd.config.mlp_round_to == 1
     exact = prune_model(make_model("llama"), calib, PruneConfig(sparsity=0.3, mlp_round_to=1), progress=False)
     assert exact.config.mlp_round_to == 1

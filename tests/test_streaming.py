@@ -8,22 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import VOCAB, logits, make_model
+from conftest import VOCAB, folder_tensors, logits, make_model
 from struprune_plugin.checkpoint import load_pruned, save_pruned
 from struprune_plugin.engine import PruneConfig, prune_model
 from struprune_plugin.errors import StructPruneError
 from struprune_plugin.streaming import prune_checkpoint
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                out[key] = handle.get_tensor(key)
-    return out
 
 
 def _both_ways(source: Path, tmp_path: Path, config: PruneConfig, calib) -> tuple[Path, Path]:
@@ -36,7 +26,7 @@ def _both_ways(source: Path, tmp_path: Path, config: PruneConfig, calib) -> tupl
 
 
 def _assert_same_checkpoint(a: Path, b: Path) -> None:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = folder_tensors(a), folder_tensors(b)
     assert sorted(ta) == sorted(tb)
     for key in ta:
         assert ta[key].dtype == tb[key].dtype, key
@@ -80,7 +70,7 @@ def test_streamed_bias_refit_writes_the_new_biases(tmp_path):
     calib = torch.randint(0, VOCAB, (4, 16))
     a, b = _both_ways(source, tmp_path, PruneConfig(sparsity=0.3, bias_refit=True), calib)
     _assert_same_checkpoint(a, b)
-    assert any(k.endswith("down_proj.bias") for k in _tensors(b))
+    assert any(k.endswith("down_proj.bias") for k in folder_tensors(b))
 
 
 def test_streamed_bf16_stays_bf16(tmp_path):
@@ -89,7 +79,7 @@ def test_streamed_bf16_stays_bf16(tmp_path):
     calib = torch.randint(0, VOCAB, (4, 16))
     a, b = _both_ways(source, tmp_path, PruneConfig(sparsity=0.3), calib)
     _assert_same_checkpoint(a, b)
-    assert {t.dtype for t in _tensors(b).values()} == {torch.bfloat16}
+    assert {t.dtype for t in folder_tensors(b).values()} == {torch.bfloat16}
 
 
 def test_interrupted_run_leaves_no_folder(tmp_path, monkeypatch):
