@@ -37,7 +37,14 @@ def test_smollm2_prunes_evaluates_and_reloads(smollm2, tmp_path):
     for method in ("magnitude", "wanda-sp", "structprune"):
         config = PruneConfig(method=method, sparsity=0.2, admm_iterations=1)
         result = prune_model(model, calib, config, progress=False)
-        assert abs(result.achieved_sparsity - 0.2) < 1e-3
+        # the references prune channel-exact; StructPrune's equal widths move in steps of its
+        # rounding (32 for SmolLM2): within half a step per layer
+        half_steps = len(result.layers) * result.config.mlp_round_to * 3 * model.config.hidden_size / 2
+        assert abs(result.achieved_sparsity - 0.2) * result.prunable_before <= max(
+            half_steps, 1e-3 * result.prunable_before
+        )
+        if method != "structprune":
+            assert abs(result.achieved_sparsity - 0.2) < 1e-3
         results[method] = perplexity(result.model, test_ids, seq_len=256, progress=False).ppl
         assert dense < results[method] < float("inf")
     # calibration-aware scores keep the model usable where magnitude destroys it
