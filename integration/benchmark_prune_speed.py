@@ -28,12 +28,22 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "integration" / "results" / "prune_speed"
 
 
-def dense_forward_seconds(model, ids: torch.Tensor, batch_size: int) -> float:
+def dense_forward_seconds(model, ids: torch.Tensor, batch_size: int, device: str = "cpu") -> float:
+    """Wall time of the model's forward over `ids`, batch by batch, on `device` (the model and
+    the windows are moved there first, outside the timing; a GPU is synchronised at the end)."""
+    model.to(device)
+    batches = [b.to(device) for b in ids.split(batch_size)]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
-        for batch in ids.split(batch_size):
+        for batch in batches:
             model(input_ids=batch, use_cache=False)
-    return time.perf_counter() - t0
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    model.to("cpu")
+    return seconds
 
 
 def render(rows: list[dict]) -> str:
@@ -61,6 +71,7 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu, cuda ... (forward and pruning both run there)")
     p.add_argument("--machine", default=f"{platform.machine()}, {os.cpu_count()} cores")
     p.add_argument("--code", default="this commit", help="a label for the code measured (a commit)")
     args = p.parse_args()
@@ -76,15 +87,20 @@ def main() -> None:
     ids = sample_calibration(
         tokenize(tok, ensure_texts().read("wiki_train")), args.calib_samples, args.calib_len, 0
     )
-    before = dense_forward_seconds(model, ids, args.batch_size)
+    if args.device.startswith("cuda"):  # a first forward loads the kernels: not part of either figure
+        dense_forward_seconds(model, ids[: args.batch_size], args.batch_size, args.device)
+    before = dense_forward_seconds(model, ids, args.batch_size, args.device)
     print(f"dense forward {before:.1f}s", flush=True)
-    result = prune_model(model, ids, PruneConfig(sparsity=args.sparsity, batch_size=args.batch_size))
-    after = dense_forward_seconds(model, ids, args.batch_size)
+    result = prune_model(
+        model, ids, PruneConfig(sparsity=args.sparsity, batch_size=args.batch_size, device=args.device)
+    )
+    after = dense_forward_seconds(model, ids, args.batch_size, args.device)
     forward = (before + after) / 2
     row = {
         "model": folder.name,
         "sparsity": args.sparsity,
         "machine": args.machine,
+        "device": args.device,
         "threads": torch.get_num_threads(),
         "calib_tokens": args.calib_samples * args.calib_len,
         "forward_seconds": forward,
