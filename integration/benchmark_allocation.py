@@ -37,6 +37,15 @@ RULES: dict[str, list[str]] = {
     "kl-knapsack": ["--allocation", "kl-knapsack"],
     # the knapsack within OWL's trust region (every layer's share within +-0.08 of the target)
     "kl-knapsack-tr": ["--allocation", "kl-knapsack", "--allocation-option", "max_deviation=0.08"],
+    # the relative-energy softmax within a trust region of +-0.1 around uniform
+    "energy-relative-T1-tr": [
+        "--allocation",
+        "energy-relative",
+        "--temperature",
+        "1",
+        "--allocation-option",
+        "max_deviation=0.1",
+    ],
     "slimgpt": ["--allocation", "slimgpt"],
     "owl": ["--allocation", "owl"],
 }

@@ -99,8 +99,10 @@ def fermi_dirac_keep(
     lower: Sequence[float],
     keep_mass: float,
     temperature: float,
+    upper: Sequence[float] | None = None,
 ) -> list[float]:
-    """Keep fractions r_i = clip(sigmoid(e_i / T - u), lower_i, 1) with sum m_i r_i = keep_mass.
+    """Keep fractions r_i = clip(sigmoid(e_i / T - u), lower_i, upper_i) with sum m_i r_i =
+    keep_mass (upper_i = 1 unless given: a trust region's ceiling).
 
     The mean-field minimiser of the free energy under the budget (method.md section 3): a block
     whose energy per parameter is high keeps more. `u` (lambda / T) is found by bisection, so the
@@ -114,14 +116,16 @@ def fermi_dirac_keep(
     )
     m = torch.tensor(masses, dtype=torch.float64)
     lo = torch.tensor(lower, dtype=torch.float64)
+    hi = torch.ones_like(lo) if upper is None else torch.tensor(upper, dtype=torch.float64).clamp(max=1.0)
+    hi = torch.maximum(hi, lo)
 
     def kept(u: float) -> torch.Tensor:
-        return torch.maximum(torch.sigmoid(e - u), lo).clamp(max=1.0)
+        return torch.minimum(torch.maximum(torch.sigmoid(e - u), lo), hi)
 
     if keep_mass <= float((m * lo).sum()):
         return lo.tolist()
-    if keep_mass >= float(m.sum()):
-        return [1.0] * len(masses)
+    if keep_mass >= float((m * hi).sum()):
+        return hi.tolist()
     a, b = float(e.min()) - 60.0, float(e.max()) + 60.0  # sigmoid saturates beyond these
     for _ in range(200):
         mid = 0.5 * (a + b)
@@ -211,14 +215,24 @@ def allocate_softmax_budget(
     target: float,
     temperature: float,
     channels_first: bool = False,
+    max_deviation: float | None = None,
 ) -> dict[str, list[int]]:
     """`allocate_softmax` for an explicit number of parameters to remove: refreshing energies
-    re-allocates what is left of the budget over the layers not pruned yet."""
+    re-allocates what is left of the budget over the layers not pruned yet.
+
+    `max_deviation` d is a trust region around uniform (OWL's bound): every block keeps a share
+    within the mean kept share +- d, so a layer's share stays within it too."""
     keys = [(kind, layer) for kind in spaces for layer in range(len(spaces[kind]))]
     masses = [spaces[k][i].n * spaces[k][i].cost for k, i in keys]
     lower = [spaces[k][i].min_keep / spaces[k][i].n for k, i in keys]
+    keep_mass = max(0.0, sum(masses) - target)
+    upper = None
+    if max_deviation is not None:
+        mean_keep = keep_mass / sum(masses) if sum(masses) else 1.0
+        lower = [max(lo, mean_keep - max_deviation) for lo in lower]
+        upper = [min(1.0, mean_keep + max_deviation)] * len(keys)
     e = [0.0 if energies is None else float(energies[k][i]) for k, i in keys]
-    keep = fermi_dirac_keep(e, masses, lower, max(0.0, sum(masses) - target), temperature)
+    keep = fermi_dirac_keep(e, masses, lower, keep_mass, temperature, upper)
     removal: dict[str, list[float]] = {kind: [0.0] * len(spaces[kind]) for kind in spaces}
     for (kind, layer), r in zip(keys, keep):
         removal[kind][layer] = (1.0 - r) * spaces[kind][layer].n

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a setting of the allocation rule, repeatable (e.g. max_deviation=0.08 for kl-knapsack, "
+        help="a setting of the allocation rule, repeatable (e.g. max_deviation=0.08 for kl-knapsack and the softmax rules, "
         "lam=0.05 for owl)",
     )
     sp.add_argument(

@@ -985,6 +985,7 @@ def _reallocator(spaces, energies, counts, target: float, config: PruneConfig):
             max(0.0, target - done),
             config.temperature,
             config.channels_first,
+            config.allocation_options.get("max_deviation"),
         )
         for kind in counts:
             counts[kind][i:] = rest[kind]

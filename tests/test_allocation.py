@@ -249,6 +249,59 @@ def test_fermi_dirac_minimises_the_free_energy():
     assert np.allclose(got, ref.x, atol=1e-4)
 
 
+def test_fermi_dirac_with_a_ceiling_minimises_the_free_energy_in_the_box():
+    """The trust region's ceiling: the closed form still equals a direct minimisation of the free
+    energy, now over lower_i <= r_i <= upper_i, and binds where the energies would push past it."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    from struprune_plugin.allocation import fermi_dirac_keep
+
+    e = np.array([0.3, -1.2, 2.0, 0.0, 0.7])
+    m = np.array([3.0, 1.0, 2.0, 5.0, 1.5])
+    lo = np.array([0.45, 0.45, 0.45, 0.45, 0.45])
+    hi = np.array([0.65, 0.65, 0.65, 0.65, 0.65])
+    T, K = 0.7, 0.55 * m.sum()
+
+    def free_energy(r):
+        r = np.clip(r, 1e-12, 1 - 1e-12)
+        return float(np.sum(m * (-e * r + T * (r * np.log(r) + (1 - r) * np.log(1 - r)))))
+
+    ref = minimize(
+        free_energy,
+        np.full(5, 0.55),
+        method="SLSQP",
+        bounds=list(zip(lo, hi)),
+        constraints=[{"type": "eq", "fun": lambda r: float(m @ r - K)}],
+        options={"ftol": 1e-14},
+    )
+    got = np.array(fermi_dirac_keep(e.tolist(), m.tolist(), lo.tolist(), K, T, hi.tolist()))
+    assert float(m @ got) == pytest.approx(K, rel=1e-9)
+    assert np.allclose(got, ref.x, atol=1e-4)
+    assert got[2] == pytest.approx(0.65) and got[1] == pytest.approx(0.45)  # both bounds bind
+    free = np.array(fermi_dirac_keep(e.tolist(), m.tolist(), lo.tolist(), K, T))
+    assert free.max() > 0.65  # the box changed the answer
+
+
+@pytest.mark.parametrize("sparsity", [0.2, 0.5])
+def test_softmax_trust_region_keeps_every_layer_within_the_deviation(sparsity):
+    from struprune_plugin.allocation import allocate_softmax_budget
+
+    spaces = {"mlp": [unit_space("mlp", SMOL, "query") for _ in range(8)]}
+    energies = {"mlp": [3.0, -1.0, 2.0, -3.0, 0.0, 1.0, -2.0, 4.0]}
+    n, cost = SMOL.intermediate, spaces["mlp"][0].cost
+    target = sparsity * 8 * n * cost  # the mean removed share of the MLP channels is `sparsity`
+    d = 0.1
+    for temperature in (0.01, 1.0):
+        counts = allocate_softmax_budget(spaces, energies, target, temperature, max_deviation=d)["mlp"]
+        assert abs(sum(counts) * cost - target) <= cost
+        assert all(sparsity - d - 1 / n <= c / n <= sparsity + d + 1 / n for c in counts)
+    cold = allocate_softmax_budget(spaces, energies, target, 0.01, max_deviation=d)["mlp"]
+    # greedy inside the box: the lowest-energy layers on the box's floor, the highest on its roof
+    assert cold[3] / n == pytest.approx(sparsity + d, abs=1 / n)
+    assert cold[7] / n == pytest.approx(sparsity - d, abs=1 / n)
+
+
 # --- global structured threshold (the O(N) reference) ---------------------------------------------
 
 

@@ -118,6 +118,21 @@ def test_relative_energy_divides_by_the_stream():
     assert absolute[0] > absolute[-1] + 5  # low absolute energy early: pruned most
 
 
+def test_relative_energy_trust_region_reaches_the_rule():
+    spaces = _spaces(4, PruneConfig(units=("mlp",), mlp_round_to=1))
+    measured = LayerMeasurements(spaces, energies={"mlp": [1.0, 50.0, 4.0, 8.0]}, stream_energy=[1.0] * 4)
+    target = 0.3 * sum(layer_masses(spaces))
+    n = spaces["mlp"][0].n
+    free = REGISTRY["energy-relative"](temperature=0.5).allocate(measured, target, False)["mlp"]
+    rule = make_allocator(
+        PruneConfig(allocation="energy-relative", temperature=0.5, allocation_options={"max_deviation": 0.05})
+    )
+    boxed = rule.allocate(measured, target, False)["mlp"]
+    assert max(free) / n - min(free) / n > 0.1
+    assert all(0.25 - 1 / n <= c / n <= 0.35 + 1 / n for c in boxed)
+    assert boxed[1] == min(boxed)  # the energies still rank the layers
+
+
 def test_kl_rules_prune_the_least_sensitive_layers_most():
     from struprune_plugin.allocators import SensitivityCurves
 

@@ -96,13 +96,20 @@ class Allocator(ABC):
 class SoftmaxAllocator(Allocator):
     """The paper's rule over some per-layer energy: a temperature softmax (Fermi-Dirac) with the
     exact budget, after log + z-score normalisation across layers. T = inf is uniform, T -> 0
-    greedy by energy. Subclasses say which energy (`layer_energies`)."""
+    greedy by energy. Subclasses say which energy (`layer_energies`). `max_deviation` d bounds
+    every layer's kept share to the mean's +- d (OWL's trust region around uniform): the energies
+    rank layers, the bound keeps a far-from-uniform layer from compounding errors downstream."""
 
-    def __init__(self, temperature: float = 1.0, normalisation: str = "log-z") -> None:
+    def __init__(
+        self, temperature: float = 1.0, normalisation: str = "log-z", max_deviation: float | None = None
+    ) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0 (inf for uniform); got {temperature!r}")
+        if max_deviation is not None and not (0 < float(max_deviation) < 1):
+            raise ValueError(f"max_deviation must be a share in (0, 1), or None; got {max_deviation!r}")
         self.temperature = float(temperature)
         self.normalisation = normalisation
+        self.max_deviation = None if max_deviation is None else float(max_deviation)
 
     @property
     def uniform(self) -> bool:  # type: ignore[override]
@@ -120,10 +127,16 @@ class SoftmaxAllocator(Allocator):
             kind: normalise(values, self.normalisation)
             for kind, values in self.layer_energies(measured, target).items()
         }
-        return allocate_softmax_budget(measured.spaces, normalised, target, self.temperature, channels_first)
+        return allocate_softmax_budget(
+            measured.spaces, normalised, target, self.temperature, channels_first, self.max_deviation
+        )
 
     def options(self) -> dict:
-        return {"temperature": self.temperature, "normalisation": self.normalisation}
+        return {
+            "temperature": self.temperature,
+            "normalisation": self.normalisation,
+            "max_deviation": self.max_deviation,
+        }
 
 
 REGISTRY: dict[str, type[Allocator]] = {}

@@ -43,8 +43,14 @@ class KLSoftmaxAllocator(SoftmaxAllocator):
     name = "kl"
     needs = frozenset({"sensitivity"})
 
-    def __init__(self, temperature: float = 1.0, normalisation: str = "log-z", level_multiples=None) -> None:
-        super().__init__(temperature, normalisation)
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        normalisation: str = "log-z",
+        level_multiples=None,
+        max_deviation: float | None = None,
+    ) -> None:
+        super().__init__(temperature, normalisation, max_deviation)
         self.level_multiples = tuple(float(m) for m in level_multiples or DEFAULT_LEVEL_MULTIPLES)
 
     def layer_energies(self, measured: LayerMeasurements, target: float) -> dict[str, list[float]]:
