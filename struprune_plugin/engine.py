@@ -63,6 +63,7 @@ from .groups import (
     resolve_head_unit,
     unit_space,
 )
+from .layer_passes import AttentionCache
 from .memory import RssSampler, peak_memory, reset_peak
 from .residency import all_resident, is_streamed, resident
 from .scoring import NEEDS_CALIBRATION, LayerInputs, head_scores, mlp_channel_scores
@@ -88,6 +89,9 @@ ALL_METHODS = tuple(METHOD_NEEDS_CALIBRATION)
 #: Methods that run the energy pass and the per-layer solver; "energy-threshold" allocates by one threshold
 #: over all groups' energies (the O(N) reference) instead of StructPrune's per-layer softmax.
 SOLVER_METHODS = ("structprune", "energy-threshold")
+#: The output pass replays the attention outputs the MLP statistics pass recorded (exact; see
+#: layer_passes.py). A switch so tests can compare with the full layer forward.
+REUSE_ATTENTION = True
 #: How a layer's budget is shared between heads and MLP channels: "mlp-first" (MLP channels take
 #: it, heads only the overflow; StructPrune's measured best), "ratio" (the allocation's own share,
 #: the references' rule), "energy" (one threshold over the layer's groups, see `kind_splitter`);
@@ -782,6 +786,7 @@ def _prune(
         split = kind_splitter(spaces, counts, carry=not config.refresh_energies)
 
     records, plans = [], []
+    attention = AttentionCache()  # filled by the MLP statistics pass, replayed by the output pass
     for i, lv in enumerate(
         tqdm(views, desc=f"pruning ({config.method})", disable=not progress, unit="layer")
     ):
@@ -799,15 +804,27 @@ def _prune(
                 )
             elif config.method in SOLVER_METHODS:
                 pruned, plan = prune_layer_structprune(
-                    lv, i, batches, layer_forward, remove, config, trace, reallocate, split
+                    lv,
+                    i,
+                    batches,
+                    layer_forward,
+                    remove,
+                    config,
+                    trace,
+                    reallocate,
+                    split,
+                    attention if i + 1 < len(views) else None,
                 )
             else:
                 pruned, plan = _prune_layer_by_score(lv, i, batches, remove, config, trace)
             plans.append(plan)
             with torch.no_grad():
                 if needs_calibration and i + 1 < len(views):
-                    for b in batches:
-                        b.hidden = layer_forward(lv.layer, b)
+                    replay = attention.usable_for(lv.attn, len(batches)) and REUSE_ATTENTION
+                    with attention.replaying(lv.attn) if replay else contextlib.nullcontext():
+                        for b in batches:
+                            b.hidden = layer_forward(lv.layer, b)
+            attention.outputs = []
             if sink is not None:
                 sink(i, lv.layer)
         gc.collect()  # the dense layer's tensors sit in Torch-Pruning's reference cycles: free them now

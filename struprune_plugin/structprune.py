@@ -12,6 +12,7 @@ Torch-Pruning removes the groups; the solver's weights are copied into the small
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -22,6 +23,7 @@ from .admm import ADMMConfig, refit_output_columns, solve_gated_mlp
 from .architectures import LayerView, ModelView, Projection, geometry_of
 from .energies import LayerMoments, head_energy, layer_energy, mlp_channel_energy
 from .groups import LayerPlan, choose_channels, choose_heads, head_channels, resolve_head_unit, unit_space
+from .layer_passes import AttentionCache, run_until_stop, stop_at
 from .residency import resident
 from .stats import InputRecorder
 from .surgery import build_layer_graph, prune_layer
@@ -141,8 +143,12 @@ def prune_layer_structprune(
     trace,
     reallocate: Callable[[int, dict[str, float]], dict[str, int]] | None = None,
     split: Callable[[int, dict[str, torch.Tensor]], dict[str, int]] | None = None,
+    attention_cache: AttentionCache | None = None,
 ) -> tuple[LayerView, LayerPlan]:
     """Prune one resident layer (heads, then MLP) with weight updates; returns the new view and plan.
+
+    With `attention_cache`, the MLP statistics pass records attention's outputs (attention is
+    final by then) so the caller's output pass can replay them (`layer_passes`).
 
     With `reallocate` (energy refresh) the layer's energies are measured again on the inputs the
     pruned prefix really produces, in the same pass that gathers the heads' statistics, and
@@ -157,9 +163,14 @@ def prune_layer_structprune(
     all_kinds = reallocate is not None or (split is not None and any(remove.values()))
     if remove.get("heads") or all_kinds:
         kinds = config.units if all_kinds else ["heads"]
-        with torch.no_grad(), InputRecorder(taps_for(lv, kinds), index, grams=("o_in",)) as rec:
+        with (
+            torch.no_grad(),
+            InputRecorder(taps_for(lv, kinds), index, grams=("o_in",)) as rec,
+            # heads alone need nothing past o_proj's input: the rest of the layer is skipped
+            stop_at(lv.o) if kinds == ["heads"] else contextlib.nullcontext(),
+        ):
             for b in batches:
-                forward(lv.layer, b)
+                run_until_stop(forward, lv.layer, b)
         moments = LayerMoments.from_stats(rec.stats)
         per_group = group_energies(lv, moments, config.energy, config.head_unit, kinds)
         if reallocate is not None:
@@ -192,9 +203,12 @@ def prune_layer_structprune(
                 grams=() if gated else ("mlp_hidden",),
                 keep_inputs=("mlp_in",) if gated else (),
             ) as rec,
+            # the gated solver needs only the MLP's input: the dense MLP itself is skipped
+            stop_at(lv.input_taps()["mlp_in"]) if gated else contextlib.nullcontext(),
+            attention_cache.recording(lv.attn) if attention_cache is not None else contextlib.nullcontext(),
         ):
             for b in batches:
-                forward(lv.layer, b)
+                run_until_stop(forward, lv.layer, b)
         sol = refitted = None
         if gated:
             x = torch.cat(rec.stats["mlp_in"].inputs)
