@@ -347,6 +347,26 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def meta_model(config, folder: Path, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """The model `config` describes on the meta device (no memory; buffers such as RoPE tables are
+    real, as they are computed, not stored), with a pruned folder's per-layer widths applied."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or config.dtype or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layout = getattr(config, LAYOUT_KEY, None)
+    if layout:
+        try:
+            apply_layout(model, layout)
+        except Exception as err:
+            raise LayoutMismatchError(f"{folder}: the recorded layout does not fit the model: {err}") from err
+    return model
+
+
 def load_pruned(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """Load any checkpoint written by `save_pruned` (or a plain HF folder) onto the CPU.
 
@@ -362,14 +382,7 @@ def load_pruned(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> 
             folder, dtype=dtype or config.dtype or torch.float32, use_safetensors=True
         )
         return model.eval()
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype or torch.float32)
-    try:
-        apply_layout(model, getattr(config, LAYOUT_KEY))
-    except Exception as err:
-        raise LayoutMismatchError(f"{folder}: the recorded layout does not fit the model: {err}") from err
+    model = meta_model(config, folder, dtype)
     state = _read_state_dict(folder)
     target_dtype = next(model.parameters()).dtype
     state = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state.items()}

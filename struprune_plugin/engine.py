@@ -44,7 +44,6 @@ from .architectures import (
 )
 from .checkpoint import record_layout
 from .devices import resolve_device
-from .distributed import shard_windows
 from .energies import ENERGIES, normalise
 from .errors import (
     BudgetMissedError,
@@ -740,7 +739,7 @@ def _prune(
         batches = []
         if needs_calibration:
             batches = capture_layer_inputs(
-                model, view, shard_windows(calibration_ids).split(config.batch_size), device
+                model, view, distributed.shard_windows(calibration_ids).split(config.batch_size), device
             )
     energies = allocation = None
     if config.method in SOLVER_METHODS:
@@ -752,7 +751,7 @@ def _prune(
         if consumed:  # the energy pass consumed the batches: capture layer 0's inputs again
             with torch.no_grad():
                 batches = capture_layer_inputs(
-                    model, view, shard_windows(calibration_ids).split(config.batch_size), device
+                    model, view, distributed.shard_windows(calibration_ids).split(config.batch_size), device
                 )
     elif config.method == "global-taylor":
         if distributed.active():
@@ -886,7 +885,7 @@ def _energy_allocation(model, view, batches, calibration_ids, config, spaces, pr
             with torch.no_grad():
                 ids = calibration_ids[: config.energy_samples] if subsample else calibration_ids
                 energy_batches = capture_layer_inputs(
-                    model, view, shard_windows(ids).split(config.batch_size), device
+                    model, view, distributed.shard_windows(ids).split(config.batch_size), device
                 )
         t0 = time.perf_counter()
         energies, groups, extras = energy_pass(
@@ -907,7 +906,7 @@ def _energy_allocation(model, view, batches, calibration_ids, config, spaces, pr
         with torch.no_grad():
             ids = calibration_ids[: config.sensitivity_samples]
             probe_batches = capture_layer_inputs(
-                model, view, shard_windows(ids).split(config.batch_size), device
+                model, view, distributed.shard_windows(ids).split(config.batch_size), device
             )
         levels = probe_levels(config.sparsity, allocator.level_multiples)
         measured.sensitivity = sensitivity_pass(

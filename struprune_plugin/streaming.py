@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from . import distributed
-from .architectures import apply_layout, model_view
-from .checkpoint import LAYOUT_KEY, read_model_config, write_loader_files
+from .architectures import model_view
+from .checkpoint import meta_model, read_model_config, write_loader_files
 from .engine import PruneConfig, PruneResult, prune_model
 from .errors import StructPruneError
 from .outputs import check_output_folder, write_folder_atomically, write_text_atomic
@@ -47,20 +47,8 @@ _SIDE_FILES = (
 
 
 def skeleton(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """The folder's model on the meta device (parameters only; buffers such as RoPE tables are
-    real, as they are computed, not stored), with a pruned folder's per-layer widths applied."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    config = read_model_config(folder)
-    dtype = dtype or config.dtype or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    layout = getattr(config, LAYOUT_KEY, None)
-    if layout:
-        apply_layout(model, layout)
+    """The folder's model on the meta device, with a pruned folder's per-layer widths applied."""
+    model = meta_model(read_model_config(folder), Path(folder), dtype)
     model.config._name_or_path = str(folder)
     return model.eval()
 
