@@ -219,11 +219,30 @@ def test_low_temperature_prunes_low_energy_layers_first():
     assert max(warm) - min(warm) < max(cold) - min(cold)  # warmer is more even
 
 
+def _free_energy_minimum(e, m, lo, hi, T, K):
+    """Direct numerical minimiser (SLSQP) of sum_i m_i (-e_i r_i + T H(r_i)) over lo <= r <= hi
+    with sum_i m_i r_i = K: the independent reference for the closed form."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    def free_energy(r):
+        r = np.clip(r, 1e-12, 1 - 1e-12)
+        return float(np.sum(m * (-e * r + T * (r * np.log(r) + (1 - r) * np.log(1 - r)))))
+
+    return minimize(
+        free_energy,
+        np.full(len(e), K / m.sum()),
+        method="SLSQP",
+        bounds=list(zip(lo, hi)),
+        constraints=[{"type": "eq", "fun": lambda r: float(m @ r - K)}],
+        options={"ftol": 1e-14},
+    ).x
+
+
 def test_fermi_dirac_minimises_the_free_energy():
     """The closed form equals a direct numerical minimisation of
     sum_i m_i (-e_i r_i + T (r_i ln r_i + (1 - r_i) ln(1 - r_i))) s.t. sum_i m_i r_i = K."""
     import numpy as np
-    from scipy.optimize import minimize
 
     from struprune_plugin.allocation import fermi_dirac_keep
 
@@ -231,29 +250,16 @@ def test_fermi_dirac_minimises_the_free_energy():
     m = np.array([3.0, 1.0, 2.0, 5.0, 1.5])
     lo = np.array([0.05, 0.1, 0.05, 0.2, 0.05])
     T, K = 0.7, 0.55 * m.sum()
-
-    def free_energy(r):
-        r = np.clip(r, 1e-12, 1 - 1e-12)
-        return float(np.sum(m * (-e * r + T * (r * np.log(r) + (1 - r) * np.log(1 - r)))))
-
-    ref = minimize(
-        free_energy,
-        np.full(5, 0.55),
-        method="SLSQP",
-        bounds=list(zip(lo, [1 - 1e-9] * 5)),
-        constraints=[{"type": "eq", "fun": lambda r: float(m @ r - K)}],
-        options={"ftol": 1e-14},
-    )
+    ref = _free_energy_minimum(e, m, lo, np.full(5, 1 - 1e-9), T, K)
     got = np.array(fermi_dirac_keep(e.tolist(), m.tolist(), lo.tolist(), K, T))
     assert float(m @ got) == pytest.approx(K, rel=1e-9)
-    assert np.allclose(got, ref.x, atol=1e-4)
+    assert np.allclose(got, ref, atol=1e-4)
 
 
 def test_fermi_dirac_with_a_ceiling_minimises_the_free_energy_in_the_box():
     """The trust region's ceiling: the closed form still equals a direct minimisation of the free
     energy, now over lower_i <= r_i <= upper_i, and binds where the energies would push past it."""
     import numpy as np
-    from scipy.optimize import minimize
 
     from struprune_plugin.allocation import fermi_dirac_keep
 
@@ -262,22 +268,10 @@ def test_fermi_dirac_with_a_ceiling_minimises_the_free_energy_in_the_box():
     lo = np.array([0.45, 0.45, 0.45, 0.45, 0.45])
     hi = np.array([0.65, 0.65, 0.65, 0.65, 0.65])
     T, K = 0.7, 0.55 * m.sum()
-
-    def free_energy(r):
-        r = np.clip(r, 1e-12, 1 - 1e-12)
-        return float(np.sum(m * (-e * r + T * (r * np.log(r) + (1 - r) * np.log(1 - r)))))
-
-    ref = minimize(
-        free_energy,
-        np.full(5, 0.55),
-        method="SLSQP",
-        bounds=list(zip(lo, hi)),
-        constraints=[{"type": "eq", "fun": lambda r: float(m @ r - K)}],
-        options={"ftol": 1e-14},
-    )
+    ref = _free_energy_minimum(e, m, lo, hi, T, K)
     got = np.array(fermi_dirac_keep(e.tolist(), m.tolist(), lo.tolist(), K, T, hi.tolist()))
     assert float(m @ got) == pytest.approx(K, rel=1e-9)
-    assert np.allclose(got, ref.x, atol=1e-4)
+    assert np.allclose(got, ref, atol=1e-4)
     assert got[2] == pytest.approx(0.65) and got[1] == pytest.approx(0.45)  # both bounds bind
     free = np.array(fermi_dirac_keep(e.tolist(), m.tolist(), lo.tolist(), K, T))
     assert free.max() > 0.65  # the box changed the answer
