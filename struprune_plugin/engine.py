@@ -812,18 +812,18 @@ def _prune(
                     trace,
                     reallocate,
                     split,
-                    attention if i + 1 < len(views) else None,
+                    attention if REUSE_ATTENTION and i + 1 < len(views) else None,
                 )
             else:
                 pruned, plan = _prune_layer_by_score(lv, i, batches, remove, config, trace)
             plans.append(plan)
             with torch.no_grad():
                 if needs_calibration and i + 1 < len(views):
-                    replay = attention.usable_for(lv.attn, len(batches)) and REUSE_ATTENTION
+                    replay = attention.usable_for(lv.attn, len(batches))
                     with attention.replaying(lv.attn) if replay else contextlib.nullcontext():
                         for b in batches:
                             b.hidden = layer_forward(lv.layer, b)
-            attention.outputs = []
+            attention.clear()
             if sink is not None:
                 sink(i, lv.layer)
         gc.collect()  # the dense layer's tensors sit in Torch-Pruning's reference cycles: free them now

@@ -59,7 +59,8 @@ class AttentionCache:
     @contextlib.contextmanager
     def recording(self, attn: nn.Module) -> Iterator[None]:
         """Keep every output `attn` produces while active (after any earlier recording is dropped)."""
-        self.outputs, self.module = [], attn
+        self.clear()
+        self.module = attn
 
         def keep(_module, _args, out):
             first = out[0] if isinstance(out, tuple) else out
@@ -71,6 +72,10 @@ class AttentionCache:
             yield
         finally:
             handle.remove()
+
+    def clear(self) -> None:
+        """Drop what was recorded (a cache serves one layer's output pass)."""
+        self.outputs, self.module = [], None
 
     def usable_for(self, attn: nn.Module, batches: int) -> bool:
         return self.module is attn and len(self.outputs) == batches
@@ -97,4 +102,4 @@ class AttentionCache:
                 del attn.forward
             else:
                 attn.forward = previous
-            self.outputs, self.module = [], None
+            self.clear()
