@@ -27,6 +27,20 @@ OUT = RESULTS / "allocation"
 SPARSITIES = (0.2, 0.3, 0.5, 0.6)
 #: The rule StructPrune uses with no options (PruneConfig's allocation "auto" at T = inf).
 DEFAULT_RULE = "uniform"
+
+
+def relative_in_trust_region(temperature: float, max_deviation: float) -> list[str]:
+    """Flags of the relative-energy softmax at `temperature`, each layer's share within +-d."""
+    return [
+        "--allocation",
+        "energy-relative",
+        "--temperature",
+        f"{temperature:g}",
+        "--allocation-option",
+        f"max_deviation={max_deviation:g}",
+    ]
+
+
 #: rule label -> CLI flags. The softmax rules run at T = 1 (the temperature sweeps of the quality
 #: benchmark's ablations found no better finite T for the absolute energies).
 RULES: dict[str, list[str]] = {
@@ -38,14 +52,12 @@ RULES: dict[str, list[str]] = {
     # the knapsack within OWL's trust region (every layer's share within +-0.08 of the target)
     "kl-knapsack-tr": ["--allocation", "kl-knapsack", "--allocation-option", "max_deviation=0.08"],
     # the relative-energy softmax within a trust region of +-0.1 around uniform
-    "energy-relative-T1-tr": [
-        "--allocation",
-        "energy-relative",
-        "--temperature",
-        "1",
-        "--allocation-option",
-        "max_deviation=0.1",
-    ],
+    "energy-relative-T1-tr": relative_in_trust_region(1, 0.1),
+    # its sweep: the trust region's half-width d, and the temperature inside it
+    "energy-relative-T1-tr05": relative_in_trust_region(1, 0.05),
+    "energy-relative-T1-tr15": relative_in_trust_region(1, 0.15),
+    "energy-relative-T0.5-tr": relative_in_trust_region(0.5, 0.1),
+    "energy-relative-T2-tr": relative_in_trust_region(2, 0.1),
     "slimgpt": ["--allocation", "slimgpt"],
     "owl": ["--allocation", "owl"],
 }
