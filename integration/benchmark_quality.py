@@ -27,7 +27,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -61,7 +61,21 @@ class Row:
     label: str = ""  # main-table name where one method has several rows per sparsity
 
 
+def as_measured(row: Row) -> Row:
+    """The row with the allocation it was measured under written out. StructPrune's rows here ran
+    while uniform (T = inf) was the default and `--temperature` alone chose the absolute-energy
+    softmax; both defaults have changed since (allocation.md), so the flags now say so."""
+    if row.method != "structprune" or "--allocation" in row.flags:
+        return row
+    pinned = ["--allocation", "energy"] if "--temperature" in row.flags else ["--temperature", "inf"]
+    return replace(row, flags=[*pinned, *row.flags])
+
+
 def planned_rows() -> list[Row]:
+    return [as_measured(r) for r in _planned_rows()]
+
+
+def _planned_rows() -> list[Row]:
     rows = [
         Row(f"{m}-{round(s * 100)}", m, s)
         for s in SPARSITIES
@@ -202,7 +216,13 @@ def row_from_report(row: Row, folder: Path, wall_seconds: float | None, args) ->
 
 
 def label(row: dict) -> str:
-    return row.get("label") or row["method"]
+    """The table name: a row's own label, else its method; StructPrune's rows here are uniform."""
+    if row.get("label"):
+        return row["label"]
+    flags = row.get("flags") or []
+    if row["method"] == "structprune" and "--allocation" not in flags and temperature_of(row) == "inf":
+        return "structprune (uniform)"
+    return row["method"]
 
 
 def _fmt(value, digits=2) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -79,7 +80,7 @@ def base_config(shape: str):
 
 
 def rounded_config(config, sparsity: float, round_to: int | None):
-    """The config of the model StructPrune's default gives at this rounding (equal widths)."""
+    """The config of the model StructPrune's uniform allocation gives at this rounding (equal widths)."""
     from transformers import AutoModelForCausalLM
 
     from struprune_plugin.engine import PruneConfig, allocate_layers
@@ -87,7 +88,9 @@ def rounded_config(config, sparsity: float, round_to: int | None):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     counts, _ = allocate_layers(
-        model, torch.zeros((1, 8), dtype=torch.long), PruneConfig(sparsity=sparsity, mlp_round_to=round_to)
+        model,
+        torch.zeros((1, 8), dtype=torch.long),
+        PruneConfig(sparsity=sparsity, mlp_round_to=round_to, temperature=math.inf),
     )
     if len(set(counts["mlp"])) != 1 or any(counts.get("heads", [0])):
         raise RuntimeError(f"expected equal MLP-only widths, got {counts}")
@@ -181,7 +184,10 @@ def cmd_quality(args) -> None:
             if (sparsity, r) in done:
                 continue
             row = Row(
-                f"round-{r}-{round(sparsity * 100)}", "structprune", sparsity, ["--mlp-round-to", str(r)]
+                f"round-{r}-{round(sparsity * 100)}",
+                "structprune",
+                sparsity,
+                ["--temperature", "inf", "--mlp-round-to", str(r)],
             )
             result = run_row(row, args)
             widths = sorted({layer["mlp"][1] for layer in result["layers"]})

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -140,6 +141,7 @@ def child(args) -> None:
         batch_size=args.batch_size,
         skip_layers=skip,
         solver_tokens=args.solver_tokens,
+        temperature=math.inf,  # uniform, as measured (scale.md predates the allocation default)
     )
     t0 = time.perf_counter()
     result = prune_checkpoint(args.model_dir, args.output, ids, config, overwrite=True, progress=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -19,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch
 
 from . import __version__
-from .allocators import ALLOCATIONS
+from .allocators import ALLOCATIONS, DEFAULT_TEMPERATURE
 from .data import cache_dir, ensure_texts, sample_calibration, tokenize
 from .errors import CheckpointError, StructPruneError, first_line
 
@@ -154,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="the same head count and MLP width in every layer: a plain config that stock tools "
-        "(transformers without the plugin, vLLM, llama.cpp's llama graph) load; uniform allocation only. "
-        "Default: on for StructPrune's uniform allocation when every layer starts alike",
+        "(transformers without the plugin, vLLM, llama.cpp's llama graph) load; it makes StructPrune's "
+        "allocation uniform. Default: on for uniform allocation (--temperature inf) when every layer starts alike",
     )
     sp = p.add_argument_group("structprune (method=structprune)")
     sp.add_argument(
@@ -164,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="layer allocation rule: uniform, energy (the paper's softmax over layer energies), "
         "energy-relative (energies relative to the residual stream), kl / kl-knapsack (measured "
-        "end-to-end KL per layer), slimgpt, owl, threshold; auto = uniform at T = inf, energy otherwise",
+        "end-to-end KL per layer), slimgpt, owl, threshold; auto (default) = energy-relative with every "
+        "layer's keep share within +-0.1 of the mean at finite T, uniform at T = inf",
     )
     sp.add_argument(
         "--allocation-option",
@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--temperature",
         type=float,
-        default=math.inf,
-        help="softmax temperature of the energy, energy-relative and kl rules; inf = uniform (default)",
+        default=DEFAULT_TEMPERATURE,
+        help="softmax temperature of the energy, energy-relative and kl rules (default 1); inf = uniform",
     )
     sp.add_argument(
         "--sensitivity-samples",

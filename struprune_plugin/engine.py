@@ -32,7 +32,15 @@ from .allocation import (
     check_sparsity,
     threshold_budget,
 )
-from .allocators import ALLOCATIONS, REGISTRY, Allocator, LayerMeasurements, probe_levels
+from .allocators import (
+    ALLOCATIONS,
+    AUTO_MAX_DEVIATION,
+    DEFAULT_TEMPERATURE,
+    REGISTRY,
+    Allocator,
+    LayerMeasurements,
+    probe_levels,
+)
 from .architectures import (
     LayerView,
     ModelView,
@@ -125,14 +133,17 @@ class PruneConfig:
     # Prune as far as the units allow when the request is out of reach, instead of refusing.
     allow_shortfall: bool = False
     # StructPrune only (method="structprune"):
-    # Layer allocation rule: a name from allocators.ALLOCATIONS or an Allocator instance; "auto" is
-    # "uniform" at T = inf, "energy" (the paper's softmax over layer energies) at finite T, and
-    # "threshold" for method="energy-threshold".
+    # Layer allocation rule: a name from allocators.ALLOCATIONS or an Allocator instance. "auto" is
+    # the measured best (integration/results/allocation.md): at finite T "energy-relative" (the
+    # softmax over energies relative to the residual stream) with every layer's keep share within
+    # AUTO_MAX_DEVIATION of the mean; "uniform" at T = inf or with equal_widths=True; "threshold"
+    # for method="energy-threshold".
+    # The paper's softmax over absolute energies is allocation="energy".
     allocation: str | Allocator = "auto"
     # Settings of the rule's constructor (e.g. {"max_deviation": 0.08} for kl-knapsack).
     allocation_options: dict = field(default_factory=dict)
     sensitivity_samples: int = 2  # calibration windows for the measured-KL pass (allocation kl*)
-    temperature: float = math.inf  # softmax over normalised layer energies; inf = uniform (measured best)
+    temperature: float = DEFAULT_TEMPERATURE  # of the softmax over normalised layer energies; inf = uniform
     energy: str = "obs"  # group energy: "obs", "wanda" or "flap"
     normalisation: str = "log-z"
     energy_samples: int | None = 32  # calibration windows for the energy pass (None: all)
@@ -194,20 +205,20 @@ class PruneConfig:
                 f"allocation={self._allocation_name()!r} is a rule of StructPrune's solver "
                 f"(method='structprune'); {self.method!r} allocates as published. Fix: allocation='auto'"
             )
-        if self.refresh_energies and self._allocation_name() not in ("auto", "energy"):
-            raise StructPruneError(
-                "refresh_energies re-measures the energies of the 'energy' softmax allocation; "
-                f"allocation {self._allocation_name()!r} does not read them"
-            )
-        if not (isinstance(self.damping, (int, float)) and self.damping > 0 and math.isfinite(self.damping)):
-            raise StructPruneError(f"damping must be a positive number; got {self.damping!r}")
-        if self.sensitivity_samples < 1:
-            raise CalibrationDataError("sensitivity_samples must be >= 1")
         if self.refresh_energies and self.method != "structprune":
             raise StructPruneError(
                 "refresh_energies re-allocates StructPrune's softmax budget; it applies to "
                 f"method='structprune' only, not {self.method!r}"
             )
+        if self.refresh_energies and resolved_allocation_name(self) != "energy":
+            raise StructPruneError(
+                "refresh_energies re-measures the absolute energies of the 'energy' softmax allocation; "
+                f"allocation {resolved_allocation_name(self)!r} does not read them. Fix: allocation='energy'"
+            )
+        if not (isinstance(self.damping, (int, float)) and self.damping > 0 and math.isfinite(self.damping)):
+            raise StructPruneError(f"damping must be a positive number; got {self.damping!r}")
+        if self.sensitivity_samples < 1:
+            raise CalibrationDataError("sensitivity_samples must be >= 1")
         if self.head_sparsity is not None and self.method not in NEEDS_CALIBRATION:
             raise StructPruneError(
                 f"head_sparsity fixes the same head ratio in every layer, which only the uniform "
@@ -259,7 +270,7 @@ class PruneConfig:
             raise StructPruneError(
                 "equal_widths gives every layer the same counts, which only uniform allocation does: "
                 f"method {self.method!r} with temperature {self.temperature} allocates per layer. Fix: "
-                "temperature=inf (structprune), or method magnitude / wanda-sp"
+                "temperature=inf or allocation='uniform' (structprune), or method magnitude / wanda-sp"
             )
         if self.equal_widths and self.head_sparsity is not None:
             raise StructPruneError("equal_widths and head_sparsity both fix the heads' share: choose one")
@@ -281,14 +292,11 @@ def make_allocator(config: PruneConfig) -> Allocator:
                 "its own settings. Fix: drop allocation_options"
             )
         return config.allocation
-    name = config.allocation
-    if name == "auto":
-        if config.method == "energy-threshold":
-            name = "threshold"
-        else:
-            name = "uniform" if math.isinf(config.temperature) else "energy"
+    name = resolved_allocation_name(config)
     cls = REGISTRY[name]
     options = dict(config.allocation_options)
+    if config.allocation == "auto" and name == "energy-relative":
+        options = {"max_deviation": AUTO_MAX_DEVIATION, **options}
     if name in ("energy", "energy-relative", "kl"):
         options = {"temperature": config.temperature, "normalisation": config.normalisation, **options}
     unknown = sorted(set(options) - allocator_settings(cls))
@@ -301,6 +309,22 @@ def make_allocator(config: PruneConfig) -> Allocator:
         return cls(**options)
     except (TypeError, ValueError) as err:
         raise StructPruneError(f"allocation {name!r}: {err}") from err
+
+
+def resolved_allocation_name(config: PruneConfig) -> str:
+    """The rule's name, with "auto" resolved: "threshold" for method="energy-threshold", else
+    "uniform" at T = inf or with `equal_widths=True` (a stock checkpoint needs the same widths in
+    every layer, which only uniform ratios give), and "energy-relative" (within the trust region)
+    otherwise."""
+    if isinstance(config.allocation, Allocator):
+        return config.allocation.name
+    if config.allocation != "auto":
+        return config.allocation
+    if config.method == "energy-threshold":
+        return "threshold"
+    if math.isinf(config.temperature) or config.equal_widths:
+        return "uniform"
+    return "energy-relative"
 
 
 def allocator_settings(cls: type[Allocator]) -> set[str]:

@@ -4,8 +4,9 @@ llm-compressor's sequential pipeline already does what StructPrune's engine does
 the calibration data through one decoder layer at a time and feeds the next layer the outputs of
 the already-pruned one. The modifier therefore only has to
 
-* allocate the per-layer keep counts before calibration (`on_initialize`: uniform at the default
-  temperature inf, otherwise the engine's dense energy pass and temperature softmax),
+* allocate the per-layer keep counts before calibration (`on_initialize`: the engine's dense
+  energy pass and allocation rule, by default the relative-energy softmax within +-0.1 of uniform;
+  at temperature inf uniform, with no extra pass),
 * record each decoder layer's inputs during its calibration pass (a forward pre-hook),
 * prune that layer when its pass ends (`on_sequential_epoch_end`) with the same solver call the
   engine makes (heads by energy with an o_proj refit, the ADMM block solver for the MLP,
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import time
 from collections.abc import Callable
@@ -35,7 +35,7 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from . import distributed
 from .allocation import allocate_equal, allocate_uniform
-from .allocators import ALLOCATIONS
+from .allocators import ALLOCATIONS, DEFAULT_TEMPERATURE
 from .architectures import ModelView, enable_output_biases, geometry_of, model_view
 from .checkpoint import patch_config_json, record_layout, structural_fields, write_loader_files
 from .engine import (
@@ -84,15 +84,16 @@ class StructPruneModifier(Modifier):
     )
     allocation: Literal[("auto", *ALLOCATIONS)] = Field(  # type: ignore[valid-type]
         "auto",
-        description="layer allocation rule (as `struprune prune --allocation`); auto = uniform at "
-        "temperature inf, the energy softmax otherwise",
+        description="layer allocation rule (as `struprune prune --allocation`); auto = energy-relative "
+        "with every layer's keep share within +-0.1 of the mean, uniform at temperature inf",
     )
     allocation_options: dict[str, Any] = Field(
         default_factory=dict,
         description="settings of the allocation rule (as `--allocation-option`), e.g. {max_deviation: 0.08}",
     )
     temperature: float = Field(
-        math.inf, description="softmax temperature of the energy / energy-relative / kl rules; inf = uniform"
+        DEFAULT_TEMPERATURE,
+        description="softmax temperature of the energy / energy-relative / kl rules; inf = uniform",
     )
     sensitivity_samples: int = Field(2, ge=1, description="calibration samples for the measured-KL pass")
     energy: Literal["obs", "wanda", "flap"] = Field("obs", description="group removal cost")

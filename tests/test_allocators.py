@@ -47,11 +47,27 @@ def test_every_allocation_prunes_to_the_exact_budget(allocation):
         assert result.allocation["sensitivity"]["levels"] == [0.2, 0.4, 0.6]
 
 
-def test_auto_allocation_is_uniform_at_infinite_temperature_and_energy_otherwise():
-    assert make_allocator(PruneConfig()).name == "uniform"
-    assert make_allocator(PruneConfig(temperature=2.0)).name == "energy"
+def test_auto_allocation_is_the_bounded_relative_softmax_and_uniform_at_infinite_temperature():
+    default = make_allocator(PruneConfig())
+    assert (default.name, default.temperature, default.max_deviation) == ("energy-relative", 1.0, 0.1)
+    assert make_allocator(PruneConfig(temperature=math.inf)).name == "uniform"
+    # a stock checkpoint (the same widths everywhere) asks for uniform ratios
+    assert make_allocator(PruneConfig(equal_widths=True)).name == "uniform"
+    with pytest.raises(StructPruneError, match="equal_widths"):
+        PruneConfig(equal_widths=True, allocation="energy-relative").validate()
+    assert make_allocator(PruneConfig(temperature=2.0)).temperature == 2.0
+    # the user's own trust region (or none) wins over auto's
+    widened = make_allocator(PruneConfig(allocation_options={"max_deviation": 0.2}))
+    assert widened.max_deviation == 0.2
+    assert make_allocator(PruneConfig(allocation="energy-relative")).max_deviation is None
     assert make_allocator(PruneConfig(method="energy-threshold")).name == "threshold"
     assert make_allocator(PruneConfig(allocation="kl", temperature=0.5)).temperature == 0.5
+
+
+def test_refresh_energies_needs_the_absolute_energy_rule():
+    with pytest.raises(StructPruneError, match="allocation='energy'"):
+        PruneConfig(refresh_energies=True).validate()
+    PruneConfig(refresh_energies=True, allocation="energy").validate()
 
 
 def test_an_allocator_instance_is_used_as_given():
@@ -181,15 +197,36 @@ def test_allocate_layers_gives_the_engines_counts_for_measured_rules():
     assert [r.mlp[0] - r.mlp[1] for r in result.layers] == counts["mlp"]
 
 
-def test_allocate_layers_gives_the_engines_equal_widths_for_the_default():
-    """The Torch-Pruning adapter calls allocate_layers: with the default (uniform) config it must
-    give the engine's equal widths, not per-layer rounding of the exact budget."""
+def test_allocate_layers_gives_the_engines_equal_widths_for_uniform():
+    """The Torch-Pruning adapter calls allocate_layers: with the uniform config it must give the
+    engine's equal widths, not per-layer rounding of the exact budget."""
     model = make_model("llama", layers=4, seed=3)
     calib = torch.randint(0, VOCAB, (4, 16))
-    config = PruneConfig(sparsity=0.33, batch_size=2, admm_iterations=0)
+    config = PruneConfig(sparsity=0.33, batch_size=2, admm_iterations=0, temperature=math.inf)
     counts, _ = allocate_layers(model, calib, config)
-    exact, _ = allocate_layers(model, calib, PruneConfig(sparsity=0.33, equal_widths=False))
+    exact, _ = allocate_layers(
+        model, calib, PruneConfig(sparsity=0.33, equal_widths=False, temperature=math.inf)
+    )
     assert len(set(exact["mlp"])) > 1, "pick a sparsity whose exact budget differs per layer"
     result = prune_model(model, calib, config, progress=False)
     assert [r.mlp[0] - r.mlp[1] for r in result.layers] == counts["mlp"]
     assert len(set(counts["mlp"])) == 1
+
+
+def test_allocate_layers_gives_the_engines_counts_for_the_default():
+    """The default (relative-energy softmax in its trust region) allocates per layer; the counts
+    the Torch-Pruning adapter reads are the ones the engine prunes, and each layer's keep share
+    stays within the trust region of the mean."""
+    model = make_model("llama", layers=4, seed=3)
+    calib = torch.randint(0, VOCAB, (4, 16))
+    config = PruneConfig(sparsity=0.4, batch_size=2, admm_iterations=0)
+    counts, _ = allocate_layers(model, calib, config)
+    assert len(set(counts["mlp"])) > 1, "the default allocates per layer"
+    result = prune_model(model, calib, config, progress=False)
+    assert [r.mlp[0] - r.mlp[1] for r in result.layers] == counts["mlp"]
+    assert [r.heads[0] - r.heads[1] for r in result.layers] == counts["heads"]
+    layer_params = result.prunable_before / len(result.layers)
+    keep = [1 - r.removed_params / layer_params for r in result.layers]
+    mean = sum(keep) / len(keep)
+    assert max(abs(k - mean) for k in keep) <= 0.1 + 0.05  # + one step of rounding
+    assert result.achieved_sparsity == pytest.approx(0.4, abs=0.02)

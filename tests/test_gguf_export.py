@@ -194,7 +194,10 @@ def test_gemma3_dense_and_pruned_match_torch_and_tokenize_alike(tmp_path):
     _check_against_torch(folder, dense.path, tol=2e-3, prompt=prompt)
     calib = sample_calibration(ids, 4, 64, seed=0, bos_token_id=tokenizer.bos_token_id)
     result = prune_model(
-        load_pruned(folder), calib, PruneConfig(sparsity=0.3, admm_iterations=0), progress=False
+        load_pruned(folder),
+        calib,
+        PruneConfig(sparsity=0.3, admm_iterations=0, equal_widths=True),
+        progress=False,
     )
     pruned = save_pruned(result.model, tmp_path / "pruned", tokenizer=tokenizer)
     info = export_gguf(pruned, tmp_path / "pruned.gguf", "f32")

@@ -231,7 +231,9 @@ def test_phi3_longrope_with_fewer_heads_reloads(tmp_path):
 
 def test_equal_widths_need_uniform_allocation():
     with pytest.raises(StructPruneError, match="equal_widths"):
-        PruneConfig(temperature=1.0, equal_widths=True).validate()
+        PruneConfig(allocation="energy-relative", temperature=1.0, equal_widths=True).validate()
+    # with the rule left to "auto", equal widths choose uniform ratios
+    PruneConfig(temperature=1.0, equal_widths=True).validate()
 
 
 def test_the_shipped_modeling_file_imports_nothing_from_the_plugin():

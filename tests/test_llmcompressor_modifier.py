@@ -159,6 +159,7 @@ structprune_stage:
     StructPruneModifier:
       sparsity: 0.3
       admm_iterations: 1
+      equal_widths: true
 quant_stage:
   quant_modifiers:
     GPTQModifier:
@@ -202,6 +203,7 @@ structprune_stage:
       admm_iterations: 1
       units: [mlp]
       mlp_round_to: {round_to}
+      equal_widths: true
 quant_stage:
   quant_modifiers:
     GPTQModifier:
@@ -229,7 +231,8 @@ def test_group_quantization_check_counts_heads_the_energy_split_may_remove(tiny)
     from struprune_plugin.errors import StructPruneError
 
     model, tokenizer, ids = tiny
-    recipe = W4A16.replace("units: [mlp]", "kind_split: energy").format(round_to=128)
+    recipe = W4A16.replace("units: [mlp]", "kind_split: energy").replace("      equal_widths: true\n", "")
+    recipe = recipe.format(round_to=128)
     recipe = recipe.replace("sparsity: 0.3", "sparsity: 0.1")
     with pytest.raises(StructPruneError, match="o_proj of decoder layer"):
         run_oneshot(model, tokenizer, ids, recipe)
@@ -249,6 +252,26 @@ def test_every_shipped_recipe_runs_on_the_tiny_model(tiny, recipe):
         assert all(a[:2] == d[:2] for a, d in zip(after, dense))
     x = torch.randint(3, model.config.vocab_size, (1, 9))
     assert torch.isfinite(logits(pruned, x)).all()
+
+
+def test_modifier_and_shipped_recipes_default_to_the_engines_allocation():
+    """A bare modifier, and the 20 / 30 / 50 % recipes (which spell the default out), allocate with
+    the rule `PruneConfig()` gives: the relative-energy softmax at T = 1 within +-0.1."""
+    import yaml
+
+    from struprune_plugin.engine import make_allocator
+
+    def rule(config):
+        allocator = make_allocator(config)
+        return allocator.name, allocator.temperature, allocator.max_deviation
+
+    default = rule(PruneConfig())
+    assert default == ("energy-relative", 1.0, 0.1)
+    assert rule(StructPruneModifier(sparsity=0.3).prune_config()) == default
+    for n in (20, 30, 50):
+        text = (Path(__file__).parent.parent / "recipes" / f"structprune_{n}.yaml").read_text()
+        fields = yaml.safe_load(text)["structprune_stage"]["pruning_modifiers"]["StructPruneModifier"]
+        assert rule(StructPruneModifier(**fields).prune_config()) == default, n
 
 
 def test_oneshot_calibrates_on_a_local_jsonl_file(tiny, tmp_path):

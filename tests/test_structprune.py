@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -76,7 +78,8 @@ def test_default_split_is_mlp_only_pruning_until_the_channels_run_out():
     does: same widths and the same weights. Above it, heads take the overflow and no more."""
     model = make_model("llama", layers=3)
     calib = torch.randint(0, VOCAB, (4, 16))
-    base = dict(method="structprune", admm_iterations=1, mlp_round_to=1)  # channel by channel
+    # channel by channel, uniform ratios (every layer's share alike, so the overflow is too)
+    base = dict(method="structprune", admm_iterations=1, mlp_round_to=1, temperature=math.inf)
     default = prune_model(model, calib, PruneConfig(**base, sparsity=0.3), progress=False)
     only_mlp = prune_model(model, calib, PruneConfig(**base, sparsity=0.3, units=("mlp",)), progress=False)
     assert [(r.heads, r.mlp) for r in default.layers] == [(r.heads, r.mlp) for r in only_mlp.layers]
@@ -142,7 +145,14 @@ def test_tiny_trained_model_beats_wanda_and_stays_finite_at_70(tiny_trained_dir)
 def test_refreshed_energies_keep_the_budget_and_follow_the_pruned_prefix(family):
     model = make_model(family, layers=3)
     calib = torch.randint(0, VOCAB, (6, 24))
-    base = dict(method="structprune", sparsity=0.4, temperature=0.5, admm_iterations=1, energy_samples=None)
+    base = dict(
+        method="structprune",
+        allocation="energy",
+        sparsity=0.4,
+        temperature=0.5,
+        admm_iterations=1,
+        energy_samples=None,
+    )
     plain = prune_model(model, calib, PruneConfig(**base), progress=False)
     fresh = prune_model(model, calib, PruneConfig(**base, refresh_energies=True), progress=False)
     tolerance = (
@@ -233,6 +243,7 @@ def test_energy_split_keeps_the_budget_on_every_family(family, refresh):
     config = PruneConfig(
         method="structprune",
         sparsity=0.45,
+        allocation="energy" if refresh else "auto",
         temperature=1.0 if refresh else float("inf"),
         refresh_energies=refresh,
         kind_split="energy",
@@ -309,9 +320,9 @@ def test_former_method_name_global_still_means_the_energy_threshold():
     assert PruneConfig(method="global").method == "energy-threshold"
 
 
-def test_default_uniform_run_gives_equal_widths_and_a_stock_checkpoint(tmp_path):
-    """Uniform allocation's per-layer rounding only moves single channels between layers; the
-    default gives every layer the same counts instead, so the saved folder is a plain config."""
+def test_uniform_run_gives_equal_widths_and_a_stock_checkpoint(tmp_path):
+    """Uniform allocation's per-layer rounding only moves single channels between layers; uniform
+    runs give every layer the same counts instead, so the saved folder is a plain config."""
     import json
 
     from struprune_plugin.checkpoint import save_pruned
@@ -321,11 +332,16 @@ def test_default_uniform_run_gives_equal_widths_and_a_stock_checkpoint(tmp_path)
     exact = prune_model(
         model,
         calib,
-        PruneConfig(sparsity=0.37, equal_widths=False, admm_iterations=0, mlp_round_to=1),
+        PruneConfig(
+            sparsity=0.37, equal_widths=False, admm_iterations=0, mlp_round_to=1, temperature=math.inf
+        ),
         progress=False,
     )
     default = prune_model(
-        model, calib, PruneConfig(sparsity=0.37, admm_iterations=0, mlp_round_to=1), progress=False
+        model,
+        calib,
+        PruneConfig(sparsity=0.37, admm_iterations=0, mlp_round_to=1, temperature=math.inf),
+        progress=False,
     )
     widths = {lv.intermediate_size for lv in model_view(default.model).layer_views()}
     heads = {lv.num_heads for lv in model_view(default.model).layer_views()}
@@ -335,8 +351,6 @@ def test_default_uniform_run_gives_equal_widths_and_a_stock_checkpoint(tmp_path)
     assert abs(default.achieved_sparsity - 0.37) * default.prunable_before <= 5 * cost / 2
     folder = save_pruned(default.model, tmp_path / "default")
     assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
-    # a temperature allocation keeps its per-layer widths
-    t1 = prune_model(
-        model, calib, PruneConfig(sparsity=0.37, temperature=1.0, admm_iterations=0), progress=False
-    )
+    # the default (a temperature allocation) keeps its per-layer widths
+    t1 = prune_model(model, calib, PruneConfig(sparsity=0.37, admm_iterations=0), progress=False)
     assert len({lv.intermediate_size for lv in model_view(t1.model).layer_views()}) > 1

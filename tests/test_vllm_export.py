@@ -91,7 +91,13 @@ def test_uniform_model_exports_a_stock_checkpoint(tmp_path):
 
 def test_what_the_layout_cannot_express_is_refused_and_nothing_is_written(tmp_path):
     folder = _pruned(
-        tmp_path, "heads", sparsity=0.5, temperature=0.5, kind_split="ratio", head_unit="kv_group"
+        tmp_path,
+        "heads",
+        sparsity=0.5,
+        allocation="energy",
+        temperature=0.5,
+        kind_split="ratio",
+        head_unit="kv_group",
     )
     with pytest.raises(VLLMExportError, match=r"query heads differ.*--units mlp"):
         export_vllm(folder, tmp_path / "out")

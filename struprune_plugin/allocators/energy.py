@@ -5,7 +5,8 @@ would cause). Its level follows the residual stream's scale, which grows with de
 pruning to early layers. `energy-relative` divides each layer's energy by the mean squared norm of
 the residual stream entering it: the *relative* error the layer adds, which is what the rest of the
 model feels (the next layers' norms rescale the stream). Both keep the temperature's meaning:
-T = inf is uniform, T -> 0 greedy by energy.
+T = inf is uniform, T -> 0 greedy by energy. StructPrune's default ("auto") is `energy-relative` at
+T = 1 within a trust region of +-0.1 around the mean keep share (`max_deviation`).
 """
 
 from __future__ import annotations

@@ -63,8 +63,8 @@ def _check_gemma3(config, uniform: bool, head_dim: int, heads: int) -> None:
     if not uniform:
         raise GGUFExportError(
             "Gemma 3 with per-layer widths: llama.cpp's gemma3 graph builds every layer with layer 0's "
-            "head count and MLP width. Fix: prune with equal widths (StructPrune's default uniform "
-            "allocation, or --equal-widths)"
+            "head count and MLP width. Fix: prune with equal widths (--equal-widths, which makes "
+            "StructPrune's allocation uniform)"
         )
     if getattr(config, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
         raise GGUFExportError(
