@@ -31,15 +31,18 @@ SPARSITIES = (0.2, 0.3, 0.5, 0.6)
 DEFAULT_RULE = "energy-relative-T1-tr"
 
 
-def relative_in_trust_region(temperature: float, max_deviation: float) -> list[str]:
-    """Flags of the relative-energy softmax at `temperature`, each layer's share within +-d."""
+def relative_in_trust_region(
+    temperature: float, max_deviation: float, bound: str = "max_deviation"
+) -> list[str]:
+    """Flags of the relative-energy softmax at `temperature`, each layer's share within +-d
+    (`bound="relative_deviation"`: within (1 +- d) x the mean kept share)."""
     return [
         "--allocation",
         "energy-relative",
         "--temperature",
         f"{temperature:g}",
         "--allocation-option",
-        f"max_deviation={max_deviation:g}",
+        f"{bound}={max_deviation:g}",
     ]
 
 
@@ -60,6 +63,8 @@ RULES: dict[str, list[str]] = {
     "energy-relative-T1-tr15": relative_in_trust_region(1, 0.15),
     "energy-relative-T0.5-tr": relative_in_trust_region(0.5, 0.1),
     "energy-relative-T2-tr": relative_in_trust_region(2, 0.1),
+    # the bound relative to the mean kept share: d = 0.2 x (1 - sparsity), 0.1 at 50 %, 0.08 at 60 %
+    "energy-relative-T1-rtr20": relative_in_trust_region(1, 0.2, "relative_deviation"),
     "slimgpt": ["--allocation", "slimgpt"],
     "owl": ["--allocation", "owl"],
 }

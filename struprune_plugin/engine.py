@@ -210,6 +210,11 @@ class PruneConfig:
                 "refresh_energies re-allocates StructPrune's softmax budget; it applies to "
                 f"method='structprune' only, not {self.method!r}"
             )
+        if self.refresh_energies and "relative_deviation" in self.allocation_options:
+            raise StructPruneError(
+                "refresh_energies re-allocates the rest of the budget with an absolute trust region "
+                "only. Fix: allocation_options max_deviation instead of relative_deviation"
+            )
         if self.refresh_energies and resolved_allocation_name(self) != "energy":
             raise StructPruneError(
                 "refresh_energies re-measures the absolute energies of the 'energy' softmax allocation; "

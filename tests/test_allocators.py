@@ -149,6 +149,46 @@ def test_relative_energy_trust_region_reaches_the_rule():
     assert boxed[1] == min(boxed)  # the energies still rank the layers
 
 
+@pytest.mark.parametrize("sparsity", [0.2, 0.5, 0.6])
+def test_relative_trust_region_is_the_absolute_one_scaled_by_the_mean_kept_share(sparsity):
+    """relative_deviation r bounds each layer's kept share to (1 +- r) x the mean kept share: the
+    same counts as max_deviation = r x (1 - sparsity), and every share within that box."""
+    spaces = _spaces(5, PruneConfig(units=("mlp",), mlp_round_to=1))
+    measured = LayerMeasurements(
+        spaces, energies={"mlp": [1.0, 50.0, 4.0, 8.0, 0.5]}, stream_energy=[1.0] * 5
+    )
+    target = sparsity * sum(layer_masses(spaces))
+    n = spaces["mlp"][0].n
+    relative = make_allocator(
+        PruneConfig(
+            allocation="energy-relative", temperature=0.5, allocation_options={"relative_deviation": 0.2}
+        )
+    ).allocate(measured, target, False)["mlp"]
+    absolute = REGISTRY["energy-relative"](temperature=0.5, max_deviation=0.2 * (1 - sparsity)).allocate(
+        measured, target, False
+    )["mlp"]
+    assert relative == absolute
+    keep = [1 - c / n for c in relative]
+    mean = 1 - sparsity
+    assert all(0.8 * mean - 1 / n <= k <= 1.2 * mean + 1 / n for k in keep), keep
+    assert max(keep) - min(keep) > 0.3 * mean  # the box binds: the energies spread the layers
+    assert sum(relative) == pytest.approx(target / spaces["mlp"][0].cost, abs=1)
+
+
+def test_trust_region_settings_are_checked():
+    with pytest.raises(StructPruneError, match="not both"):
+        PruneConfig(
+            allocation="energy-relative",
+            allocation_options={"max_deviation": 0.1, "relative_deviation": 0.2},
+        ).validate()
+    with pytest.raises(StructPruneError, match="relative_deviation must be"):
+        PruneConfig(allocation="kl", allocation_options={"relative_deviation": 1.5}).validate()
+    with pytest.raises(StructPruneError, match="max_deviation instead"):
+        PruneConfig(
+            allocation="energy", refresh_energies=True, allocation_options={"relative_deviation": 0.2}
+        ).validate()
+
+
 def test_kl_rules_prune_the_least_sensitive_layers_most():
     from struprune_plugin.allocators import SensitivityCurves
 

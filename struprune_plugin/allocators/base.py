@@ -98,18 +98,40 @@ class SoftmaxAllocator(Allocator):
     exact budget, after log + z-score normalisation across layers. T = inf is uniform, T -> 0
     greedy by energy. Subclasses say which energy (`layer_energies`). `max_deviation` d bounds
     every layer's kept share to the mean's +- d (OWL's trust region around uniform): the energies
-    rank layers, the bound keeps a far-from-uniform layer from compounding errors downstream."""
+    rank layers, the bound keeps a far-from-uniform layer from compounding errors downstream.
+    `relative_deviation` r sets d = r x the mean kept share instead, so the bound narrows as the
+    model is pruned harder (every layer keeps between 1 - r and 1 + r times the mean share): at 60 %
+    a fixed d = 0.1 lets a layer keep a quarter less than the mean, which cost Gemma-3-270M 7 %."""
 
     def __init__(
-        self, temperature: float = 1.0, normalisation: str = "log-z", max_deviation: float | None = None
+        self,
+        temperature: float = 1.0,
+        normalisation: str = "log-z",
+        max_deviation: float | None = None,
+        relative_deviation: float | None = None,
     ) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0 (inf for uniform); got {temperature!r}")
         if max_deviation is not None and not (0 < float(max_deviation) < 1):
             raise ValueError(f"max_deviation must be a share in (0, 1), or None; got {max_deviation!r}")
+        if relative_deviation is not None and not (0 < float(relative_deviation) < 1):
+            raise ValueError(
+                f"relative_deviation must be a fraction in (0, 1), or None; got {relative_deviation!r}"
+            )
+        if max_deviation is not None and relative_deviation is not None:
+            raise ValueError("give max_deviation (absolute) or relative_deviation, not both")
         self.temperature = float(temperature)
         self.normalisation = normalisation
         self.max_deviation = None if max_deviation is None else float(max_deviation)
+        self.relative_deviation = None if relative_deviation is None else float(relative_deviation)
+
+    def deviation_bound(self, spaces: dict[str, list[UnitSpace]], target: float) -> float | None:
+        """The trust region's half-width d in kept share (None: unbounded)."""
+        if self.relative_deviation is None:
+            return self.max_deviation
+        total = sum(layer_masses(spaces))
+        mean_keep = max(0.0, total - target) / total if total else 1.0
+        return self.relative_deviation * mean_keep
 
     @property
     def uniform(self) -> bool:  # type: ignore[override]
@@ -127,8 +149,9 @@ class SoftmaxAllocator(Allocator):
             kind: normalise(values, self.normalisation)
             for kind, values in self.layer_energies(measured, target).items()
         }
+        bound = self.deviation_bound(measured.spaces, target)
         return allocate_softmax_budget(
-            measured.spaces, normalised, target, self.temperature, channels_first, self.max_deviation
+            measured.spaces, normalised, target, self.temperature, channels_first, bound
         )
 
     def options(self) -> dict:
@@ -136,6 +159,7 @@ class SoftmaxAllocator(Allocator):
             "temperature": self.temperature,
             "normalisation": self.normalisation,
             "max_deviation": self.max_deviation,
+            "relative_deviation": self.relative_deviation,
         }
 
 

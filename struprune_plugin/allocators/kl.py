@@ -49,8 +49,9 @@ class KLSoftmaxAllocator(SoftmaxAllocator):
         normalisation: str = "log-z",
         level_multiples=None,
         max_deviation: float | None = None,
+        relative_deviation: float | None = None,
     ) -> None:
-        super().__init__(temperature, normalisation, max_deviation)
+        super().__init__(temperature, normalisation, max_deviation, relative_deviation)
         self.level_multiples = tuple(float(m) for m in level_multiples or DEFAULT_LEVEL_MULTIPLES)
 
     def layer_energies(self, measured: LayerMeasurements, target: float) -> dict[str, list[float]]:
