@@ -138,7 +138,10 @@ def main() -> int:
     )
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument(
-        "--temperature", type=float, default=math.inf, help="StructPrune allocation; inf = uniform"
+        "--temperature",
+        type=float,
+        default=math.inf,
+        help="StructPrune allocation temperature; inf = uniform, finite = the default rule (energy-relative within +-0.1; rows stored with T = 1 before it became the default ran the absolute-energy softmax)",
     )
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-len", type=int, default=512)
