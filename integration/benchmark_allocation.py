@@ -68,6 +68,13 @@ RULES: dict[str, list[str]] = {
     "slimgpt": ["--allocation", "slimgpt"],
     "owl": ["--allocation", "owl"],
 }
+#: Sweep rows of the trust region's width and temperature: in the table, not in the keep-ratio plots.
+SWEEP = {
+    "energy-relative-T1-tr05",
+    "energy-relative-T1-tr15",
+    "energy-relative-T0.5-tr",
+    "energy-relative-T2-tr",
+}
 #: Every run keeps channel-exact MLP widths, as the uniform rows imported from the quality benchmark
 #: (measured before the rounding default) do: rounding to 32 channels alone moves SmolLM2's 30 %
 #: perplexity by about 1 %, as much as some allocations differ, so all rows share the exact widths.
@@ -196,7 +203,11 @@ def plot(rows: list[dict], sparsity: float = 0.5) -> list[Path]:
 
     paths = []
     for model in sorted({r["model"] for r in rows}):
-        here = [r for r in rows if r["model"] == model and r["sparsity"] == sparsity]
+        here = [
+            r
+            for r in rows
+            if r["model"] == model and r["sparsity"] == sparsity and r["allocation"] not in SWEEP
+        ]
         if not here:
             continue
         fig, ax = plt.subplots(figsize=(7, 4))
