@@ -26,9 +26,10 @@ from benchmark_quality import MODELS, RESULTS, Row, run_row, write_atomic
 OUT = RESULTS / "allocation"
 SPARSITIES = (0.2, 0.3, 0.5, 0.6)
 #: The rule StructPrune uses with no options (PruneConfig's allocation "auto" at its default T = 1:
-#: the relative-energy softmax within +-0.1 of uniform). Until this benchmark chose it, the default
-#: was uniform (T = inf); `is_default` is re-marked from this constant whenever the JSON is written.
-DEFAULT_RULE = "energy-relative-T1-tr"
+#: the relative-energy softmax, each layer's keep share within 0.8 to 1.2 times the mean). Until
+#: this benchmark chose it, the default was uniform (T = inf); `is_default` is re-marked from this
+#: constant whenever the JSON is written.
+DEFAULT_RULE = "energy-relative-T1-rtr20"
 
 
 def relative_in_trust_region(

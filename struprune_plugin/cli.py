@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer allocation rule: uniform, energy (the paper's softmax over layer energies), "
         "energy-relative (energies relative to the residual stream), kl / kl-knapsack (measured "
         "end-to-end KL per layer), slimgpt, owl, threshold; auto (default) = energy-relative with every "
-        "layer's keep share within +-0.1 of the mean at finite T, uniform at T = inf",
+        "layer's keep share within 0.8 to 1.2 times the mean at finite T, uniform at T = inf",
     )
     sp.add_argument(
         "--allocation-option",

@@ -34,7 +34,7 @@ from .allocation import (
 )
 from .allocators import (
     ALLOCATIONS,
-    AUTO_MAX_DEVIATION,
+    AUTO_TRUST_REGION,
     DEFAULT_TEMPERATURE,
     REGISTRY,
     Allocator,
@@ -135,8 +135,8 @@ class PruneConfig:
     # StructPrune only (method="structprune"):
     # Layer allocation rule: a name from allocators.ALLOCATIONS or an Allocator instance. "auto" is
     # the measured best (integration/results/allocation.md): at finite T "energy-relative" (the
-    # softmax over energies relative to the residual stream) with every layer's keep share within
-    # AUTO_MAX_DEVIATION of the mean; "uniform" at T = inf or with equal_widths=True; "threshold"
+    # softmax over energies relative to the residual stream) within the trust region
+    # AUTO_TRUST_REGION around the mean keep share; "uniform" at T = inf or with equal_widths=True; "threshold"
     # for method="energy-threshold".
     # The paper's softmax over absolute energies is allocation="energy".
     allocation: str | Allocator = "auto"
@@ -300,8 +300,9 @@ def make_allocator(config: PruneConfig) -> Allocator:
     name = resolved_allocation_name(config)
     cls = REGISTRY[name]
     options = dict(config.allocation_options)
-    if config.allocation == "auto" and name == "energy-relative":
-        options = {"max_deviation": AUTO_MAX_DEVIATION, **options}
+    bounded = {"max_deviation", "relative_deviation"} & set(options)
+    if config.allocation == "auto" and name == "energy-relative" and not bounded:
+        options = {**AUTO_TRUST_REGION, **options}
     if name in ("energy", "energy-relative", "kl"):
         options = {"temperature": config.temperature, "normalisation": config.normalisation, **options}
     unknown = sorted(set(options) - allocator_settings(cls))

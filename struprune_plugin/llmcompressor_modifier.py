@@ -5,7 +5,7 @@ the calibration data through one decoder layer at a time and feeds the next laye
 the already-pruned one. The modifier therefore only has to
 
 * allocate the per-layer keep counts before calibration (`on_initialize`: the engine's dense
-  energy pass and allocation rule, by default the relative-energy softmax within +-0.1 of uniform;
+  energy pass and allocation rule, by default the relative-energy softmax, each layer within 0.8 to 1.2 times the mean kept share;
   at temperature inf uniform, with no extra pass),
 * record each decoder layer's inputs during its calibration pass (a forward pre-hook),
 * prune that layer when its pass ends (`on_sequential_epoch_end`) with the same solver call the
@@ -85,7 +85,7 @@ class StructPruneModifier(Modifier):
     allocation: Literal[("auto", *ALLOCATIONS)] = Field(  # type: ignore[valid-type]
         "auto",
         description="layer allocation rule (as `struprune prune --allocation`); auto = energy-relative "
-        "with every layer's keep share within +-0.1 of the mean, uniform at temperature inf",
+        "with every layer's keep share within 0.8 to 1.2 times the mean, uniform at temperature inf",
     )
     allocation_options: dict[str, Any] = Field(
         default_factory=dict,

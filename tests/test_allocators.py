@@ -49,7 +49,8 @@ def test_every_allocation_prunes_to_the_exact_budget(allocation):
 
 def test_auto_allocation_is_the_bounded_relative_softmax_and_uniform_at_infinite_temperature():
     default = make_allocator(PruneConfig())
-    assert (default.name, default.temperature, default.max_deviation) == ("energy-relative", 1.0, 0.1)
+    assert (default.name, default.temperature) == ("energy-relative", 1.0)
+    assert (default.relative_deviation, default.max_deviation) == (0.2, None)
     assert make_allocator(PruneConfig(temperature=math.inf)).name == "uniform"
     # a stock checkpoint (the same widths everywhere) asks for uniform ratios
     assert make_allocator(PruneConfig(equal_widths=True)).name == "uniform"
@@ -57,8 +58,10 @@ def test_auto_allocation_is_the_bounded_relative_softmax_and_uniform_at_infinite
         PruneConfig(equal_widths=True, allocation="energy-relative").validate()
     assert make_allocator(PruneConfig(temperature=2.0)).temperature == 2.0
     # the user's own trust region (or none) wins over auto's
-    widened = make_allocator(PruneConfig(allocation_options={"max_deviation": 0.2}))
-    assert widened.max_deviation == 0.2
+    absolute = make_allocator(PruneConfig(allocation_options={"max_deviation": 0.2}))
+    assert (absolute.max_deviation, absolute.relative_deviation) == (0.2, None)
+    wider = make_allocator(PruneConfig(allocation_options={"relative_deviation": 0.3}))
+    assert wider.relative_deviation == 0.3
     assert make_allocator(PruneConfig(allocation="energy-relative")).max_deviation is None
     assert make_allocator(PruneConfig(method="energy-threshold")).name == "threshold"
     assert make_allocator(PruneConfig(allocation="kl", temperature=0.5)).temperature == 0.5
@@ -256,7 +259,7 @@ def test_allocate_layers_gives_the_engines_equal_widths_for_uniform():
 def test_allocate_layers_gives_the_engines_counts_for_the_default():
     """The default (relative-energy softmax in its trust region) allocates per layer; the counts
     the Torch-Pruning adapter reads are the ones the engine prunes, and each layer's keep share
-    stays within the trust region of the mean."""
+    stays within the trust region around the mean (0.8 to 1.2 times it)."""
     model = make_model("llama", layers=4, seed=3)
     calib = torch.randint(0, VOCAB, (4, 16))
     config = PruneConfig(sparsity=0.4, batch_size=2, admm_iterations=0)
@@ -268,5 +271,5 @@ def test_allocate_layers_gives_the_engines_counts_for_the_default():
     layer_params = result.prunable_before / len(result.layers)
     keep = [1 - r.removed_params / layer_params for r in result.layers]
     mean = sum(keep) / len(keep)
-    assert max(abs(k - mean) for k in keep) <= 0.1 + 0.05  # + one step of rounding
+    assert max(abs(k / mean - 1) for k in keep) <= 0.2 + 0.08  # + one step of rounding
     assert result.achieved_sparsity == pytest.approx(0.4, abs=0.02)

@@ -256,17 +256,18 @@ def test_every_shipped_recipe_runs_on_the_tiny_model(tiny, recipe):
 
 def test_modifier_and_shipped_recipes_default_to_the_engines_allocation():
     """A bare modifier, and the 20 / 30 / 50 % recipes (which spell the default out), allocate with
-    the rule `PruneConfig()` gives: the relative-energy softmax at T = 1 within +-0.1."""
+    the rule `PruneConfig()` gives: the relative-energy softmax at T = 1 within (1 +- 0.2) x the mean
+    kept share."""
     import yaml
 
     from struprune_plugin.engine import make_allocator
 
     def rule(config):
         allocator = make_allocator(config)
-        return allocator.name, allocator.temperature, allocator.max_deviation
+        return allocator.name, allocator.temperature, allocator.max_deviation, allocator.relative_deviation
 
     default = rule(PruneConfig())
-    assert default == ("energy-relative", 1.0, 0.1)
+    assert default == ("energy-relative", 1.0, None, 0.2)
     assert rule(StructPruneModifier(sparsity=0.3).prune_config()) == default
     for n in (20, 30, 50):
         text = (Path(__file__).parent.parent / "recipes" / f"structprune_{n}.yaml").read_text()

@@ -141,7 +141,7 @@ def main() -> int:
         "--temperature",
         type=float,
         default=math.inf,
-        help="StructPrune allocation temperature; inf = uniform, finite = the default rule (energy-relative within +-0.1; rows stored with T = 1 before it became the default ran the absolute-energy softmax)",
+        help="StructPrune allocation temperature; inf = uniform, finite = the default rule (energy-relative, each layer within 0.8 to 1.2 times the mean kept share; rows stored with T = 1 before it became the default ran the absolute-energy softmax)",
     )
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-len", type=int, default=512)

@@ -6,7 +6,7 @@ pruning to early layers. `energy-relative` divides each layer's energy by the me
 the residual stream entering it: the *relative* error the layer adds, which is what the rest of the
 model feels (the next layers' norms rescale the stream). Both keep the temperature's meaning:
 T = inf is uniform, T -> 0 greedy by energy. StructPrune's default ("auto") is `energy-relative` at
-T = 1 within a trust region of +-0.1 around the mean keep share (`max_deviation`).
+T = 1 within a trust region of 0.8 to 1.2 times the mean kept share (`relative_deviation=0.2`).
 """
 
 from __future__ import annotations
