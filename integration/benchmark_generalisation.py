@@ -1,13 +1,13 @@
 """Generalisation benchmark: does the solver fit the calibration text at the expense of others?
 
 StructPrune's least-squares refits fit at most `--solver-tokens` calibration tokens per layer
-(Wikipedia). Each row prunes SmolLM2 with one setting changed from `base` (solver tokens, damping,
-calibration windows, or uniform allocation) and measures perplexity in domain (Wikipedia test) and out of domain (news,
-and newsgroups: informal Usenet posts), next to FLAP, which refits nothing. Rows are `struprune
+(Wikipedia). Each row prunes SmolLM2 with one setting changed from `base` (solver tokens,
+damping, calibration windows, or uniform allocation) and measures perplexity in domain (Wikipedia
+test) and out of domain (news, and newsgroups: informal Usenet posts), next to FLAP, which refits nothing. Rows are `struprune
 prune` runs (full evaluation texts); resumable. Writes `results/generalisation.{json,md}`.
 
     .venv/bin/python integration/benchmark_generalisation.py --list
-    .venv/bin/python integration/benchmark_generalisation.py --rows default-30 tokens-32768-30
+    .venv/bin/python integration/benchmark_generalisation.py --rows base-30 tokens-32768-30
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ def render(rows: list[dict]) -> str:
         "",
         "SmolLM2-135M-Instruct, calibration on the Wikipedia train split (seed 0, 512-token windows);",
         "perplexity on the full Wikipedia test split (in domain), the news text and the newsgroups",
-        "posts (out of domain). One setting changes per row from `base` (the default allocation: relative energies, each layer within 0.8 to 1.2 times the mean",
-        "uniform); `flap` refits nothing.",
+        "posts (out of domain). One setting changes per row from `base` (the default allocation:",
+        "relative energies, each layer's keep share within 0.8 to 1.2 times the mean); `flap` refits",
+        "nothing. † marks a row timed while other jobs shared the cores.",
         "",
         "| row | method | calib windows | flags | ppl wiki | ppl news | ppl newsgroups | prune s |",
         "|---|---|---:|---|---:|---:|---:|---:|",
