@@ -68,6 +68,18 @@ RULES: dict[str, list[str]] = {
     "energy-relative-T1-rtr20": relative_in_trust_region(1, 0.2, "relative_deviation"),
     "slimgpt": ["--allocation", "slimgpt"],
     "owl": ["--allocation", "owl"],
+    # the default plus SlimGPT's depth schedule as a prior (depth_prior b): b = 1 weighs depth like
+    # the energies, b = 4 orders the layers by depth and leaves the energies to break ties
+    "energy-relative-T1-rtr20-depth1": [
+        *relative_in_trust_region(1, 0.2, "relative_deviation"),
+        "--allocation-option",
+        "depth_prior=1",
+    ],
+    "energy-relative-T1-rtr20-depth4": [
+        *relative_in_trust_region(1, 0.2, "relative_deviation"),
+        "--allocation-option",
+        "depth_prior=4",
+    ],
 }
 #: Sweep rows of the trust region's width and temperature: in the table, not in the keep-ratio plots.
 SWEEP = {

@@ -215,6 +215,11 @@ class PruneConfig:
                 "refresh_energies re-allocates the rest of the budget with an absolute trust region "
                 "only. Fix: allocation_options max_deviation instead of relative_deviation"
             )
+        if self.refresh_energies and self.allocation_options.get("depth_prior"):
+            raise StructPruneError(
+                "refresh_energies re-allocates the rest of the budget from the energies alone, without "
+                "a depth prior. Fix: drop refresh_energies or allocation_options depth_prior"
+            )
         if self.refresh_energies and resolved_allocation_name(self) != "energy":
             raise StructPruneError(
                 "refresh_energies re-measures the absolute energies of the 'energy' softmax allocation; "

@@ -3,6 +3,7 @@ rule's counts must look like, and clear errors for bad combinations."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -189,6 +190,63 @@ def test_trust_region_settings_are_checked():
     with pytest.raises(StructPruneError, match="max_deviation instead"):
         PruneConfig(
             allocation="energy", refresh_energies=True, allocation_options={"relative_deviation": 0.2}
+        ).validate()
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5])
+def test_depth_prior_alone_prunes_deeper_layers_more_within_the_box(sparsity):
+    """Equal relative energies leave only the depth prior: removals never fall with depth, the
+    first layer sits on the box's ceiling of kept share and the last on its floor, budget exact."""
+    layers = 8
+    spaces = _spaces(layers, PruneConfig(units=("mlp",), mlp_round_to=1))
+    measured = LayerMeasurements(spaces, energies={"mlp": [2.0] * layers}, stream_energy=[1.0] * layers)
+    target = sparsity * sum(layer_masses(spaces))
+    n = spaces["mlp"][0].n
+    plain = REGISTRY["energy-relative"](relative_deviation=0.2).allocate(measured, target, False)["mlp"]
+    assert max(plain) - min(plain) <= 1  # no prior: uniform
+    counts = REGISTRY["energy-relative"](relative_deviation=0.2, depth_prior=1.0).allocate(
+        measured, target, False
+    )["mlp"]
+    assert all(a <= b + 1 for a, b in itertools.pairwise(counts)), counts  # +1: integer rounding
+    keep = [1 - c / n for c in counts]
+    mean = 1 - sparsity
+    assert keep[0] == pytest.approx(1.2 * mean, abs=1 / n)
+    assert keep[-1] == pytest.approx(0.8 * mean, abs=1 / n)
+    assert sum(counts) == pytest.approx(target / spaces["mlp"][0].cost, abs=1)
+
+
+def test_depth_prior_weighs_against_the_energies():
+    """Energies rising with depth keep the late layers; a strong depth prior reverses that order,
+    a weak one only tempers it. Every layer stays inside the box and the budget is exact."""
+    layers = 6
+    spaces = _spaces(layers, PruneConfig(units=("mlp",), mlp_round_to=1))
+    energies = {"mlp": [float(2**i) for i in range(layers)]}
+    measured = LayerMeasurements(spaces, energies=energies, stream_energy=[1.0] * layers)
+    target = 0.5 * sum(layer_masses(spaces))
+
+    def counts(prior: float) -> list[int]:
+        rule = make_allocator(
+            PruneConfig(
+                allocation="energy-relative",
+                allocation_options={"relative_deviation": 0.2, "depth_prior": prior},
+            )
+        )
+        return rule.allocate(measured, target, False)["mlp"]
+
+    none, weak, strong = counts(0.0), counts(0.3), counts(10.0)
+    assert none[0] > none[-1] and strong[0] < strong[-1]
+    assert none[0] - none[-1] >= weak[0] - weak[-1]
+    for c in (none, weak, strong):
+        assert sum(c) == pytest.approx(target / spaces["mlp"][0].cost, abs=1)
+
+
+def test_depth_prior_settings_are_checked():
+    for bad in (-1.0, math.inf, "deep"):
+        with pytest.raises(StructPruneError, match="depth_prior must be"):
+            PruneConfig(allocation="energy-relative", allocation_options={"depth_prior": bad}).validate()
+    with pytest.raises(StructPruneError, match="depth prior"):
+        PruneConfig(
+            allocation="energy", refresh_energies=True, allocation_options={"depth_prior": 1}
         ).validate()
 
 

@@ -101,7 +101,12 @@ class SoftmaxAllocator(Allocator):
     rank layers, the bound keeps a far-from-uniform layer from compounding errors downstream.
     `relative_deviation` r sets d = r x the mean kept share instead, so the bound narrows as the
     model is pruned harder (every layer keeps between 1 - r and 1 + r times the mean share): at 60 %
-    a fixed d = 0.1 lets a layer keep a quarter less than the mean, which cost Gemma-3-270M 7 %."""
+    a fixed d = 0.1 lets a layer keep a quarter less than the mean, which cost Gemma-3-270M 7 %.
+
+    `depth_prior` b >= 0 subtracts b x z(ln(1 + l)) from layer l's normalised energy, SlimGPT's
+    log-increasing depth schedule as a prior: an error made early passes through every later
+    layer, which a layer's own energy does not see. b = 0 is the energies alone; a large b orders
+    the layers by depth alone (inside the trust region, the energies then only break ties)."""
 
     def __init__(
         self,
@@ -109,6 +114,7 @@ class SoftmaxAllocator(Allocator):
         normalisation: str = "log-z",
         max_deviation: float | None = None,
         relative_deviation: float | None = None,
+        depth_prior: float = 0.0,
     ) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0 (inf for uniform); got {temperature!r}")
@@ -120,6 +126,9 @@ class SoftmaxAllocator(Allocator):
             )
         if max_deviation is not None and relative_deviation is not None:
             raise ValueError("give max_deviation (absolute) or relative_deviation, not both")
+        if not (isinstance(depth_prior, (int, float)) and 0 <= float(depth_prior) < math.inf):
+            raise ValueError(f"depth_prior must be a finite weight >= 0 (0: none); got {depth_prior!r}")
+        self.depth_prior = float(depth_prior)
         self.temperature = float(temperature)
         self.normalisation = normalisation
         self.max_deviation = None if max_deviation is None else float(max_deviation)
@@ -149,6 +158,12 @@ class SoftmaxAllocator(Allocator):
             kind: normalise(values, self.normalisation)
             for kind, values in self.layer_energies(measured, target).items()
         }
+        if self.depth_prior:
+            prior = normalise([math.log1p(layer) for layer in range(measured.num_layers)], "z")
+            normalised = {
+                kind: [e - self.depth_prior * p for e, p in zip(values, prior)]
+                for kind, values in normalised.items()
+            }
         bound = self.deviation_bound(measured.spaces, target)
         return allocate_softmax_budget(
             measured.spaces, normalised, target, self.temperature, channels_first, bound
@@ -160,6 +175,7 @@ class SoftmaxAllocator(Allocator):
             "normalisation": self.normalisation,
             "max_deviation": self.max_deviation,
             "relative_deviation": self.relative_deviation,
+            "depth_prior": self.depth_prior,
         }
 
 
