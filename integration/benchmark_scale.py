@@ -41,6 +41,10 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "integration" / "results" / "scale"
 
 SHAPES = {
+    # TinyLlama-1.1B's shape: the largest whose O(N) global reference (fp32 weights + gradients)
+    # fits a 24 GB machine; benchmark_global_memory.py uses it.
+    "tinyllama-1.1b": dict(hidden=2048, intermediate=5632, heads=32, kv_heads=4, layers=22, vocab=32000),
+    "tiny-test": dict(hidden=256, intermediate=512, heads=4, kv_heads=2, layers=3, vocab=1000),
     "llama2-7b": dict(hidden=4096, intermediate=11008, heads=32, kv_heads=32, layers=32, vocab=32000),
     "llama2-70b": dict(hidden=8192, intermediate=28672, heads=64, kv_heads=8, layers=80, vocab=32000),
 }
