@@ -68,13 +68,15 @@ def status_bytes(field: str) -> int:
 
 def child(args) -> None:
     """One method in its own process: prints one JSON line."""
+    from benchmark_scale import SHAPES
+
     from struprune_plugin.engine import PruneConfig, prune_model
     from struprune_plugin.streaming import prune_checkpoint
 
-    from benchmark_scale import SHAPES
-
     s = SHAPES[args.shape]
-    ids = torch.randint(0, s["vocab"], (args.calib_samples, args.calib_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, s["vocab"], (args.calib_samples, args.calib_len), generator=torch.Generator().manual_seed(0)
+    )
     skip = () if args.method == "global-taylor" else tuple(range(args.prune_layers, s["layers"]))
     config = PruneConfig(
         method="global-taylor" if args.method == "global-taylor" else "structprune",
@@ -156,7 +158,9 @@ def main() -> None:
     p.add_argument("--shape", choices=("tinyllama-1.1b", "tiny-test"), default="tinyllama-1.1b")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--sparsity", type=float, default=0.3)
-    p.add_argument("--prune-layers", type=int, default=None, help="StructPrune: prune the first K layers (default: all)")
+    p.add_argument(
+        "--prune-layers", type=int, default=None, help="StructPrune: prune the first K layers (default: all)"
+    )
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
