@@ -205,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--solver-tokens",
         type=_int_at_least(1),
-        default=8192,
-        help="calibration tokens the MLP solver fits on per layer (a seeded subsample beyond that)",
+        default=None,
+        help="calibration tokens the MLP solver fits on per layer (a seeded subsample beyond that); "
+        "default: 4 per kept MLP channel, at least 8192",
     )
     sp.add_argument(
         "--energy-samples",

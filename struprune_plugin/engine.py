@@ -154,9 +154,11 @@ class PruneConfig:
     refit: bool = True  # least-squares refit of the kept weights (o_proj, MLP)
     bias_refit: bool = False  # the refits also fit o_proj/down_proj biases (mean compensation)
     # Ridge damping of every least-squares solve (times the Gram's mean diagonal), and the
-    # calibration tokens the MLP solver fits on (a seeded subsample of the layer's tokens beyond it).
+    # calibration tokens the MLP solver fits on (a seeded subsample of the layer's tokens beyond it):
+    # None scales them with the layer's kept MLP width (structprune.solver_tokens_for), an integer
+    # is a fixed cap.
     damping: float = 0.01
-    solver_tokens: int = 8192
+    solver_tokens: int | None = None
     # FLAP only (method="flap"):
     bias_compensation: bool = True  # fold removed channels' mean output into o_proj/down_proj biases
 
@@ -270,8 +272,11 @@ class PruneConfig:
             ("solver_tokens", 1),
         ):
             value = getattr(self, name)
+            if name == "solver_tokens" and value is None:
+                continue  # the width-scaled default
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise StructPruneError(f"{name} must be an integer >= {least}; got {value!r}")
+                default = " (or None: scaled with the kept MLP width)" if name == "solver_tokens" else ""
+                raise StructPruneError(f"{name} must be an integer >= {least}{default}; got {value!r}")
         resolve_device(self.device)
         uniform = self.method in NEEDS_CALIBRATION or (
             self.method == "structprune" and make_allocator(self).uniform and not self.refresh_energies

@@ -110,7 +110,11 @@ class StructPruneModifier(Modifier):
     refit: bool = Field(True, description="least-squares refit of the kept weights")
     bias_refit: bool = Field(False, description="the refits also fit o_proj/down_proj biases")
     damping: float = Field(0.01, gt=0, description="ridge damping of the least-squares solves")
-    solver_tokens: int = Field(8192, ge=1, description="calibration tokens the MLP solver fits on per layer")
+    solver_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="calibration tokens the MLP solver fits on per layer; None: 4 per kept MLP channel, at least 8192",
+    )
     mlp_round_to: int | None = Field(
         None,
         ge=1,

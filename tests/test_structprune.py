@@ -10,6 +10,7 @@ import torch
 from conftest import VOCAB, logits, make_model
 from struprune_plugin.architectures import geometry_of, model_view
 from struprune_plugin.engine import PruneConfig, prune_model
+from struprune_plugin.errors import StructPruneError
 
 
 @pytest.mark.parametrize("split", ["mlp-first", "ratio"])
@@ -314,6 +315,53 @@ def test_solver_tokens_and_damping_reach_the_solver(monkeypatch):
     config = PruneConfig(sparsity=0.5, damping=0.2, solver_tokens=33, admm_iterations=1, kind_split="ratio")
     prune_model(make_model("llama", layers=2), torch.randint(0, VOCAB, (4, 16)), config, progress=False)
     assert seen == {"solver": (33, 0.2), "refit": 0.2}
+
+
+def test_width_scaled_solver_tokens_rule():
+    """Unset, the solver's tokens are max(floor, 4 per kept MLP channel); set, a fixed cap."""
+    from struprune_plugin.structprune import SOLVER_TOKENS_FLOOR, SOLVER_TOKENS_PER_CHANNEL, solver_tokens_for
+
+    auto = PruneConfig(sparsity=0.3)
+    assert auto.solver_tokens is None
+    assert (SOLVER_TOKENS_FLOOR, SOLVER_TOKENS_PER_CHANNEL) == (8192, 4)
+    # SmolLM2 / Gemma-3-270M's widest kept MLPs stay on the floor; a 7B MLP at 30 % does not
+    assert solver_tokens_for(auto, 1966) == 8192
+    assert solver_tokens_for(auto, 2048) == 8192
+    assert solver_tokens_for(auto, 2049) == 8196
+    assert solver_tokens_for(auto, 7706) == 30824
+    assert solver_tokens_for(PruneConfig(sparsity=0.3, solver_tokens=33), 7706) == 33
+    with pytest.raises(StructPruneError, match="solver_tokens must be an integer >= 1 \\(or None"):
+        PruneConfig(sparsity=0.3, solver_tokens=0).validate()
+
+
+def test_width_scaled_solver_tokens_reach_the_solver_per_layer(monkeypatch):
+    """Each layer's MLP solver gets the rule's tokens for that layer's kept width, and the result
+    is the run with that fixed cap; a different cap gives different weights (the cap bites)."""
+    import struprune_plugin.structprune as sp
+
+    monkeypatch.setattr(sp, "SOLVER_TOKENS_FLOOR", 16)
+    monkeypatch.setattr(sp, "SOLVER_TOKENS_PER_CHANNEL", 1)
+    seen = []
+    real_solve = sp.solve_gated_mlp
+
+    def solve(x, w_gate, w_up, w_down, keep, cfg):
+        seen.append((keep, cfg.max_tokens))
+        return real_solve(x, w_gate, w_up, w_down, keep, cfg)
+
+    monkeypatch.setattr(sp, "solve_gated_mlp", solve)
+    calib = torch.randint(0, VOCAB, (4, 16))  # 64 tokens per layer
+    base = dict(sparsity=0.5, admm_iterations=1, temperature=math.inf, mlp_round_to=1)
+    model = make_model("llama", layers=2)
+    auto = prune_model(model, calib, PruneConfig(**base), progress=False)
+    assert seen and all(tokens == max(16, keep) for keep, tokens in seen)
+    keeps = {keep for keep, _ in seen}
+    assert len(keeps) == 1 and 16 < keeps.pop() < 64  # one width for all layers, below the 64 tokens
+    cap = seen[0][1]
+    fixed = prune_model(model, calib, PruneConfig(**base, solver_tokens=cap), progress=False)
+    other = prune_model(model, calib, PruneConfig(**base, solver_tokens=64), progress=False)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(logits(auto.model, ids), logits(fixed.model, ids))
+    assert not torch.allclose(logits(auto.model, ids), logits(other.model, ids))
 
 
 def test_former_method_name_global_still_means_the_energy_threshold():
