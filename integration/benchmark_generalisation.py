@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[str, list[str], int]] = {
     "uniform": ("structprune", ["--temperature", "inf"], 128),
     "tokens-32768": ("structprune", [*BASE, "--solver-tokens", "32768"], 128),
     "tokens-65536": ("structprune", [*BASE, "--solver-tokens", "65536"], 128),
+    "damping-0.001": ("structprune", [*BASE, "--damping", "0.001"], 128),
     "damping-0.1": ("structprune", [*BASE, "--damping", "0.1"], 128),
     "damping-1": ("structprune", [*BASE, "--damping", "1"], 128),
     "calib-32": ("structprune", BASE, 32),
