@@ -121,7 +121,9 @@ def render(rows: list[dict]) -> str:
         "model is counted for the methods that hold it). Each method in its own fresh process, "
         "the same checkpoint and calibration ids. StructPrune rows prune the first `pruned layers` "
         "with the solver and carry the rest through dense (the peak is reached inside one layer); "
-        "the reference prunes every layer.",
+        "the reference prunes every layer. `RSS before` is small because transformers maps the "
+        "safetensors shards lazily: the model's pages become resident during the call and count in "
+        "its peak. Seconds are wall time with other jobs on the cores (not the point here).",
         "",
         "| method | machine | params | model bytes | calib tokens | pruned layers | RSS before | peak RSS | "
         "peak / reference's | seconds |",
