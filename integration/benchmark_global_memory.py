@@ -140,21 +140,15 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save(rows: list[dict]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(rows, indent=1)), (".md", render(rows))):
-        tmp = RESULTS.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, RESULTS.with_suffix(suffix))
-
-
-def load_rows() -> list[dict]:
-    path = RESULTS.with_suffix(".json")
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
 def main() -> None:
-    from benchmark_scale import SHAPES, folder_bytes, total_params, write_random_model
+    from benchmark_scale import (
+        SHAPES,
+        folder_bytes,
+        load_results,
+        save_results,
+        total_params,
+        write_random_model,
+    )
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=("tinyllama-1.1b", "tiny-test"), default="tinyllama-1.1b")
@@ -180,7 +174,7 @@ def main() -> None:
         child(args)
         return
     if args.render:
-        save(load_rows())
+        save_results(RESULTS, load_results(RESULTS), render)
         return
     model_dir = args.work / f"{args.shape}-fp32"
     write_random_model(model_dir, args.shape, torch.float32)
@@ -209,8 +203,12 @@ def main() -> None:
             **json.loads(line.removeprefix("RESULT ")),
         }
         key = (row["method"], row["shape"], row["machine"], row["calib_tokens"])
-        rows = [r for r in load_rows() if (r["method"], r["shape"], r["machine"], r["calib_tokens"]) != key]
-        save([*rows, row])
+        rows = [
+            r
+            for r in load_results(RESULTS)
+            if (r["method"], r["shape"], r["machine"], r["calib_tokens"]) != key
+        ]
+        save_results(RESULTS, [*rows, row], render)
         print(render([*rows, row]), flush=True)
 
 

@@ -233,17 +233,26 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def save(rows: list[dict]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(rows, indent=1)), (".md", render(rows))):
-        tmp = RESULTS.with_suffix(suffix + ".tmp")
+def save_results(stem: Path, rows: list[dict], render_rows) -> None:
+    """`stem`.json (the rows) and `stem`.md (`render_rows(rows)`), each written atomically."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(rows, indent=1)), (".md", render_rows(rows))):
+        tmp = stem.with_suffix(suffix + ".tmp")
         tmp.write_text(text)
-        os.replace(tmp, RESULTS.with_suffix(suffix))
+        os.replace(tmp, stem.with_suffix(suffix))
+
+
+def load_results(stem: Path) -> list[dict]:
+    path = stem.with_suffix(".json")
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def save(rows: list[dict]) -> None:
+    save_results(RESULTS, rows, render)
 
 
 def load_rows() -> list[dict]:
-    path = RESULTS.with_suffix(".json")
-    return json.loads(path.read_text()) if path.is_file() else []
+    return load_results(RESULTS)
 
 
 def main() -> None:
