@@ -25,6 +25,8 @@ point here. The reference always prunes every layer (its peak is the gradient pa
 
     .venv/bin/python integration/benchmark_global_memory.py --prune-layers 2
     .venv/bin/python integration/benchmark_global_memory.py --render
+    .venv/bin/python integration/benchmark_global_memory.py --shape tiny-test --calib-samples 2 \
+        --calib-len 32 --work /tmp/gm --results /tmp/gm/results   # a one-minute smoke run
 
 Results: integration/results/global_memory.{json,md} (one row per method; rows replaced by key).
 """
@@ -162,6 +164,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "global_memory")
     p.add_argument("--machine", default=f"{platform.machine()}, {os.cpu_count()} cores")
+    p.add_argument("--results", type=Path, default=RESULTS, help="results stem (.json and .md are added)")
     p.add_argument("--render", action="store_true", help="only rewrite the Markdown from the JSON")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
@@ -174,7 +177,7 @@ def main() -> None:
         child(args)
         return
     if args.render:
-        save_results(RESULTS, load_results(RESULTS), render)
+        save_results(args.results, load_results(args.results), render)
         return
     model_dir = args.work / f"{args.shape}-fp32"
     write_random_model(model_dir, args.shape, torch.float32)
@@ -205,10 +208,10 @@ def main() -> None:
         key = (row["method"], row["shape"], row["machine"], row["calib_tokens"])
         rows = [
             r
-            for r in load_results(RESULTS)
+            for r in load_results(args.results)
             if (r["method"], r["shape"], r["machine"], r["calib_tokens"]) != key
         ]
-        save_results(RESULTS, [*rows, row], render)
+        save_results(args.results, [*rows, row], render)
         print(render([*rows, row]), flush=True)
 
 
