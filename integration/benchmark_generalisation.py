@@ -1,13 +1,15 @@
 """Generalisation benchmark: does the solver fit the calibration text at the expense of others?
 
 StructPrune's least-squares refits fit at most `--solver-tokens` calibration tokens per layer
-(Wikipedia). Each row prunes SmolLM2 with one setting changed from `base` (solver tokens,
+(Wikipedia). Each row prunes SmolLM2 (or, with `--model gemma3-270m`, Gemma-3-270M, whose rows are
+named `gemma3-270m/<row>`) with one setting changed from `base` (solver tokens,
 damping, calibration windows, or uniform allocation) and measures perplexity in domain (Wikipedia
 test) and out of domain (news, and newsgroups: informal Usenet posts), next to FLAP, which refits nothing. Rows are `struprune
 prune` runs (full evaluation texts); resumable. Writes `results/generalisation.{json,md}`.
 
     .venv/bin/python integration/benchmark_generalisation.py --list
     .venv/bin/python integration/benchmark_generalisation.py --rows base-30 tokens-32768-30
+    .venv/bin/python integration/benchmark_generalisation.py --model gemma3-270m --rows damping-0.001-30
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_quality import RESULTS, Row, run_row, write_atomic
+from benchmark_quality import MODELS, RESULTS, Row, run_row, write_atomic
 
 OUT = RESULTS / "generalisation"
 TEXTS = "wiki_test,news,newsgroups"
@@ -42,15 +44,21 @@ VARIANTS: dict[str, tuple[str, list[str], int]] = {
     "damping-0.001": ("structprune", [*BASE, "--damping", "0.001"], 128),
     "damping-0.1": ("structprune", [*BASE, "--damping", "0.1"], 128),
     "damping-1": ("structprune", [*BASE, "--damping", "1"], 128),
+    "uniform-damping-0.001": ("structprune", ["--temperature", "inf", "--damping", "0.001"], 128),
     "calib-32": ("structprune", BASE, 32),
     "flap": ("flap", [], 128),
 }
 SPARSITIES = (0.3, 0.5, 0.2)
 
 
-def planned() -> list[tuple[str, str, list[str], int, float]]:
+def row_name(model: str, row: str) -> str:
+    """SmolLM2's rows keep their bare names (they came first); other models' carry a prefix."""
+    return row if model == "smollm2" else f"{model}/{row}"
+
+
+def planned(model: str = "smollm2") -> list[tuple[str, str, list[str], int, float]]:
     return [
-        (f"{v}-{round(s * 100)}", method, flags, calib, s)
+        (row_name(model, f"{v}-{round(s * 100)}"), method, flags, calib, s)
         for s in SPARSITIES
         for v, (method, flags, calib) in VARIANTS.items()
     ]
@@ -60,7 +68,8 @@ def render(rows: list[dict]) -> str:
     lines = [
         "# Generalisation benchmark (`integration/benchmark_generalisation.py`)",
         "",
-        "SmolLM2-135M-Instruct, calibration on the Wikipedia train split (seed 0, 512-token windows);",
+        "SmolLM2-135M-Instruct (rows prefixed `gemma3-270m/`: Gemma-3-270M base), calibration on the",
+        "Wikipedia train split (seed 0, 512-token windows);",
         "perplexity on the full Wikipedia test split (in domain), the news text and the newsgroups",
         "posts (out of domain). One setting changes per row from `base` (the default allocation:",
         "relative energies, each layer's keep share within 0.8 to 1.2 times the mean); `flap` refits",
@@ -69,7 +78,7 @@ def render(rows: list[dict]) -> str:
         "| row | method | calib windows | flags | ppl wiki | ppl news | ppl newsgroups | prune s |",
         "|---|---|---:|---|---:|---:|---:|---:|",
     ]
-    for r in sorted(rows, key=lambda r: (r["sparsity"], r["name"])):
+    for r in sorted(rows, key=lambda r: (r.get("model", "smollm2") != "smollm2", r["sparsity"], r["name"])):
         ppl = r["ppl"]
         lines.append(
             f"| {r['name']} | {r['method']} | {r['calib_samples']} | {' '.join(r['flags'])} | "
@@ -81,29 +90,31 @@ def render(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", default=None)
+    parser.add_argument("--model", default="smollm2", choices=list(MODELS))
+    parser.add_argument("--rows", nargs="+", default=None, help="row names, without the model prefix")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="re-render the table from the JSON")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    plan = [] if args.report_only else planned()
+    plan = [] if args.report_only else planned(args.model)
     if args.list:
         for name, method, flags, calib, _ in plan:
             print(name, method, calib, " ".join(flags))
         return
     if args.rows:
-        by_name = {p[0]: p for p in planned()}
-        unknown = sorted(set(args.rows) - set(by_name))
+        by_name = {p[0]: p for p in planned(args.model)}
+        names = [row_name(args.model, n) for n in args.rows]
+        unknown = sorted(set(names) - set(by_name))
         if unknown:
             parser.error(f"unknown rows {unknown}; see --list")
-        plan = [by_name[n] for n in args.rows]
+        plan = [by_name[n] for n in names]
     path = OUT.with_suffix(".json")
     stored = {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
     for name, method, flags, calib, sparsity in plan:
         if name in stored:
             continue
         ns = argparse.Namespace(
-            model="smollm2", runs=Path("runs/generalisation"), calib_samples=calib, device=args.device
+            model=args.model, runs=Path("runs/generalisation"), calib_samples=calib, device=args.device
         )
         q = run_row(Row(name, method, sparsity, flags, TEXTS), ns)
         report = json.loads((ns.runs / name / "struprune_report.json").read_text())
@@ -112,6 +123,7 @@ def main() -> None:
         stored = {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
         stored[name] = {
             "name": name,
+            "model": args.model,
             "method": method,
             "sparsity": sparsity,
             "flags": flags,
