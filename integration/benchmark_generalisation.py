@@ -44,6 +44,8 @@ VARIANTS: dict[str, tuple[str, list[str], int]] = {
     "damping-0.001": ("structprune", [*BASE, "--damping", "0.001"], 128),
     "damping-0.1": ("structprune", [*BASE, "--damping", "0.1"], 128),
     "damping-1": ("structprune", [*BASE, "--damping", "1"], 128),
+    "ridge-channel": ("structprune", [*BASE, "--ridge-scale", "channel"], 128),
+    "ridge-channel-0.001": ("structprune", [*BASE, "--ridge-scale", "channel", "--damping", "0.001"], 128),
     "uniform-damping-0.001": ("structprune", ["--temperature", "inf", "--damping", "0.001"], 128),
     "calib-32": ("structprune", BASE, 32),
     "flap": ("flap", [], 128),

@@ -14,8 +14,9 @@ chosen together), scaled dual L and penalty rho:
     p, z <- closed forms, s <- a few gradient steps            (auxiliary variables)
 and finally the mask is fixed and the kept weights are refitted by least squares.
 
-All solves run in float64 with damping = `damping` x mean diagonal, added afresh each time (never
-accumulated across iterations, a known SparseLLM bug). Data terms are divided by the token count so
+All solves run in float64 with a ridge added afresh each time (never accumulated across iterations,
+a known SparseLLM bug): `damping` x the Gram's mean diagonal on every channel (`ridge_scale="mean"`),
+or `damping` x each channel's own second moment (`"channel"`, scale-free; see `damp_diagonal`). Data terms are divided by the token count so
 that a, b, g and rho mean the same for any calibration size.
 """
 
@@ -87,6 +88,7 @@ class ADMMConfig:
     rho_growth: float = 1.3
     rho_max: float = 10.0
     damping: float = 0.01
+    ridge_scale: str = "mean"  # a key of RIDGE_SCALES: what `damping` multiplies
     use_aux: bool = True  # SparseLLM auxiliary variables; False: fixed dense targets (Gram-only)
     s_steps: int = 5  # gradient steps for s (no closed form through the activation)
     activation: str = "silu"  # the layer's own MLP activation, a key of ACTIVATIONS
@@ -117,13 +119,42 @@ def chol_solve_rows(rhs: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(chol.mT, half, upper=True).T
 
 
+#: What the ridge `damping` multiplies, per channel:
+#: - "mean": the Gram's mean diagonal, the same for every channel (classic ridge on raw inputs). A few
+#:   massive-activation channels set the mean, so in some layers it is hundreds of times the typical
+#:   channel's second moment and shrinks ordinary channels' weights far more than `damping` suggests
+#:   (integration/gram_spread.py: SmolLM2 layer 11's down_proj input, 539x).
+#: - "channel": the channel's own second moment (Marquardt scaling; the same as a uniform ridge on
+#:   inputs standardised to unit second moment), so every weight is shrunk by about 1 / (1 + damping)
+#:   whatever its input's scale. Channels with no signal get a floor of 1e-6 x the mean.
+RIDGE_SCALES = ("mean", "channel")
+
+
+def damp_diagonal(g: torch.Tensor, damping: float, scale: str = "mean") -> torch.Tensor:
+    """Add the ridge to a Gram's diagonal in place (no identity matrix is built); returns `g`."""
+    diag = g.diagonal()
+    mean = float(diag.mean().clamp(min=1e-12))
+    if scale == "mean":
+        diag.add_(damping * mean)
+    elif scale == "channel":
+        diag.add_(diag.clamp(min=1e-6 * mean).mul_(damping))
+    else:
+        raise ValueError(f"ridge scale must be one of {RIDGE_SCALES}; got {scale!r}")
+    return g
+
+
 def ridge_solve(
-    rhs: torch.Tensor, gram: torch.Tensor, damping: float, overwrite: bool = False
+    rhs: torch.Tensor,
+    gram: torch.Tensor,
+    damping: float,
+    overwrite: bool = False,
+    scale: str = "mean",
 ) -> torch.Tensor:
-    """rhs @ (gram + damping * mean(diag) * I)^-1 by Cholesky, in float64. With `overwrite` a
-    float64 `gram` becomes its own factor (the caller's temporary: no second width-squared copy)."""
+    """rhs @ (gram + ridge)^-1 by Cholesky, in float64, the ridge from `damp_diagonal`. With
+    `overwrite` a float64 `gram` becomes its own factor (the caller's temporary: no second
+    width-squared copy)."""
     g = gram if overwrite and gram.dtype == torch.float64 else gram.double().clone()
-    g.diagonal().add_(damping * float(g.diagonal().mean().clamp(min=1e-12)))  # no identity matrix
+    damp_diagonal(g, damping, scale)
     chol = cholesky_in_place(g)
     return chol_solve_rows(rhs, chol)
 
@@ -300,6 +331,7 @@ def refit_down(
     intercept: bool = False,
     activation: str = "silu",
     n: int | None = None,
+    ridge_scale: str = "mean",
 ):
     """Least-squares W_down for given (kept) gate/up rows: argmin ||Y - p W^T (- c)||^2.
 
@@ -307,12 +339,13 @@ def refit_down(
     else c is None. `n` is the token count over every distributed rank (default: x's rows)."""
     p = _gated(x, w_gate.to(x.dtype), w_up.to(x.dtype), activation)
     if not intercept:
-        return ridge_solve(all_sum((y.T @ p).double()), scaled_gram(p, 1), damping, overwrite=True), None
+        rhs = all_sum((y.T @ p).double())
+        return ridge_solve(rhs, scaled_gram(p, 1), damping, overwrite=True, scale=ridge_scale), None
     n = n or p.shape[0]
     mp, my = all_sum(p.double().sum(0)) / n, all_sum(y.double().sum(0)) / n
     gram = all_sum((p.T @ p).double()) / n - torch.outer(mp, mp)
     cross = all_sum((y.T @ p).double()) / n - torch.outer(my, mp)
-    w = ridge_solve(cross, gram, damping)
+    w = ridge_solve(cross, gram, damping, scale=ridge_scale)
     return w, my - w @ mp
 
 
@@ -438,9 +471,9 @@ def solve_gated_mlp(
     if cfg.refit:
         if cfg.use_aux:  # gate/up rows towards their auxiliary targets, then down against Y
             gram = all_sum((x.T @ x).double()) / n
-            kg = ridge_solve(cross(s[:, idx], x), gram, cfg.damping)
-            ku = ridge_solve(cross(z[:, idx], x), gram, cfg.damping)
-        kd, shift = refit_down(x, y, kg, ku, cfg.damping, cfg.intercept, act.name, n)
+            kg = ridge_solve(cross(s[:, idx], x), gram, cfg.damping, scale=cfg.ridge_scale)
+            ku = ridge_solve(cross(z[:, idx], x), gram, cfg.damping, scale=cfg.ridge_scale)
+        kd, shift = refit_down(x, y, kg, ku, cfg.damping, cfg.intercept, act.name, n, cfg.ridge_scale)
     else:
         kd, shift = vd[:, idx] / dp[idx], None
     history.append(block_loss(x, y, kg, ku, kd, shift, act.name, n))
@@ -461,6 +494,7 @@ def refit_output_columns(
     keep: list[int],
     damping: float,
     mean_in: torch.Tensor | None = None,
+    ridge_scale: str = "mean",
 ):
     """Refit an output projection on its kept input columns so it best reproduces the dense output.
 
@@ -476,6 +510,6 @@ def refit_output_columns(
         mu = mean_in.double().to(g.device)
         g = g - torch.outer(mu, mu)
     rhs = w_out.double() @ g[:, k]
-    v = ridge_solve(rhs, g[k][:, k], damping)
+    v = ridge_solve(rhs, g[k][:, k], damping, scale=ridge_scale)
     shift = None if mean_in is None else w_out.double() @ mu - v @ mu[k]
     return v.to(w_out.dtype), None if shift is None else shift.to(w_out.dtype)

@@ -18,6 +18,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch
 
 from . import __version__
+from .admm import RIDGE_SCALES
 from .allocators import ALLOCATIONS, DEFAULT_TEMPERATURE
 from .data import cache_dir, ensure_texts, sample_calibration, tokenize
 from .errors import CheckpointError, StructPruneError, first_line
@@ -200,7 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--damping",
         type=float,
         default=0.01,
-        help="ridge damping of the least-squares solves, times the Gram's mean diagonal",
+        help="ridge damping of the least-squares solves (times what --ridge-scale says)",
+    )
+    sp.add_argument(
+        "--ridge-scale",
+        choices=RIDGE_SCALES,
+        default="mean",
+        help="what --damping multiplies: the Gram's mean diagonal on every channel (mean), or each "
+        "input channel's own second moment (channel: scale-free, massive activations do not set "
+        "every channel's ridge)",
     )
     sp.add_argument(
         "--solver-tokens",
@@ -552,6 +561,7 @@ def _cmd_prune(args) -> int:
         kind_split=args.kind_split,
         bias_refit=args.bias_refit,
         damping=args.damping,
+        ridge_scale=args.ridge_scale,
         solver_tokens=args.solver_tokens,
         bias_compensation=not args.no_bias_compensation,
         allow_shortfall=args.allow_shortfall,

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed, flap
+from .admm import RIDGE_SCALES
 from .allocation import (
     allocate_equal,
     allocate_global_threshold,
@@ -153,11 +154,13 @@ class PruneConfig:
     use_aux: bool = True  # SparseLLM auxiliary variables in the MLP solver
     refit: bool = True  # least-squares refit of the kept weights (o_proj, MLP)
     bias_refit: bool = False  # the refits also fit o_proj/down_proj biases (mean compensation)
-    # Ridge damping of every least-squares solve (times the Gram's mean diagonal), and the
+    # Ridge damping of every least-squares solve, times the Gram's mean diagonal (ridge_scale
+    # "mean") or each channel's own second moment ("channel", scale-free: admm.RIDGE_SCALES), and the
     # calibration tokens the MLP solver fits on (a seeded subsample of the layer's tokens beyond it):
     # None scales them with the layer's kept MLP width (structprune.solver_tokens_for), an integer
     # is a fixed cap.
     damping: float = 0.01
+    ridge_scale: str = "mean"
     solver_tokens: int | None = None
     # FLAP only (method="flap"):
     bias_compensation: bool = True  # fold removed channels' mean output into o_proj/down_proj biases
@@ -229,6 +232,10 @@ class PruneConfig:
             )
         if not (isinstance(self.damping, (int, float)) and self.damping > 0 and math.isfinite(self.damping)):
             raise StructPruneError(f"damping must be a positive number; got {self.damping!r}")
+        if self.ridge_scale not in RIDGE_SCALES:
+            raise StructPruneError(
+                f"ridge_scale must be one of {', '.join(RIDGE_SCALES)}; got {self.ridge_scale!r}"
+            )
         if self.sensitivity_samples < 1:
             raise CalibrationDataError("sensitivity_samples must be >= 1")
         if self.head_sparsity is not None and self.method not in NEEDS_CALIBRATION:

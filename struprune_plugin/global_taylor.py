@@ -131,8 +131,7 @@ def prune_layer_global(
             lv.o,
             rec.stats["o_in"],
             head_channels(plan.keep_heads, lv.head_dim),
-            config.bias_refit,
-            config.damping,
+            config,
         )
         heads_only = LayerPlan(list(range(geometry.intermediate)), plan.keep_heads, plan.keep_kv_heads)
         lv = prune_layer(lv, heads_only, graph)
@@ -142,9 +141,7 @@ def prune_layer_global(
         with torch.no_grad(), InputRecorder({"mlp_hidden": lv.mlp_out}, index, grams=("mlp_hidden",)) as rec:
             for b in batches:
                 forward(lv.layer, b)
-        new_down, shift = _refit(
-            lv.mlp_out, rec.stats["mlp_hidden"], plan.keep_mlp, config.bias_refit, config.damping
-        )
+        new_down, shift = _refit(lv.mlp_out, rec.stats["mlp_hidden"], plan.keep_mlp, config)
         mlp_only = LayerPlan(plan.keep_mlp, list(range(lv.num_heads)), list(range(lv.num_kv_heads)))
         lv = prune_layer(lv, mlp_only, graph)
         _assign(lv.mlp_out, new_down, shift)

@@ -110,6 +110,10 @@ class StructPruneModifier(Modifier):
     refit: bool = Field(True, description="least-squares refit of the kept weights")
     bias_refit: bool = Field(False, description="the refits also fit o_proj/down_proj biases")
     damping: float = Field(0.01, gt=0, description="ridge damping of the least-squares solves")
+    ridge_scale: Literal["mean", "channel"] = Field(
+        "mean",
+        description="what damping multiplies: the Gram's mean diagonal, or each channel's second moment",
+    )
     solver_tokens: int | None = Field(
         None,
         ge=1,
@@ -172,6 +176,7 @@ class StructPruneModifier(Modifier):
             refit=self.refit,
             bias_refit=self.bias_refit,
             damping=self.damping,
+            ridge_scale=self.ridge_scale,
             solver_tokens=self.solver_tokens,
         )
 

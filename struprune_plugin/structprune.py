@@ -141,6 +141,7 @@ def admm_config(config, activation: str = "silu", keep_channels: int = 0) -> ADM
         refit=config.refit,
         intercept=config.bias_refit,
         damping=config.damping,
+        ridge_scale=config.ridge_scale,
         max_tokens=solver_tokens_for(config, keep_channels),
     )
 
@@ -205,7 +206,7 @@ def prune_layer_structprune(
         new_o = shift = None
         if config.refit:
             kept = head_channels(plan.keep_heads, lv.head_dim)
-            new_o, shift = _refit(lv.o, rec.stats["o_in"], kept, config.bias_refit, config.damping)
+            new_o, shift = _refit(lv.o, rec.stats["o_in"], kept, config)
         heads_only = LayerPlan(list(range(geometry.intermediate)), plan.keep_heads, plan.keep_kv_heads)
         heads_only.validate(geometry)
         lv = prune_layer(lv, heads_only, graph)
@@ -248,9 +249,7 @@ def prune_layer_structprune(
             )
             plan.keep_mlp = choose_channels(scores, remove["mlp"])
             if config.refit:
-                refitted = _refit(
-                    lv.mlp_out, rec.stats["mlp_hidden"], plan.keep_mlp, config.bias_refit, config.damping
-                )
+                refitted = _refit(lv.mlp_out, rec.stats["mlp_hidden"], plan.keep_mlp, config)
         mlp_only = LayerPlan(plan.keep_mlp, list(range(lv.num_heads)), list(range(lv.num_kv_heads)))
         lv = prune_layer(lv, mlp_only, graph)
         # The new weights go where the pruned view says: gate and up may be row blocks of one fused
@@ -265,11 +264,14 @@ def prune_layer_structprune(
     return lv, plan
 
 
-def _refit(linear: torch.nn.Linear, moments, keep: list[int], intercept: bool, damping: float = 0.01):
-    """Least-squares refit of an output projection on its kept inputs (with a bias if asked)."""
+def _refit(linear: torch.nn.Linear, moments, keep: list[int], config):
+    """Least-squares refit of an output projection on its kept inputs, with the config's ridge
+    (and a bias, with `bias_refit`)."""
     gram = moments.gram / moments.tokens
-    mean = moments.mean() if intercept else None
-    return refit_output_columns(linear.weight.detach(), gram, keep, damping, mean)
+    mean = moments.mean() if config.bias_refit else None
+    return refit_output_columns(
+        linear.weight.detach(), gram, keep, config.damping, mean, ridge_scale=config.ridge_scale
+    )
 
 
 def _assign(linear: Projection, weight: torch.Tensor, shift: torch.Tensor | None) -> None:

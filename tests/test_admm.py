@@ -47,6 +47,48 @@ def test_ridge_solve_is_least_squares():
     assert torch.allclose(got, ref, atol=1e-9)
 
 
+def test_channel_ridge_is_least_squares_on_an_augmented_system():
+    """scale="channel" solves min ||T - A W^T||^2 + damping * sum_j G_jj ||W[:, j]||^2: ordinary
+    least squares on A stacked over diag(sqrt(damping * G_jj)) against T stacked over zeros."""
+    a = torch.randn(200, 6, dtype=torch.float64) * torch.tensor(
+        [1.0, 30.0, 0.1, 2.0, 1.0, 5.0], dtype=torch.float64
+    )
+    t = torch.randn(200, 3, dtype=torch.float64)
+    gram, damping = a.T @ a, 0.3
+    got = ridge_solve(t.T @ a, gram, damping, scale="channel")
+    stacked = torch.cat([a, torch.diag((damping * gram.diagonal()).sqrt())])
+    ref = torch.linalg.lstsq(stacked, torch.cat([t, torch.zeros(6, 3, dtype=torch.float64)])).solution.T
+    assert torch.allclose(got, ref, atol=1e-9)
+    # the classic ridge is the same system with every channel damped by the mean diagonal
+    got_mean = ridge_solve(t.T @ a, gram, damping, scale="mean")
+    stacked = torch.cat([a, (damping * gram.diagonal().mean()).sqrt() * torch.eye(6, dtype=torch.float64)])
+    ref = torch.linalg.lstsq(stacked, torch.cat([t, torch.zeros(6, 3, dtype=torch.float64)])).solution.T
+    assert torch.allclose(got_mean, ref, atol=1e-9)
+
+
+def test_channel_ridge_is_scale_free():
+    """Rescaling one input channel by c rescales its fitted weights by 1/c under the per-channel
+    ridge, and leaves the others alone; the mean-scaled ridge moves every weight."""
+    a, t = torch.randn(300, 5, dtype=torch.float64), torch.randn(300, 2, dtype=torch.float64)
+    scaled = a.clone()
+    scaled[:, 1] *= 40.0
+    for scale, invariant in (("channel", True), ("mean", False)):
+        w = ridge_solve(t.T @ a, a.T @ a, 0.5, scale=scale)
+        v = ridge_solve(t.T @ scaled, scaled.T @ scaled, 0.5, scale=scale)
+        v[:, 1] *= 40.0
+        assert torch.allclose(w, v, atol=1e-10) == invariant
+
+
+def test_channel_ridge_survives_a_dead_channel():
+    """A channel with no signal (zero second moment) gets a floor, so the solve stays finite."""
+    a, t = torch.randn(100, 4, dtype=torch.float64), torch.randn(100, 2, dtype=torch.float64)
+    a[:, 2] = 0
+    w = ridge_solve(t.T @ a, a.T @ a, 0.01, scale="channel")
+    assert torch.isfinite(w).all() and torch.equal(w[:, 2], torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="ridge scale"):
+        ridge_solve(t.T @ a, a.T @ a, 0.01, scale="diag")
+
+
 def test_weight_update_matches_autograd():
     n, d, m = 150, 5, 4
     a, t = torch.randn(n, d, dtype=torch.float64), torch.randn(n, m, dtype=torch.float64)

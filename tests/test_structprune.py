@@ -303,18 +303,32 @@ def test_solver_tokens_and_damping_reach_the_solver(monkeypatch):
     real_solve, real_refit = sp.solve_gated_mlp, sp.refit_output_columns
 
     def solve(x, *args):
-        seen["solver"] = (args[-1].max_tokens, args[-1].damping)
+        seen["solver"] = (args[-1].max_tokens, args[-1].damping, args[-1].ridge_scale)
         return real_solve(x, *args)
 
-    def refit(w, gram, keep, damping, mean=None):
-        seen["refit"] = damping
-        return real_refit(w, gram, keep, damping, mean)
+    def refit(w, gram, keep, damping, mean=None, ridge_scale="mean"):
+        seen["refit"] = (damping, ridge_scale)
+        return real_refit(w, gram, keep, damping, mean, ridge_scale=ridge_scale)
 
     monkeypatch.setattr(sp, "solve_gated_mlp", solve)
     monkeypatch.setattr(sp, "refit_output_columns", refit)
-    config = PruneConfig(sparsity=0.5, damping=0.2, solver_tokens=33, admm_iterations=1, kind_split="ratio")
-    prune_model(make_model("llama", layers=2), torch.randint(0, VOCAB, (4, 16)), config, progress=False)
-    assert seen == {"solver": (33, 0.2), "refit": 0.2}
+    ids = torch.randint(0, VOCAB, (4, 16))
+    for scale in ("mean", "channel"):
+        config = PruneConfig(
+            sparsity=0.5,
+            damping=0.2,
+            ridge_scale=scale,
+            solver_tokens=33,
+            admm_iterations=1,
+            kind_split="ratio",
+        )
+        prune_model(make_model("llama", layers=2), ids, config, progress=False)
+        assert seen == {"solver": (33, 0.2, scale), "refit": (0.2, scale)}
+
+
+def test_bad_ridge_scale_is_refused():
+    with pytest.raises(StructPruneError, match="ridge_scale must be one of mean, channel"):
+        PruneConfig(sparsity=0.3, ridge_scale="diag").validate()
 
 
 def test_width_scaled_solver_tokens_rule():
