@@ -13,12 +13,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import GQAConstraintError, InvalidSparsityError
+from .errors import GQAConstraintError, InvalidSparsityError, is_number
 from .groups import UnitSpace
 
 
 def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
-    if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
+    if not is_number(sparsity) or math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
         raise InvalidSparsityError(
             f"{name} must be in [0, 1) (a fraction of the prunable parameters to remove); got {sparsity!r}. "
             "Fix: e.g. --sparsity 0.3 for 30 %"

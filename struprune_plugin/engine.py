@@ -60,6 +60,7 @@ from .errors import (
     NonFiniteWeightError,
     StructPruneError,
     UnsupportedArchitectureError,
+    is_number,
 )
 from .global_taylor import prune_layer_global, taylor_gradients, taylor_group_scores
 from .groups import (
@@ -230,7 +231,7 @@ class PruneConfig:
                 "refresh_energies re-measures the absolute energies of the 'energy' softmax allocation; "
                 f"allocation {resolved_allocation_name(self)!r} does not read them. Fix: allocation='energy'"
             )
-        if not (isinstance(self.damping, (int, float)) and self.damping > 0 and math.isfinite(self.damping)):
+        if not (is_number(self.damping) and self.damping > 0 and math.isfinite(self.damping)):
             raise StructPruneError(f"damping must be a positive number; got {self.damping!r}")
         if self.ridge_scale not in RIDGE_SCALES:
             raise StructPruneError(

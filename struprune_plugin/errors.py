@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def is_number(value: object) -> bool:
+    """An int or float that is not a bool: Python's True is the int 1, so `isinstance(True, int)`
+    would let `depth_prior=true` in a recipe pass as a weight of 1 instead of being refused."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class StructPruneError(ValueError):
     """Base class: every user-facing error of the plugin derives from it."""
 

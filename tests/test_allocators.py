@@ -241,7 +241,7 @@ def test_depth_prior_weighs_against_the_energies():
 
 
 def test_depth_prior_settings_are_checked():
-    for bad in (-1.0, math.inf, "deep"):
+    for bad in (-1.0, math.inf, "deep", True):  # a bool is not a weight (True == 1)
         with pytest.raises(StructPruneError, match="depth_prior must be"):
             PruneConfig(allocation="energy-relative", allocation_options={"depth_prior": bad}).validate()
     with pytest.raises(StructPruneError, match="depth prior"):

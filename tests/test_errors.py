@@ -22,7 +22,7 @@ def _calib(n=2, length=16):
     return torch.randint(0, VOCAB, (n, length))
 
 
-@pytest.mark.parametrize("sparsity", [-0.01, 1.0, 2.0])
+@pytest.mark.parametrize("sparsity", [-0.01, 1.0, 2.0, False])
 def test_sparsity_out_of_range(sparsity):
     with pytest.raises(InvalidSparsityError, match=r"must be in \[0, 1\).*Fix"):
         prune_model(make_model("llama"), _calib(), PruneConfig(sparsity=sparsity), progress=False)

@@ -326,9 +326,11 @@ def test_solver_tokens_and_damping_reach_the_solver(monkeypatch):
         assert seen == {"solver": (33, 0.2, scale), "refit": (0.2, scale)}
 
 
-def test_bad_ridge_scale_is_refused():
+def test_bad_ridge_settings_are_refused():
     with pytest.raises(StructPruneError, match="ridge_scale must be one of mean, channel"):
         PruneConfig(sparsity=0.3, ridge_scale="diag").validate()
+    with pytest.raises(StructPruneError, match="damping must be a positive number"):
+        PruneConfig(sparsity=0.3, damping=True).validate()  # a recipe's `damping: true` is not 1
 
 
 def test_width_scaled_solver_tokens_rule():

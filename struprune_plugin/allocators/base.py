@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import is_number
 from ..groups import UnitSpace
 
 #: What an allocator may ask the engine to measure (each is one streamed pass, or part of one):
@@ -126,7 +127,7 @@ class SoftmaxAllocator(Allocator):
             )
         if max_deviation is not None and relative_deviation is not None:
             raise ValueError("give max_deviation (absolute) or relative_deviation, not both")
-        if not (isinstance(depth_prior, (int, float)) and 0 <= float(depth_prior) < math.inf):
+        if not (is_number(depth_prior) and 0 <= float(depth_prior) < math.inf):
             raise ValueError(f"depth_prior must be a finite weight >= 0 (0: none); got {depth_prior!r}")
         self.depth_prior = float(depth_prior)
         self.temperature = float(temperature)
