@@ -143,6 +143,19 @@ def test_unknown_and_invalid_recipe_keys_fail_validation():
         StructPruneModifier(units=["experts"])
 
 
+def test_modifier_solver_settings_default_to_the_engines_and_pass_through():
+    """The ridge and token settings of a bare modifier are PruneConfig's; set ones reach the engine."""
+
+    def solver(config):
+        return config.damping, config.ridge_scale, config.solver_tokens
+
+    assert solver(StructPruneModifier(sparsity=0.3).prune_config()) == solver(PruneConfig())
+    set_ = StructPruneModifier(sparsity=0.3, damping=0.001, ridge_scale="channel", solver_tokens=4096)
+    assert solver(set_.prune_config()) == (0.001, "channel", 4096)
+    with pytest.raises(ValidationError, match="ridge_scale"):
+        StructPruneModifier(sparsity=0.3, ridge_scale="diag")
+
+
 def test_ignore_patterns_that_match_nothing_are_an_error(tiny):
     from struprune_plugin.errors import StructPruneError
 
