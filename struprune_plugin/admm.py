@@ -16,8 +16,9 @@ and finally the mask is fixed and the kept weights are refitted by least squares
 
 All solves run in float64 with a ridge added afresh each time (never accumulated across iterations,
 a known SparseLLM bug): `damping` x the Gram's mean diagonal on every channel (`ridge_scale="mean"`),
-or `damping` x each channel's own second moment (`"channel"`, scale-free; see `damp_diagonal`). Data terms are divided by the token count so
-that a, b, g and rho mean the same for any calibration size.
+or `damping` x each channel's own second moment (`"channel"`, scale-free; see `damp_diagonal`).
+Data terms are divided by the token count so that a, b, g and rho mean the same for any
+calibration size.
 """
 
 from __future__ import annotations
