@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -131,9 +132,8 @@ def _config_kwargs(data: dict) -> dict:
     return {k: v for k, v in data.items() if k not in ("model_type", "architectures", "auto_map")}
 
 
-def check_weights_match_layout(folder: str | os.PathLike, layout: dict) -> None:
-    """Compare the stored tensors' shapes with the recorded layout before building anything, so a
-    folder whose weights and config.json disagree fails with a message naming the first mismatch."""
+def stored_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Every stored tensor's shape, read from the safetensors headers (no tensor data is read)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -142,6 +142,16 @@ def check_weights_match_layout(folder: str | os.PathLike, layout: dict) -> None:
         with safe_open(folder / name, framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def check_weights_match_layout(
+    folder: str | os.PathLike, layout: dict, shapes: dict[str, tuple[int, ...]] | None = None
+) -> None:
+    """Compare the stored tensors' shapes with the recorded layout before building anything, so a
+    folder whose weights and config.json disagree fails with a message naming the first mismatch."""
+    folder = Path(folder)
+    shapes = stored_shapes(folder) if shapes is None else shapes
     hd = int(layout["head_dim"])
     opt = layout["family"] == "opt"
     for i, (n_q, n_kv, width) in enumerate(
@@ -235,17 +245,55 @@ def save_pruned(
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_weight_map(folder: str | os.PathLike) -> dict[str, str] | None:
+    """Tensor name -> shard file of the folder's safetensors index, or None if it has none.
+
+    Every shard must be a file name inside the folder: an index naming `../../x.safetensors` or an
+    absolute path would make the loader read (and a pruning run copy into its output) tensors from
+    anywhere on the machine."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if not index.exists() and not index.is_symlink():
+        return None
+    if not index.is_file():
+        raise CheckpointError(
+            f"{index} is not a regular file. Fix: restore the index written with the weights"
+        )
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(
+            f"{index} is not a valid safetensors index ({err}). Fix: restore the index written "
+            "with the weights, or re-save the model"
+        ) from err
+    for name in sorted(set(weight_map.values())):
+        parts = Path(name).parts
+        if (
+            not name
+            or Path(name).is_absolute()
+            or ".." in parts
+            or "\\" in name
+            or not name.endswith(".safetensors")
+        ):
+            raise CheckpointError(
+                f"{index} names the weight file {name!r}, which is not a .safetensors file inside {folder}; "
+                "shards are read only from the model's own folder. Fix: restore the index written with "
+                "the weights (shard names such as model-00001-of-00002.safetensors)"
+            )
+    return weight_map
+
+
 def _weight_files(folder: Path) -> list[str]:
     """The folder's safetensors files; a folder with only pickled weights is refused, not loaded."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(
-                f"{index} is not a valid safetensors index ({err}). Fix: restore the index written "
-                "with the weights, or re-save the model"
-            ) from err
+    weight_map = read_weight_map(folder)
+    index = folder / INDEX_FILE
+    if weight_map is not None:
+        files = sorted(set(weight_map.values()))
         absent = [f for f in files if not (folder / f).is_file()]
         if absent:
             raise CheckpointError(
@@ -293,9 +341,16 @@ def read_model_config(folder: str | os.PathLike):
     known model type, readable safetensors weights, and a layout its own fields do not contradict."""
     from transformers import AutoConfig
 
+    from . import modeling_struprune
+
     folder = Path(folder)
     path = folder / "config.json"
     if not path.is_file():
+        if path.exists():
+            raise CheckpointError(
+                f"{path} is not a regular file (a folder, named pipe or device). Fix: restore the "
+                "config.json saved with the model"
+            )
         raise CheckpointError(f"{folder} has no config.json. Fix: pass a Hugging Face model folder")
     try:
         data = json.loads(path.read_text())
@@ -305,12 +360,14 @@ def read_model_config(folder: str | os.PathLike):
         ) from err
     if not isinstance(data, dict) or not data.get("model_type"):
         raise CheckpointError(f"{path} has no model_type. Fix: restore the config.json saved with the model")
+    check_size_fields(path, data)
+    check_regular_entries(folder)
     check_weight_files(folder)
+    shapes = stored_shapes(folder)
+    check_layer_count(path, data, shapes)
     try:
         config = AutoConfig.from_pretrained(folder)
     except (ValueError, KeyError, TypeError) as err:
-        from . import modeling_struprune
-
         known = sorted(
             {
                 *modeling_struprune.PRUNED_CLASSES,
@@ -329,13 +386,118 @@ def read_model_config(folder: str | os.PathLike):
             f"struprune handles {', '.join(known)}. Fix: use a model of one of those types"
         ) from err
     layout = getattr(config, LAYOUT_KEY, None)
+    if not layout and str(config.model_type).startswith(modeling_struprune.MODEL_TYPE_PREFIX):
+        raise LayoutMismatchError(
+            f"{path}: model_type {config.model_type!r} is a struprune folder with per-layer widths, but "
+            f"its config.json has no {LAYOUT_KEY}, so the layers' widths are unknown. Fix: restore the "
+            "config.json the pruning run wrote (or re-save the pruned model)"
+        )
     if layout:
         try:
             check_layout(config, layout)
         except ValueError as err:
             raise LayoutMismatchError(f"{path}: {err}") from err
-        check_weights_match_layout(folder, layout)
+        check_weights_match_layout(folder, layout, shapes)
+    check_shapes_match_config(folder, config, shapes)
     return config
+
+
+def check_regular_entries(folder: Path) -> None:
+    """Loaders open the folder's files by name (weights, index, tokenizer, generation config): a
+    named pipe or device among them would block the run forever instead of failing."""
+    odd = sorted(p.name for p in folder.iterdir() if not p.is_file() and not p.is_dir())
+    if odd:
+        raise CheckpointError(
+            f"{folder} holds entries that are not regular files ({', '.join(odd[:5])}): named pipes, "
+            "sockets, devices or broken links, which loading could block on. Fix: replace them with "
+            "the files saved with the model"
+        )
+
+
+#: config.json fields that size the model: where present (and not null) each is a positive integer.
+SIZE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "ffn_dim",
+    "word_embed_proj_dim",
+)
+
+
+def check_size_fields(path: Path, data: dict) -> None:
+    """A negative or fractional width in config.json would otherwise end in a torch error deep in
+    model construction that names neither the file nor the field."""
+    for key in SIZE_FIELDS:
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CheckpointError(
+                f"{path}: {key} is {value!r}, but it sizes the model and must be a positive integer. "
+                "Fix: restore the config.json saved with these weights"
+            )
+
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _spans(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5': long runs of missing layers read at a glance."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def check_layer_count(path: Path, data: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The decoder layers config.json names are the ones the weights hold. transformers fills
+    missing layers with random weights (a warning among many, then minutes of work on a broken
+    model) and drops surplus ones without a word; both mean a config from another checkpoint."""
+    count = data.get("num_hidden_layers")
+    found = {int(m.group(1)) for key in shapes if (m := _LAYER_KEY.search(key))}
+    if count is None or not found:
+        return  # no layer count or no `layers.N.` naming: the architecture check speaks later
+    missing = sorted(set(range(count)) - found)
+    surplus = sorted(found - set(range(count)))
+    if missing:
+        raise CheckpointError(
+            f"{path} names {count} decoder layers (num_hidden_layers), but the weights hold {len(found)}: "
+            f"layers {_spans(missing)} have no weights. Fix: restore the config.json saved with these "
+            "weights (or the missing weight files)"
+        )
+    if surplus:
+        raise CheckpointError(
+            f"{path} names {count} decoder layers (num_hidden_layers), but the weights also hold layers "
+            f"{_spans(surplus)}, which would be dropped without a word. Fix: restore the config.json "
+            "saved with these weights"
+        )
+
+
+def check_shapes_match_config(folder: Path, config, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every stored tensor has the shape the config builds (checked on a meta-device model, so it
+    costs no memory): a width edited in config.json fails here, naming the tensor, instead of as a
+    size-mismatch traceback from the loader."""
+    try:
+        expected = {k: tuple(v.shape) for k, v in meta_model(config, folder).state_dict().items()}
+    except LayoutMismatchError:
+        raise
+    except Exception:  # an architecture struprune does not build: its own checks speak later
+        return
+    for key, shape in shapes.items():
+        if key in expected and expected[key] != shape:
+            raise LayoutMismatchError(
+                f"{folder}: {key} has shape {list(shape)} in the weights, but config.json builds "
+                f"{list(expected[key])}. The config and the weights come from different models. Fix: "
+                "restore the config.json saved with these weights"
+            )
 
 
 def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -292,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    e.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --output file (only a results JSON)"
+    )
     _add_eval_args(e)
 
     x = sub.add_parser("export", help="write a saved model folder in a serving engine's format")
@@ -481,6 +485,15 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _check_text_sources(args) -> None:
+    """The user's --calib-data and --text sources exist and can be read, before any model loads."""
+    from .sources import check_text_source
+
+    for source in [getattr(args, "calib_data", None), *(getattr(args, "text", None) or [])]:
+        if source:
+            check_text_source(source)
+
+
 def calibration_text(args) -> tuple[str, dict]:
     """The calibration text (the user's --calib-data, else the built-in split) and its origin."""
     from .data import TEXT_SHA256
@@ -499,18 +512,13 @@ def calibration_text(args) -> tuple[str, dict]:
 
 def _join_process_group(args) -> bool:
     """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL with one GPU per rank for
-    `--device cuda`, gloo on CPU. Returns whether this process started it."""
-    import torch.distributed as dist
+    `--device cuda`, gloo on CPU. Returns whether this process started it. The launcher's variables
+    are checked and the wait for the other processes is bounded (`distributed.join_process_group`),
+    so a launch that cannot form a group exits at once with the reason instead of hanging."""
+    from .distributed import join_process_group
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        args.device = f"cuda:{local}"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return True
+    started, args.device = join_process_group(args.device)
+    return started
 
 
 def cmd_prune(args) -> int:
@@ -527,11 +535,16 @@ def cmd_prune(args) -> int:
 
 
 def _cmd_prune(args) -> int:
+    with contextlib.ExitStack() as claims:  # the output stays claimed until the run has written it
+        return _prune_command(args, claims)
+
+
+def _prune_command(args, claims: contextlib.ExitStack) -> int:
     from . import distributed
     from .architectures import model_view
     from .checkpoint import save_pruned
     from .engine import METHOD_ALIASES, METHOD_NEEDS_CALIBRATION, PruneConfig, prune_model
-    from .outputs import add_to_manifest, check_output_folder
+    from .outputs import add_to_manifest, check_output_folder, output_lock
     from .report import plot_layer_widths, render_markdown, write_report
     from .zoo import resolve_model
 
@@ -567,9 +580,12 @@ def _cmd_prune(args) -> int:
         allow_shortfall=args.allow_shortfall,
     )
     config.validate()
+    _check_text_sources(args)
     folder = resolve_model(args.model)
     output = args.output or Path("runs") / f"{folder.name}-{args.method}-{round(args.sparsity * 100)}"
     check_output_folder(output, [folder], args.overwrite)  # before any work
+    if distributed.is_writer():  # a second run with the same output is refused now, not at the end
+        claims.enter_context(output_lock(output))
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.stream_weights:
         from .streaming import skeleton
@@ -719,9 +735,10 @@ def cmd_eval(args) -> int:
     from .zoo import resolve_model
 
     resolve_device(args.device)
-    if args.output:
-        check_output_file(args.output, "--output")
+    _check_text_sources(args)
     folder = resolve_model(args.folder)
+    if args.output:
+        check_output_file(args.output, "--output", [folder], args.overwrite, ours=_is_eval_results)
     model, tokenizer = _load(folder, args.device)
     results = evaluate_texts(model, tokenizer, args, not args.no_progress)
     for text, r in results.items():
@@ -733,6 +750,14 @@ def cmd_eval(args) -> int:
 
         write_text_atomic(args.output, json.dumps({"folder": str(folder), "perplexity": results}, indent=2))
     return 0
+
+
+def _is_eval_results(path: Path) -> bool:
+    """A JSON file `struprune eval --output` wrote: the only kind its --overwrite replaces."""
+    try:
+        return "perplexity" in json.loads(path.read_text())
+    except (ValueError, OSError, TypeError):
+        return False
 
 
 #: Exit codes: 2 bad input (nothing written), 3 the model was saved but missed its sparsity budget.

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import CalibrationDataError, DataIntegrityError
+from .outputs import write_text_atomic
 
 GENSIM_VERSION = "4.4.0"
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -176,9 +177,7 @@ def ensure_texts(root: Path | None = None) -> TextCorpus:
                 f"text split {split!r} built from gensim has sha256 {actual}, expected {expected}. "
                 f"Fix: install exactly gensim=={GENSIM_VERSION}"
             )
-        tmp = corpus.path(split).with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, corpus.path(split))
+        write_text_atomic(corpus.path(split), text)  # a unique temporary name: runs may race here
     return corpus
 
 

@@ -211,6 +211,14 @@ class PruneConfig:
                 f"allocation={self._allocation_name()!r} is a rule of StructPrune's solver "
                 f"(method='structprune'); {self.method!r} allocates as published. Fix: allocation='auto'"
             )
+        if self.allocation_options and self.method not in SOLVER_METHODS:
+            raise StructPruneError(
+                f"allocation options ({', '.join(sorted(map(str, self.allocation_options)))}) set the layer "
+                f"allocation of {' and '.join(SOLVER_METHODS)}; method {self.method!r} allocates as "
+                "published and would ignore them. Fix: drop the allocation options, or use method='structprune'"
+            )
+        if self.method in SOLVER_METHODS:
+            make_allocator(self)  # the options' names and values are checked now, not after loading
         if self.refresh_energies and self.method != "structprune":
             raise StructPruneError(
                 "refresh_energies re-allocates StructPrune's softmax budget; it applies to "
@@ -327,7 +335,8 @@ def make_allocator(config: PruneConfig) -> Allocator:
     if unknown:
         raise StructPruneError(
             f"allocation {name!r} has no setting {', '.join(map(repr, unknown))}; its settings are "
-            f"{sorted(allocator_settings(cls)) or 'none'}"
+            f"{', '.join(sorted(allocator_settings(cls))) or 'none'}. Fix: use one of those names, or "
+            "drop the option"
         )
     try:
         return cls(**options)

@@ -41,6 +41,10 @@ class OutputExistsError(StructPruneError):
     """The output folder exists and overwriting was not asked for."""
 
 
+class OutputBusyError(OutputExistsError):
+    """Another live struprune run is writing the same output right now."""
+
+
 class LayoutMismatchError(StructPruneError):
     """A checkpoint's weights do not match the per-layer layout its config records."""
 
@@ -73,3 +77,15 @@ class NonFiniteWeightError(StructPruneError):
 def first_line(err: BaseException) -> str:
     """Library messages run to many lines; an error of ours is one line (the cause stays chained)."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+class RecipeError(StructPruneError):
+    """An llm-compressor recipe entry for StructPruneModifier that would be skipped or misread: a stage
+    or group key without llm-compressor's `_stage` / `_modifiers` suffix (dropped without a word, so a
+    dense model is saved as if pruned), or a setting the modifier does not have."""
+
+
+class DistributedSetupError(StructPruneError):
+    """Launcher variables (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) that cannot form a
+    process group, or peers that never joined it: refused up front, since torch itself would wait
+    for the missing processes for half an hour without a word."""

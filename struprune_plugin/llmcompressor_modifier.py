@@ -19,11 +19,13 @@ Given the same data and settings, its masks equal `prune_model`'s (a test holds 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 import time
 from collections.abc import Callable
 from functools import partial, wraps
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -31,7 +33,7 @@ from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier, ModifierFactory
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from . import distributed
 from .allocation import allocate_equal, allocate_uniform
@@ -51,7 +53,7 @@ from .engine import (
     targeted_prunable_count,
     unit_spaces,
 )
-from .errors import CalibrationDataError, StructPruneError
+from .errors import CalibrationDataError, RecipeError, StructPruneError
 from .outputs import check_output_file, write_text_atomic
 from .structprune import prune_layer_structprune
 
@@ -72,6 +74,10 @@ class StructPruneModifier(Modifier):
               sparsity: 0.3
               units: [mlp, heads]
     """
+
+    # llm-compressor's Modifier forbids extra fields too (0.14.0.1); pinned here so that a typo such as
+    # `temprature: 2` can never run silently with the default should the host relax its base class.
+    model_config = ConfigDict(extra="forbid")
 
     requires_calibration_data: bool = True
 
@@ -145,6 +151,12 @@ class StructPruneModifier(Modifier):
     _keep: dict[int, dict] = PrivateAttr(default_factory=dict)
     _round_to: int = PrivateAttr(default=1)  # mlp_round_to as resolved for the model
 
+    def __init__(self, **data: Any) -> None:
+        # Before pydantic's validation, which would wrap the error in a multi-line report that names
+        # the unknown key but not the known ones; recipes (ModifierFactory) construct through here.
+        check_known_keys(data)
+        super().__init__(**data)
+
     @model_validator(mode="after")
     def _validate_settings(self) -> StructPruneModifier:
         self.prune_config().validate()  # a StructPruneError is a ValueError: pydantic reports it
@@ -186,7 +198,15 @@ class StructPruneModifier(Modifier):
         model = state.model
         view = model_view(model)  # unsupported architectures fail here, before any calibration
         if self.report_path is not None:
-            check_output_file(self.report_path, "report_path")  # not only after the whole run
+            # not only after the whole run; never inside the model's own folder, and a file that is
+            # there already is replaced only if it is an earlier report of this modifier
+            check_output_file(
+                self.report_path,
+                "report_path",
+                [getattr(model.config, "_name_or_path", None)],
+                overwrite=True,
+                ours=_is_modifier_report,
+            )
         skip = ignored_layers(model, view, self.ignore)
         device = str(next(model.parameters()).device)
         config = self.prune_config(skip, device)
@@ -297,6 +317,29 @@ class StructPruneModifier(Modifier):
             f"StructPrune layer {index}: heads {record.heads[0]}->{record.heads[1]}, "
             f"MLP {record.mlp[0]}->{record.mlp[1]} ({record.seconds:.1f}s)"
         )
+
+
+def check_known_keys(settings: dict[str, Any]) -> None:
+    """Refuse settings StructPruneModifier does not have, naming the closest known one: a misspelt key
+    (`sparsityy: 0.3`) would otherwise be a run at the default sparsity that looks like the asked one."""
+    known = StructPruneModifier.model_fields
+    unknown = [key for key in settings if key not in known]
+    if not unknown:
+        return
+    own = [name for name in known if name not in Modifier.model_fields]
+    # The host's public fields (group, start, ...); its state fields (`initialized_`) and the class
+    # flag `requires_calibration_data` are accepted (saved recipes carry them) but not advertised.
+    host = [n for n in Modifier.model_fields if not n.endswith("_") and n != "requires_calibration_data"]
+    close = {key: difflib.get_close_matches(str(key), own + host, n=1) for key in unknown}
+    if all(close.values()):
+        fix = "rename " + ", ".join(f"{key!r} to {match[0]!r}" for key, match in close.items())
+    else:
+        fix = "remove the key or spell it as one of the settings listed"
+    raise RecipeError(
+        f"StructPruneModifier has no setting {', '.join(repr(k) for k in unknown)}; its settings are "
+        f"{', '.join(own)} (and llm-compressor's {', '.join(host)}). Fix: {fix} in the recipe entry "
+        "or constructor call"
+    )
 
 
 def _check_causal_mask(index: int, layer: torch.nn.Module, kwargs: dict) -> None:
@@ -433,3 +476,12 @@ def register() -> None:
 
 
 register()
+
+
+def _is_modifier_report(path: Path) -> bool:
+    """A JSON report this modifier wrote (its own keys): the only file `report_path` replaces."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (ValueError, OSError):
+        return False
+    return isinstance(data, dict) and {"settings", "layers", "layout"} <= set(data)

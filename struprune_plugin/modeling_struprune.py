@@ -281,7 +281,8 @@ def register_onnx_export() -> bool:
     types with the stock ONNX configs of their base types. Per-layer query heads and MLP widths
     need nothing more (the exporter traces the real modules); per-layer K/V head counts get dummy
     past key/values shaped layer by layer. Returns False when Optimum's exporter is missing."""
-    try:
+    try:  # optimum 2 keeps the task table but moved the ONNX exporter into optimum-onnx
+        from optimum.exporters.onnx import export_models  # noqa: F401
         from optimum.exporters.tasks import TasksManager
     except ImportError:
         return False

@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from . import modeling_struprune
+from .errors import StructPruneError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -60,6 +61,7 @@ def export_onnx(
     output: str | os.PathLike,
     task: str = "text-generation-with-past",
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Export `folder` to `output` (model.onnx + config); returns the output path.
 
@@ -70,14 +72,24 @@ def export_onnx(
     plugin's classes. The steps are theirs for a decoder-only model: the ONNX config from
     `TasksManager`, `get_decoder_models_for_export`, config / generation config / tokenizer next to
     the graph, `export_models`, and the config's post-processing (tied-weight deduplication).
-    `trust_remote_code=True` runs the folder's `modeling_struprune.py` instead of the plugin's."""
+    `trust_remote_code=True` runs the folder's `modeling_struprune.py` instead of the plugin's.
+
+    The output goes through the same checks as every struprune output (not inside the model
+    folder; `overwrite` replaces only a folder struprune wrote) and appears only complete."""
+    from .outputs import check_output_folder, write_folder_atomically
+
     if task not in TEXT_GENERATION_TASKS:
-        raise ValueError(f"task {task!r} is not exported here; use one of {TEXT_GENERATION_TASKS}")
-    if not modeling_struprune.register_onnx_export():
-        raise ImportError(
-            "Optimum's ONNX exporter is not installed here. Fix: run in the export environment "
-            "(bash scripts/install_export_env.sh; .venv-export/bin/python ...)"
+        raise StructPruneError(
+            f"task {task!r} is not exported here. Fix: use one of {', '.join(TEXT_GENERATION_TASKS)}"
         )
+    if not modeling_struprune.register_onnx_export():
+        raise StructPruneError(
+            "Optimum's ONNX exporter (optimum-onnx) is not installed in this environment; it needs "
+            "transformers < 4.58, which the main environment cannot share. Fix: run in the export "
+            "environment: bash scripts/install_export_env.sh, then .venv-export/bin/python -m "
+            "struprune_plugin.onnx_export FOLDER OUT"
+        )
+    check_output_folder(output, [folder], overwrite)  # before the model is loaded
     from optimum.exporters.onnx import export_models
     from optimum.exporters.tasks import TasksManager
     from optimum.exporters.utils import get_decoder_models_for_export
@@ -92,15 +104,17 @@ def export_onnx(
     onnx_config = constructor(model.config, int_dtype="int64", float_dtype="fp32")
     models_and_configs = get_decoder_models_for_export(model, onnx_config)
     onnx_files = [f"{name}.onnx" for name in models_and_configs]
-    output.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(output)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(output)
-    maybe_save_preprocessors(folder, output, trust_remote_code=trust_remote_code)
-    export_models(models_and_onnx_configs=models_and_configs, output_dir=output, output_names=onnx_files)
-    onnx_config.post_process_exported_models(output, models_and_configs, onnx_files)
-    _stock_onnx_config(output / "config.json")
-    return output
+
+    def build(tmp: Path) -> None:
+        model.config.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        maybe_save_preprocessors(folder, tmp, trust_remote_code=trust_remote_code)
+        export_models(models_and_onnx_configs=models_and_configs, output_dir=tmp, output_names=onnx_files)
+        onnx_config.post_process_exported_models(tmp, models_and_configs, onnx_files)
+        _stock_onnx_config(tmp / "config.json")
+
+    return write_folder_atomically(output, build, [folder], overwrite)
 
 
 def _stock_onnx_config(path: Path) -> None:
@@ -199,9 +213,18 @@ def main() -> int:
         help="load the model with the folder's own modeling_struprune.py (runs code from the folder) "
         "instead of the plugin's classes",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace a folder struprune wrote")
     args = parser.parse_args()
+    try:
+        return _export_and_compare(args)
+    except StructPruneError as err:
+        print(f"onnx_export: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _export_and_compare(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    export_onnx(args.folder, args.output, trust_remote_code=args.trust_remote_code)
+    export_onnx(args.folder, args.output, trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
     seconds = time.perf_counter() - start
     vocab = json.loads((args.folder / "config.json").read_text())["vocab_size"]
     prompts = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))

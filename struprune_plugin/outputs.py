@@ -22,7 +22,12 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError, OutputPathError
+from .errors import OutputBusyError, OutputExistsError, OutputPathError
+
+try:  # POSIX: advisory locks that the kernel releases when the holder dies, however it dies
+    import fcntl
+except ImportError:  # pragma: no cover (Windows): runs are then not protected from each other
+    fcntl = None
 
 #: Written last into every folder `save_pruned` produces: the files it wrote, nothing else.
 MANIFEST = "struprune_manifest.json"
@@ -109,16 +114,7 @@ def check_output_folder(
     but a previous struprune output."""
     output = Path(output)
     target = _resolved(output)
-    for source in sources:
-        if not source or not Path(source).exists():  # "" (a model built in memory) is no folder
-            continue
-        src = _resolved(source)
-        if _within(target, src) or _within(src, target):
-            relation = "is" if target == src else "lies inside" if _within(target, src) else "contains"
-            raise OutputPathError(
-                f"output folder {output} {relation} the input model folder {source}; writing there could "
-                "destroy the checkpoint being read. Fix: choose an --output folder outside it"
-            )
+    _check_apart_from_sources(output, target, sources, "output folder")
     if _within(Path.cwd().resolve(), target):
         raise OutputPathError(
             f"output folder {output} is the current folder or one above it; replacing it would delete "
@@ -145,13 +141,133 @@ def check_output_folder(
     return output
 
 
-def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
-    """A file that will be written at the end of a run can be: checked at the start."""
+def _check_apart_from_sources(
+    output: Path, target: Path, sources: Iterable[str | os.PathLike | None], what: str
+) -> None:
+    """No output may be, contain or lie inside a folder (or file) being read."""
+    for source in sources:
+        if not source or not Path(source).exists():  # "" (a model built in memory) is no folder
+            continue
+        src = _resolved(source)
+        if _within(target, src) or _within(src, target):
+            relation = "is" if target == src else "lies inside" if _within(target, src) else "contains"
+            raise OutputPathError(
+                f"{what} {output} {relation} the input model folder {source}; writing there could "
+                "destroy the checkpoint being read. Fix: choose an output path outside it"
+            )
+
+
+def check_output_file(
+    path: str | os.PathLike,
+    what: str = "output file",
+    sources: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    ours: Callable[[Path], bool] | None = None,
+) -> Path:
+    """The one check for every file a command writes, made before any work.
+
+    The file may not lie inside a folder being read (`sources`: an export must not land on the
+    weights it reads), may not be a folder, and its parent must take a new file. An existing file
+    is replaced only with `overwrite` and, when `ours` is given, only if `ours(path)` says it is a
+    file of the kind this command writes (a GGUF file, a results JSON), never someone's weights."""
     path = Path(path)
+    target = _resolved(path)
+    _check_apart_from_sources(path, target, sources, what)
     if path.is_dir():
         raise OutputPathError(f"{what} {path} is a folder. Fix: name a file, e.g. {path / 'result.json'}")
-    _check_parent_writable(_resolved(path), what)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(
+                f"{what} {path} already exists. Fix: choose another path or pass --overwrite"
+            )
+        if not path.is_file():
+            raise OutputPathError(f"{what} {path} exists and is not a regular file. Fix: choose another path")
+        if ours is not None and not ours(path):
+            raise OutputExistsError(
+                f"--overwrite replaces only a file this command wrote, and {path} is not one. Nothing was "
+                "replaced. Fix: choose another path, or move that file away yourself"
+            )
+    _check_parent_writable(target, what)
     return path
+
+
+def place_file(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move the finished `tmp` to `path`. Without `overwrite` a file that appeared at `path` during
+    the run (another process's) is never replaced: a hard link cannot be made over an existing name."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputExistsError(
+            f"{path} appeared while this run was writing it (another process wrote it); it was left as "
+            "it is. Fix: run again with another output path"
+        ) from None
+    except OSError:  # a filesystem without hard links: check, then rename (a small window remains)
+        if path.exists():
+            raise OutputExistsError(
+                f"{path} appeared while this run was writing it; it was left as it is. Fix: run again "
+                "with another output path"
+            ) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+_HELD_LOCKS: dict[Path, int] = {}
+
+
+def lock_path(output: str | os.PathLike) -> Path:
+    target = _resolved(output)
+    return target.parent / f".{target.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike, wait: bool = False) -> Iterator[None]:
+    """Claim `output` for this process for the block; refuse at once if a live run holds it.
+
+    Checking that an output is free at the start and renaming into place at the end leaves the
+    whole run in between: two runs started at once with the same new output would both pass the
+    check and the second would replace the first's work. The claim is an advisory lock on a
+    sibling file (`.NAME.lock`), taken before any work and released at the end; the kernel drops
+    it when the holder dies, so a killed run never blocks the next one. Nested claims of the same
+    output by one process (the CLI, then the writer it calls) are one claim. `wait=True`
+    queues behind the holder instead (the shared model cache: the second process then finds the
+    folder built)."""
+    target = _resolved(output)
+    if fcntl is None or target in _HELD_LOCKS:
+        yield
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_path(target)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputBusyError(
+                f"another struprune run (process {holder}) is writing {output} right now. Fix: wait for "
+                "it to finish, or choose another output path"
+            ) from None
+        try:  # a holder that finished unlinks the file: the lock must be on the file at the path
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD_LOCKS[target] = fd
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[target]
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -160,7 +276,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -180,10 +296,10 @@ def write_folder_atomically(
     the next run if the process was killed outright). `overwrite` replaces only a folder struprune
     wrote, and no folder being read (`sources`) is ever a valid output (`check_output_folder`)."""
     output = check_output_folder(output, sources, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(output)
-    tmp = temp_sibling(output)
-    with terminate_as_exception():
+    with output_lock(output), terminate_as_exception():
+        output = check_output_folder(output, sources, overwrite)  # again, now that it is ours
+        remove_stale_temps(output)
+        tmp = temp_sibling(output)
         try:
             tmp.mkdir()
             build(tmp)
@@ -191,17 +307,36 @@ def write_folder_atomically(
             write_text_atomic(
                 tmp / MANIFEST, json.dumps({"written_by": "struprune", "files": files}, indent=1)
             )
-            if output.exists():
-                old = temp_sibling(output, "old")
-                os.replace(output, old)
-                os.replace(tmp, output)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, output)
+            _place_folder(tmp, output, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return output
+
+
+def _place_folder(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Rename the finished `tmp` to `output`, replacing only a folder struprune wrote, and only with
+    `overwrite`. `os.rename` never replaces a folder that holds anything, so a folder another
+    program filled while this run worked survives, and this run's result is kept beside it under a
+    visible name (the output's lock keeps other struprune runs out)."""
+    old = None
+    if overwrite and output.is_dir() and not output.is_symlink() and not foreign_content(output):
+        old = temp_sibling(output, "old")
+        os.rename(output, old)
+    try:
+        os.rename(tmp, output)
+    except OSError as err:
+        if old is not None and not output.exists():
+            os.rename(old, output)
+            old = None
+        kept = output.parent / f"{output.name}.unplaced-{os.getpid()}"
+        os.rename(tmp, kept)
+        raise OutputExistsError(
+            f"{output} appeared while this run was writing it (not written by struprune); it was left "
+            f"as it is and the result was saved to {kept} instead. Fix: move {kept} where you want it"
+        ) from err
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def add_to_manifest(folder: str | os.PathLike, names: Iterable[str]) -> None:

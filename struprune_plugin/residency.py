@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -36,15 +35,15 @@ class ShardReader:
     `safe_open` memory-maps each shard, so asking for one tensor reads only its bytes."""
 
     def __init__(self, folder: str | Path):
-        from .checkpoint import _weight_files
+        from .checkpoint import _weight_files, read_weight_map
 
         self.folder = Path(folder)
         self.files = _weight_files(self.folder)
         self._handles: dict[str, object] = {}
         self.key_file: dict[str, str] = {}
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            self.key_file = dict(json.loads(index.read_text())["weight_map"])
+        weight_map = read_weight_map(self.folder)  # shard names checked to lie inside the folder
+        if weight_map is not None:
+            self.key_file = dict(weight_map)
         else:
             for name in self.files:
                 for key in self._handle(name).keys():  # noqa: SIM118 (safe_open is no dict)

@@ -132,17 +132,30 @@ def _read_plain(path: Path) -> str:
         ) from err
 
 
-def read_text_source(source: str | os.PathLike, text_field: str = "text") -> TextSource:
-    """Read a local text source into one string (records joined by blank lines), with its sha256.
-
-    `source`: a `.txt` (or any other UTF-8) file, a `.jsonl` / `.json` file of records whose
-    `text_field` holds the text, a `.parquet` / `.csv` / `.arrow` file, or a `save_to_disk` folder."""
+def check_text_source(source: str | os.PathLike) -> Path:
+    """A text source exists and is a regular file or a folder: checked before a model is loaded,
+    since a named pipe or a device (`/dev/zero`) would make the read wait forever or never end."""
     path = Path(source).expanduser()
     if not path.exists():
         raise CalibrationDataError(
             f"text source {str(source)!r} does not exist. Fix: pass a local file or dataset folder "
             "(nothing is downloaded)"
         )
+    if not path.is_dir() and not path.is_file():
+        raise CalibrationDataError(
+            f"text source {str(source)!r} is not a regular file or folder (a named pipe, socket or "
+            "device); reading it could wait forever or never end. Fix: save the text to a file and "
+            "pass that file"
+        )
+    return path
+
+
+def read_text_source(source: str | os.PathLike, text_field: str = "text") -> TextSource:
+    """Read a local text source into one string (records joined by blank lines), with its sha256.
+
+    `source`: a `.txt` (or any other UTF-8) file, a `.jsonl` / `.json` file of records whose
+    `text_field` holds the text, a `.parquet` / `.csv` / `.arrow` file, or a `save_to_disk` folder."""
+    path = check_text_source(source)
     if path.is_dir():
         kind, texts = "dataset", _read_dataset(path, text_field)
         digest = _digest_files([p for p in path.rglob("*") if p.is_file()])

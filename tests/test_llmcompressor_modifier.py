@@ -133,7 +133,9 @@ def test_ignored_layers_stay_dense_and_mlp_only_keeps_heads(tiny):
 def test_unknown_and_invalid_recipe_keys_fail_validation():
     from llmcompressor.recipe import Recipe
 
-    with pytest.raises(ValidationError, match="sparsty"):
+    from struprune_plugin.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"no setting 'sparsty'.*Fix: rename 'sparsty' to 'sparsity'"):
         Recipe.create_instance(YAML.replace("sparsity", "sparsty"))
     with pytest.raises(ValidationError, match="sparsity must be in"):
         StructPruneModifier(sparsity=1.5)

@@ -4,7 +4,8 @@ Runs one row and adds it to integration/results/llmcompressor.{json,md}:
 
 * `--row structprune` (default): a StructPrune recipe (`--recipe`, default recipes/structprune_30.yaml);
   the pruned model is written to `output_dir` by oneshot, reloaded from there with `load_pruned`,
-  checked against the in-memory model, and evaluated.
+  checked against the in-memory model, and evaluated. A run that leaves the model dense stops
+  with an error instead of recording a row (the recipe's modifier never ran).
 * `--row wanda` / `--row sparsegpt`: llm-compressor's own `WandaPruningModifier` /
   `SparseGPTModifier`, unstructured, at the same sparsity of the same linears, so the same number
   of weights survive (as zeros inside dense matrices: no smaller model, no speed-up). Evaluated in
@@ -38,6 +39,7 @@ from struprune_plugin.architectures import model_view, prunable_parameter_count
 from struprune_plugin.checkpoint import load_pruned
 from struprune_plugin.cli import evaluate_texts
 from struprune_plugin.data import ensure_texts, sample_calibration, tokenize
+from struprune_plugin.errors import RecipeError
 from struprune_plugin.memory import RssSampler
 from struprune_plugin.zoo import resolve_model
 
@@ -59,6 +61,21 @@ sparsity_stage:
       targets: [Linear]
       ignore: [lm_head]
 """
+
+
+def check_recipe(path: Path) -> None:
+    """The structprune row needs a recipe that llm-compressor parses into a StructPruneModifier.
+    Parsing refuses entries under keys llm-compressor skips (see recipes/README.md); a recipe with
+    no such entry at all (e.g. a Wanda one) would still run, on the dense model."""
+    from llmcompressor.recipe import Recipe
+
+    from struprune_plugin.llmcompressor_modifier import StructPruneModifier
+
+    if not any(isinstance(m, StructPruneModifier) for m in Recipe.create_instance(str(path)).modifiers):
+        raise RecipeError(
+            f"{path} has no StructPruneModifier, so the structprune row would record a dense model. Fix: "
+            "pass a StructPrune recipe with --recipe, e.g. recipes/structprune_30.yaml"
+        )
 
 
 def zero_fraction(model) -> float:
@@ -117,6 +134,8 @@ def main() -> int:
 
     from llmcompressor import oneshot
 
+    if args.row == "structprune":
+        check_recipe(args.recipe)  # in a second, not after loading the model and the data
     folder = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -143,6 +162,11 @@ def main() -> int:
     seconds = time.perf_counter() - start
     if structured:
         sparsity = 1 - prunable_parameter_count(model) / prunable_before
+        if sparsity <= 0:  # no row for a dense model, whatever the reason
+            raise RecipeError(
+                f"oneshot left the model dense with {args.recipe}. Fix: give its StructPruneModifier a "
+                "sparsity above 0, nested as '<name>_stage:' -> '<name>_modifiers:' -> 'StructPruneModifier:'"
+            )
         reloaded = load_pruned(output)
         probe = ids[:2, :64]
         with torch.no_grad():

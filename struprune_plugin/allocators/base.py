@@ -94,6 +94,10 @@ class Allocator(ABC):
         return {"allocation": self.name, **self.options()}
 
 
+#: The largest depth prior accepted: a hundred times the spread of the normalised energies.
+MAX_DEPTH_PRIOR = 100.0
+
+
 class SoftmaxAllocator(Allocator):
     """The paper's rule over some per-layer energy: a temperature softmax (Fermi-Dirac) with the
     exact budget, after log + z-score normalisation across layers. T = inf is uniform, T -> 0
@@ -127,8 +131,13 @@ class SoftmaxAllocator(Allocator):
             )
         if max_deviation is not None and relative_deviation is not None:
             raise ValueError("give max_deviation (absolute) or relative_deviation, not both")
-        if not (is_number(depth_prior) and 0 <= float(depth_prior) < math.inf):
-            raise ValueError(f"depth_prior must be a finite weight >= 0 (0: none); got {depth_prior!r}")
+        if not (is_number(depth_prior) and 0 <= float(depth_prior) <= MAX_DEPTH_PRIOR):
+            raise ValueError(
+                f"depth_prior must be a weight in [0, {MAX_DEPTH_PRIOR:g}] (0: none); got {depth_prior!r}. "
+                f"The energies it is weighed against are z-scores of order 1: at {MAX_DEPTH_PRIOR:g} depth "
+                "alone already orders the layers, and larger weights only overflow. Fix: a weight "
+                f"between 0 and {MAX_DEPTH_PRIOR:g}"
+            )
         self.depth_prior = float(depth_prior)
         self.temperature = float(temperature)
         self.normalisation = normalisation

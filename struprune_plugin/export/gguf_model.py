@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import StructPruneError
-from ..outputs import check_output_file, temp_sibling
+from ..outputs import check_output_file, output_lock, place_file, temp_sibling
 from .gguf_vocab import add_vocabulary
 
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -155,18 +155,29 @@ def export_gguf(
     """Write `folder` (a `save_pruned` folder or a plain HF Llama folder) as the GGUF file `out`.
 
     The file is written next to `out` under a temporary name and renamed into place, so an
-    interrupted export leaves no partial file behind."""
+    interrupted export leaves no partial file behind. The output may not lie inside the folder
+    being read, and `overwrite` replaces only a GGUF file (`outputs.check_output_file`)."""
+    if outtype not in OUTTYPES:
+        raise GGUFExportError(f"unknown outtype {outtype!r}; choose one of {OUTTYPES}")
+    folder, out = Path(folder), Path(out)
+    check_output_file(out, "GGUF output", [folder], overwrite, ours=is_gguf_file)
+    with output_lock(out):
+        check_output_file(out, "GGUF output", [folder], overwrite, ours=is_gguf_file)
+        return _export_gguf(folder, out, outtype, overwrite)
+
+
+def is_gguf_file(path: Path) -> bool:
+    """A GGUF file starts with the magic `GGUF`: `--overwrite` replaces only such a file."""
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GGUF"
+
+
+def _export_gguf(folder: Path, out: Path, outtype: str, overwrite: bool) -> GGUFExport:
     import gguf
 
     from ..architectures import is_uniform, layer_layout
     from ..checkpoint import load_pruned, read_model_config
 
-    if outtype not in OUTTYPES:
-        raise GGUFExportError(f"unknown outtype {outtype!r}; choose one of {OUTTYPES}")
-    folder, out = Path(folder), Path(out)
-    if out.exists() and not overwrite:
-        raise GGUFExportError(f"{out} exists; choose another path or pass overwrite")
-    check_output_file(out, "GGUF output")
     config = read_model_config(folder)
     _check_supported(config)
     model = load_pruned(folder, dtype=torch.float32)
@@ -223,7 +234,7 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
+        place_file(tmp, out, overwrite)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)

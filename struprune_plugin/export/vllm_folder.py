@@ -130,9 +130,10 @@ def export_vllm(folder: str | os.PathLike, out: str | os.PathLike, overwrite: bo
 
     from ..architectures import is_uniform, layer_layout
     from ..checkpoint import load_pruned, read_model_config
-    from ..outputs import write_folder_atomically
+    from ..outputs import check_output_folder, write_folder_atomically
 
     folder = Path(folder)
+    check_output_folder(out, [folder], overwrite)  # before the model is loaded
     config = read_model_config(folder)
     model = load_pruned(folder)
     layout = layer_layout(model)
