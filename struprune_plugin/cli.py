@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .admm import RIDGE_SCALES
 from .allocators import ALLOCATIONS, DEFAULT_TEMPERATURE
-from .data import cache_dir, ensure_texts, sample_calibration, tokenize
+from .data import TEXT_SHA256, cache_dir, ensure_texts, sample_calibration, tokenize
 from .errors import CheckpointError, StructPruneError, first_line
 
 EVAL_TEXTS = ("wiki_test", "news")
@@ -245,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=_int_at_least(1), default=128, help="calibration windows")
     p.add_argument("--calib-len", type=_int_at_least(2), default=512, help="tokens per calibration window")
     p.add_argument(
-        "--calib-text", default="wiki_train", help="built-in split to sample calibration windows from"
+        "--calib-text",
+        default="wiki_train",
+        choices=sorted(TEXT_SHA256),
+        help="built-in split to sample calibration windows from",
     )
     p.add_argument(
         "--calib-data",

@@ -43,8 +43,16 @@ MIN_PARAGRAPH_CHARS = 40
 
 def cache_dir() -> Path:
     """Where built models and texts live: $STRUPRUNE_CACHE or ~/.cache/struprune."""
-    root = os.environ.get("STRUPRUNE_CACHE") or Path.home() / ".cache" / "struprune"
-    return Path(root)
+    root = Path(os.environ.get("STRUPRUNE_CACHE") or Path.home() / ".cache" / "struprune").expanduser()
+    for folder in (root, *root.parents):  # the first one that exists must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise DataIntegrityError(
+                    f"the cache folder {root} cannot be created: {folder} is not a folder. Fix: point "
+                    "STRUPRUNE_CACHE at a folder (or unset it for ~/.cache/struprune)"
+                )
+            break
+    return root
 
 
 def _gensim_test_data() -> Path:
@@ -154,7 +162,9 @@ class TextCorpus:
 
     def path(self, split: str) -> Path:
         if split not in TEXT_SHA256:
-            raise CalibrationDataError(f"unknown text split {split!r}; choose one of {sorted(TEXT_SHA256)}")
+            raise CalibrationDataError(
+                f"unknown text split {split!r}. Fix: choose one of {', '.join(sorted(TEXT_SHA256))}"
+            )
         return self.root / f"{split}.txt"
 
     def read(self, split: str) -> str:

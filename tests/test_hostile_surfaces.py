@@ -425,3 +425,24 @@ def test_modifier_report_never_lands_in_the_model_folder_or_on_foreign_files(mod
     with pytest.raises(OutputExistsError, match="replaces only a file"):
         StructPruneModifier(sparsity=0.3, report_path=str(notes)).on_initialize(State(model=model))
     assert notes.read_text() == '{"mine": 1}'
+
+
+# -- beyond the list: the same faults in the other paths a run reads --------------------------------
+
+
+def test_a_cache_path_that_is_a_file_is_named(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("STRUPRUNE_CACHE", str(blocker / "cache"))
+    args = ["--method", "wanda-sp", "--no-eval", *QUICK, "--output", tmp_path / "out"]
+    assert _run("prune", "--model", "tiny", *args) == 2
+    _one_line_error(capsys, "STRUPRUNE_CACHE", "a-file")
+
+
+def test_unknown_calibration_split_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _run("prune", "--model", "tiny", "--calib-text", "wiki_tets", "--output", tmp_path / "out")
+    assert exit_.value.code == 2
+    assert "wiki_train" in capsys.readouterr().err
+    assert _run("eval", "tiny", "--texts", "wiki_tets", "--no-progress") == 2
+    _one_line_error(capsys, "unknown text split 'wiki_tets'")
