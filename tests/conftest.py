@@ -183,3 +183,33 @@ def folder_tensors(folder) -> dict[str, torch.Tensor]:
     for f in sorted(Path(folder).glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def run_cli(*argv) -> int:
+    """`struprune ARGV` in this process (paths and numbers may be passed as they are)."""
+    from struprune_plugin.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def tree_digest(folder: Path) -> str:
+    """Every file below `folder`, names and bytes: equal digests mean nothing was touched."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(folder)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def one_line_error(capsys, *needles: str) -> str:
+    """The CLI's refusal: one `struprune: error:` line, no traceback, naming `needles` and a fix."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("struprune: error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Fix" in lines[0]
+    return lines[0]

@@ -7,7 +7,6 @@ The ONNX export's remote-code cases live in test_onnx_export.py (they need the e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import VOCAB, logits, make_model
+from conftest import VOCAB, logits, make_model, one_line_error, run_cli, tree_digest
 from struprune_plugin.checkpoint import load_pruned, save_pruned
 from struprune_plugin.cli import main
 from struprune_plugin.engine import PruneConfig, missed_budget, prune_model
@@ -43,29 +42,6 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("STRUPRUNE_CACHE", str(tmp_path / "cache"))
 
 
-def _run(*argv) -> int:
-    return main([str(a) for a in argv])
-
-
-def _digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            h.update(str(f.relative_to(folder)).encode() + f.read_bytes())
-    return h.hexdigest()
-
-
-def _one_line_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("struprune: error:")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert "Fix" in lines[0]
-    return lines[0]
-
-
 @pytest.fixture
 def model_copy(tmp_path, tiny_trained_dir) -> Path:
     """A writable copy of the tiny model inside a folder the user also keeps other files in."""
@@ -80,18 +56,18 @@ def model_copy(tmp_path, tiny_trained_dir) -> Path:
 
 def test_overwrite_never_deletes_the_folder_holding_the_input(model_copy, capsys):
     home = model_copy.parent
-    before = _digest(home)
-    assert _run("prune", "--model", model_copy, "--output", home, "--overwrite", "--no-eval", *QUICK) == 2
-    _one_line_error(capsys, "contains the input model folder")
-    assert _digest(home) == before
+    before = tree_digest(home)
+    assert run_cli("prune", "--model", model_copy, "--output", home, "--overwrite", "--no-eval", *QUICK) == 2
+    one_line_error(capsys, "contains the input model folder")
+    assert tree_digest(home) == before
 
 
 def test_output_inside_the_input_is_refused(model_copy, capsys):
-    before = _digest(model_copy)
+    before = tree_digest(model_copy)
     out = model_copy / "pruned"
-    assert _run("prune", "--model", model_copy, "--output", out, "--no-eval", *QUICK) == 2
-    _one_line_error(capsys, "lies inside the input model folder")
-    assert _digest(model_copy) == before and not out.exists()
+    assert run_cli("prune", "--model", model_copy, "--output", out, "--no-eval", *QUICK) == 2
+    one_line_error(capsys, "lies inside the input model folder")
+    assert tree_digest(model_copy) == before and not out.exists()
 
 
 def test_overwrite_replaces_only_a_previous_struprune_output(tmp_path, capsys):
@@ -99,18 +75,18 @@ def test_overwrite_replaces_only_a_previous_struprune_output(tmp_path, capsys):
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"\xff\xd8 not a model")
     args = ["prune", "--model", "tiny", "--method", "magnitude", "--sparsity", "0.2", "--no-eval", *QUICK]
-    assert _run(*args, "--output", foreign, "--overwrite") == 2
-    _one_line_error(capsys, "holds other content (holiday.jpg)")
+    assert run_cli(*args, "--output", foreign, "--overwrite") == 2
+    one_line_error(capsys, "holds other content (holiday.jpg)")
     assert (foreign / "holiday.jpg").read_bytes() == b"\xff\xd8 not a model"
 
     out = tmp_path / "pruned"
-    assert _run(*args, "--output", out) == 0
-    assert _run(*args, "--output", out, "--overwrite") == 0  # its own previous output: replaced
+    assert run_cli(*args, "--output", out) == 0
+    assert run_cli(*args, "--output", out, "--overwrite") == 0  # its own previous output: replaced
     assert json.loads((out / "struprune_manifest.json").read_text())["files"]
     (out / "my-eval.json").write_text("{}")  # a file of the user's in it
     capsys.readouterr()
-    assert _run(*args, "--output", out, "--overwrite") == 2
-    _one_line_error(capsys, "my-eval.json")
+    assert run_cli(*args, "--output", out, "--overwrite") == 2
+    one_line_error(capsys, "my-eval.json")
     assert (out / "my-eval.json").exists()
 
 
@@ -120,8 +96,10 @@ def test_bad_output_paths_fail_before_any_work(where, tmp_path, monkeypatch, cap
     (tmp_path / "a-file").write_text("x")
     output = {"cwd": ".", "file-parent": "a-file/out", "unwritable": "/proc/struprune-out"}[where]
     # --calib-len 100000 would fail only once the model is loaded: the output check comes first
-    assert _run("prune", "--model", "tiny", "--output", output, "--overwrite", "--calib-len", "100000") == 2
-    _one_line_error(capsys, "output folder")
+    assert (
+        run_cli("prune", "--model", "tiny", "--output", output, "--overwrite", "--calib-len", "100000") == 2
+    )
+    one_line_error(capsys, "output folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
@@ -130,13 +108,13 @@ def test_read_only_output_parent_fails_before_any_work(tmp_path, capsys):
         pytest.skip("root writes into read-only folders; the /proc case above covers unwritable paths")
     parent = tmp_path / "ro"
     parent.mkdir(mode=0o555)
-    assert _run("prune", "--model", "tiny", "--output", parent / "out", "--no-eval", *QUICK) == 2
-    _one_line_error(capsys, "cannot be written")
+    assert run_cli("prune", "--model", "tiny", "--output", parent / "out", "--no-eval", *QUICK) == 2
+    one_line_error(capsys, "cannot be written")
 
 
 def test_unwritable_eval_output_and_modifier_report_fail_before_any_work(tmp_path, capsys):
-    assert _run("eval", "tiny", "--output", "/proc/struprune/eval.json", *QUICK_EVAL) == 2
-    _one_line_error(capsys, "--output")
+    assert run_cli("eval", "tiny", "--output", "/proc/struprune/eval.json", *QUICK_EVAL) == 2
+    one_line_error(capsys, "--output")
     pytest.importorskip("llmcompressor")
     from llmcompressor.core import State
 
@@ -154,7 +132,7 @@ def test_dense_perplexity_cache_follows_the_weights_content(model_copy, tmp_path
     """Weights replaced by others of the same size and modification time (what a copy with -p
     gives) must not reuse the cached dense perplexity; it must equal a fresh computation."""
     args = ["prune", "--model", model_copy, "--method", "magnitude", "--sparsity", "0.2", *QUICK, *QUICK_EVAL]
-    assert _run(*args, "--output", tmp_path / "a") == 0
+    assert run_cli(*args, "--output", tmp_path / "a") == 0
     first = json.loads((tmp_path / "a" / "struprune_report.json").read_text())["perplexity"]["wiki_test"]
 
     weights = model_copy / "model.safetensors"
@@ -166,7 +144,7 @@ def test_dense_perplexity_cache_follows_the_weights_content(model_copy, tmp_path
     assert weights.stat().st_size == stat.st_size
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
-    assert _run(*args, "--output", tmp_path / "b") == 0
+    assert run_cli(*args, "--output", tmp_path / "b") == 0
     second = json.loads((tmp_path / "b" / "struprune_report.json").read_text())["perplexity"]["wiki_test"]
     from transformers import AutoTokenizer
 
@@ -185,8 +163,8 @@ def test_pickled_weights_are_never_loaded(tmp_path, tiny_trained_dir, capsys):
     (folder / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"only as pickles \(pytorch_model.bin\)"):
         load_pruned(folder)
-    assert _run("eval", folder, *QUICK_EVAL) == 2
-    _one_line_error(capsys, "pickles")
+    assert run_cli("eval", folder, *QUICK_EVAL) == 2
+    one_line_error(capsys, "pickles")
 
 
 # -- 4. a config that contradicts its layout -----------------------------------------------------
@@ -235,8 +213,8 @@ def test_damaged_weights_are_named_with_a_fix(damage, tmp_path, tiny_trained_dir
     )
     with pytest.raises(CheckpointError, match=r"model\.safetensors .* not a readable safetensors file"):
         load_pruned(folder)
-    assert _run("eval", folder, *QUICK_EVAL) == 2
-    _one_line_error(capsys, str(weights))
+    assert run_cli("eval", folder, *QUICK_EVAL) == 2
+    one_line_error(capsys, str(weights))
 
 
 @pytest.mark.parametrize(
@@ -261,8 +239,8 @@ def test_unreadable_folders_give_one_line(damage, needle, tmp_path, tiny_trained
         config.write_text(config.read_text().replace('"llama"', '"gpt_foo"'))
     else:
         (folder / "model.safetensors").unlink()
-    assert _run("eval", folder, *QUICK_EVAL) == 2
-    line = _one_line_error(capsys, needle)
+    assert run_cli("eval", folder, *QUICK_EVAL) == 2
+    line = one_line_error(capsys, needle)
     assert "sentencepiece" not in line
 
 
@@ -277,18 +255,19 @@ def test_tokenizer_beyond_the_vocabulary_is_refused(tmp_path, tiny_trained_dir, 
     folder = tmp_path / "small-vocab"
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_trained_dir).save_pretrained(folder)
-    assert _run("eval", folder, *QUICK_EVAL) == 2
-    _one_line_error(capsys, "embedding has 1000 rows", "model's own tokenizer")
+    assert run_cli("eval", folder, *QUICK_EVAL) == 2
+    one_line_error(capsys, "embedding has 1000 rows", "model's own tokenizer")
 
 
 def test_windows_beyond_the_models_positions_are_refused(tmp_path, capsys):
     # the tiny model has 512 positions
-    assert _run("eval", "tiny", "--eval-seq-len", "600", "--texts", "wiki_test") == 2
-    _one_line_error(capsys, "exceed the model's 512 positions", "--eval-seq-len 512")
+    assert run_cli("eval", "tiny", "--eval-seq-len", "600", "--texts", "wiki_test") == 2
+    one_line_error(capsys, "exceed the model's 512 positions", "--eval-seq-len 512")
     assert (
-        _run("prune", "--model", "tiny", "--calib-len", "600", "--no-eval", "--output", tmp_path / "x") == 2
+        run_cli("prune", "--model", "tiny", "--calib-len", "600", "--no-eval", "--output", tmp_path / "x")
+        == 2
     )
-    _one_line_error(capsys, "exceed the model's 512 positions", "--calib-len 512")
+    one_line_error(capsys, "exceed the model's 512 positions", "--calib-len 512")
     opt = make_model("opt")  # learned positions: the old failure was a crash inside torch.embedding
     with pytest.raises(CalibrationDataError, match="positions"):
         perplexity(opt, torch.randint(0, VOCAB, (400,)), seq_len=200, progress=False)
@@ -301,10 +280,12 @@ def test_windows_beyond_the_models_positions_are_refused(tmp_path, capsys):
 def test_unusable_devices_are_named(device, tmp_path, capsys):
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert _run("prune", "--model", "tiny", "--device", device, "--no-eval", "--output", tmp_path / "x") == 2
-    _one_line_error(capsys, repr(device))
-    assert _run("eval", "tiny", "--device", device) == 2
-    _one_line_error(capsys, repr(device))
+    assert (
+        run_cli("prune", "--model", "tiny", "--device", device, "--no-eval", "--output", tmp_path / "x") == 2
+    )
+    one_line_error(capsys, repr(device))
+    assert run_cli("eval", "tiny", "--device", device) == 2
+    one_line_error(capsys, repr(device))
 
 
 # -- 8. SIGTERM during the save -----------------------------------------------------------------
@@ -349,13 +330,13 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_save(tmp_path):
 
 def test_unreachable_sparsity_is_refused_before_work_or_accepted_explicitly(tmp_path, capsys):
     base = ["prune", "--model", "tiny", "--method", "magnitude", "--no-eval", *QUICK]
-    assert _run(*base, "--units", "heads", "--sparsity", "0.3", "--output", tmp_path / "a") == 2
-    _one_line_error(capsys, "out of reach", "--allow-shortfall")
+    assert run_cli(*base, "--units", "heads", "--sparsity", "0.3", "--output", tmp_path / "a") == 2
+    one_line_error(capsys, "out of reach", "--allow-shortfall")
     assert not (tmp_path / "a").exists()
-    assert _run(*base, "--sparsity", "0.999", "--output", tmp_path / "a") == 2
-    _one_line_error(capsys, "out of reach")
+    assert run_cli(*base, "--sparsity", "0.999", "--output", tmp_path / "a") == 2
+    one_line_error(capsys, "out of reach")
     out = tmp_path / "b"
-    assert _run(*base, "--units", "heads", "--sparsity", "0.3", "--allow-shortfall", "--output", out) == 0
+    assert run_cli(*base, "--units", "heads", "--sparsity", "0.3", "--allow-shortfall", "--output", out) == 0
     pruning = json.loads((out / "struprune_report.json").read_text())["pruning"]
     assert pruning["achieved_sparsity"] < 0.2 and "misses the requested 0.3000" in pruning["budget_missed"]
     assert "warning: achieved sparsity" in capsys.readouterr().err
@@ -424,7 +405,7 @@ def test_api_inputs_are_read_as_meant():
 
 
 def test_library_failures_reach_the_user_as_one_line(capsys):
-    assert _run("eval", "/nonexistent/folder") == 2
-    _one_line_error(capsys, "neither a known model name")
-    assert _run("prune", "--model", "tiny", "--sparsity", "1.5") == 2
-    _one_line_error(capsys, "must be in [0, 1)")
+    assert run_cli("eval", "/nonexistent/folder") == 2
+    one_line_error(capsys, "neither a known model name")
+    assert run_cli("prune", "--model", "tiny", "--sparsity", "1.5") == 2
+    one_line_error(capsys, "must be in [0, 1)")

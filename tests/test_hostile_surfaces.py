@@ -8,7 +8,7 @@ turned into a failure by a watchdog, never into a hung suite.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import shutil
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from conftest import one_line_error, run_cli, tree_digest
 from struprune_plugin.checkpoint import load_pruned, read_model_config, save_pruned
-from struprune_plugin.cli import main
 from struprune_plugin.engine import PruneConfig
 from struprune_plugin.errors import (
     CheckpointError,
@@ -43,29 +43,6 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("STRUPRUNE_CACHE", str(tmp_path / "cache"))
 
 
-def _run(*argv) -> int:
-    return main([str(a) for a in argv])
-
-
-def _digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            h.update(str(f.relative_to(folder)).encode() + f.read_bytes())
-    return h.hexdigest()
-
-
-def _one_line_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("struprune: error:")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert "Fix" in lines[0]
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory) -> Path:
     """A folder `struprune prune` wrote (per-layer widths), made once; tests only read it."""
@@ -73,7 +50,8 @@ def pruned(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STRUPRUNE_CACHE", str(out.parent / "cache"))
         assert (
-            _run("prune", "--model", "tiny", "--sparsity", "0.3", "--no-eval", *QUICK, "--output", out) == 0
+            run_cli("prune", "--model", "tiny", "--sparsity", "0.3", "--no-eval", *QUICK, "--output", out)
+            == 0
         )
     return out
 
@@ -100,46 +78,46 @@ def _edit_config(folder: Path, **fields) -> None:
 
 
 def test_gguf_export_never_writes_inside_the_folder_it_reads(pruned, capsys):
-    before = _digest(pruned)
+    before = tree_digest(pruned)
     for target in ("model.safetensors", "model.gguf"):
-        assert _run("export", "gguf", pruned, pruned / target, "--overwrite") == 2
-        _one_line_error(capsys, "lies inside the input model folder")
-    assert _digest(pruned) == before
+        assert run_cli("export", "gguf", pruned, pruned / target, "--overwrite") == 2
+        one_line_error(capsys, "lies inside the input model folder")
+    assert tree_digest(pruned) == before
 
 
 def test_gguf_overwrite_replaces_only_a_gguf_file(pruned, tmp_path, capsys):
     weights = tmp_path / "other-weights.safetensors"
     shutil.copyfile(pruned / "model.safetensors", weights)
     before = weights.read_bytes()
-    assert _run("export", "gguf", pruned, weights, "--overwrite") == 2
-    _one_line_error(capsys, "replaces only a file this command wrote")
+    assert run_cli("export", "gguf", pruned, weights, "--overwrite") == 2
+    one_line_error(capsys, "replaces only a file this command wrote")
     assert weights.read_bytes() == before
 
     out = tmp_path / "model.gguf"
-    assert _run("export", "gguf", pruned, out) == 0
-    assert _run("export", "gguf", pruned, out) == 2  # exists, no --overwrite
-    _one_line_error(capsys, "already exists")
-    assert _run("export", "gguf", pruned, out, "--overwrite", "--outtype", "f32") == 0
+    assert run_cli("export", "gguf", pruned, out) == 0
+    assert run_cli("export", "gguf", pruned, out) == 2  # exists, no --overwrite
+    one_line_error(capsys, "already exists")
+    assert run_cli("export", "gguf", pruned, out, "--overwrite", "--outtype", "f32") == 0
     assert out.read_bytes()[:4] == b"GGUF"
 
 
 def test_eval_output_never_lands_in_the_model_folder_or_on_foreign_files(pruned, tmp_path, capsys):
-    before = _digest(pruned)
-    assert _run("eval", pruned, "--output", pruned / "config.json", "--overwrite", *QUICK_EVAL) == 2
-    _one_line_error(capsys, "lies inside the input model folder")
-    assert _digest(pruned) == before
+    before = tree_digest(pruned)
+    assert run_cli("eval", pruned, "--output", pruned / "config.json", "--overwrite", *QUICK_EVAL) == 2
+    one_line_error(capsys, "lies inside the input model folder")
+    assert tree_digest(pruned) == before
 
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": 1}')
-    assert _run("eval", "tiny", "--output", notes, *QUICK_EVAL) == 2
-    _one_line_error(capsys, "already exists")
-    assert _run("eval", "tiny", "--output", notes, "--overwrite", *QUICK_EVAL) == 2
-    _one_line_error(capsys, "replaces only a file this command wrote")
+    assert run_cli("eval", "tiny", "--output", notes, *QUICK_EVAL) == 2
+    one_line_error(capsys, "already exists")
+    assert run_cli("eval", "tiny", "--output", notes, "--overwrite", *QUICK_EVAL) == 2
+    one_line_error(capsys, "replaces only a file this command wrote")
     assert notes.read_text() == '{"mine": 1}'
 
     results = tmp_path / "eval.json"
-    assert _run("eval", "tiny", "--output", results, *QUICK_EVAL) == 0
-    assert _run("eval", "tiny", "--output", results, "--overwrite", *QUICK_EVAL) == 0
+    assert run_cli("eval", "tiny", "--output", results, *QUICK_EVAL) == 0
+    assert run_cli("eval", "tiny", "--output", results, "--overwrite", *QUICK_EVAL) == 0
     assert "perplexity" in json.loads(results.read_text())
 
 
@@ -150,11 +128,11 @@ def test_vllm_export_refuses_its_input_before_loading(pruned, capsys, monkeypatc
         raise AssertionError("the model was loaded before the output was checked")
 
     monkeypatch.setattr(checkpoint, "load_pruned", loading)
-    assert _run("export", "vllm", pruned, pruned / "vllm") == 2
-    _one_line_error(capsys, "lies inside the input model folder")
+    assert run_cli("export", "vllm", pruned, pruned / "vllm") == 2
+    one_line_error(capsys, "lies inside the input model folder")
 
 
-def test_onnx_export_outside_its_environment_says_where_to_run(tmp_path, pruned):
+def test_onnx_export_outside_its_environment_says_where_torun_cli(tmp_path, pruned):
     try:
         import optimum.exporters.onnx  # noqa: F401
     except ImportError:
@@ -188,8 +166,8 @@ def test_index_naming_shards_outside_the_folder_is_refused(model_copy, tmp_path,
     (model_copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     out = tmp_path / "out"
     extra = ["--stream-weights"] if stream else []
-    assert _run("prune", "--model", model_copy, *MAGNITUDE, *extra, "--output", out) == 2
-    _one_line_error(capsys, "inside", "x.safetensors")
+    assert run_cli("prune", "--model", model_copy, *MAGNITUDE, *extra, "--output", out) == 2
+    one_line_error(capsys, "inside", "x.safetensors")
     assert not out.exists()
     with pytest.raises(CheckpointError, match="inside"):
         load_pruned(model_copy)
@@ -215,8 +193,8 @@ def test_a_second_run_on_the_same_output_is_refused_at_its_start(tmp_path, capsy
         assert holder.stdout.readline().strip() == "held"
         start = time.perf_counter()
         # --calib-len 100000 would fail only once the model is loaded: the claim comes first
-        assert _run("prune", "--model", "tiny", *MAGNITUDE, "--output", out, "--calib-len", "100000") == 2
-        _one_line_error(capsys, "another struprune run", f"process {holder.pid}")
+        assert run_cli("prune", "--model", "tiny", *MAGNITUDE, "--output", out, "--calib-len", "100000") == 2
+        one_line_error(capsys, "another struprune run", f"process {holder.pid}")
         assert time.perf_counter() - start < 60
         assert not out.exists()
     finally:
@@ -224,7 +202,7 @@ def test_a_second_run_on_the_same_output_is_refused_at_its_start(tmp_path, capsy
         holder.wait()
     # the holder died without releasing: the kernel dropped its lock, so the next run proceeds
     assert lock_path(out).exists()
-    assert _run("prune", "--model", "tiny", *MAGNITUDE, "--output", out) == 0
+    assert run_cli("prune", "--model", "tiny", *MAGNITUDE, "--output", out) == 0
     assert (out / "struprune_manifest.json").is_file() and not lock_path(out).exists()
 
 
@@ -280,8 +258,8 @@ def test_the_claim_is_one_per_process_and_released(tmp_path):
 def test_config_naming_more_layers_than_the_weights_hold_fails_fast(model_copy, tmp_path, capsys):
     _edit_config(model_copy, num_hidden_layers=400)
     start = time.perf_counter()
-    assert _run("prune", "--model", model_copy, *MAGNITUDE, "--output", tmp_path / "out") == 2
-    _one_line_error(capsys, "names 400 decoder layers", "layers 4-399 have no weights")
+    assert run_cli("prune", "--model", model_copy, *MAGNITUDE, "--output", tmp_path / "out") == 2
+    one_line_error(capsys, "names 400 decoder layers", "layers 4-399 have no weights")
     assert time.perf_counter() - start < 120
     _edit_config(model_copy, num_hidden_layers=2)  # fewer: layers 2-3 would be dropped silently
     with pytest.raises(CheckpointError, match="also hold layers 2-3"):
@@ -289,17 +267,20 @@ def test_config_naming_more_layers_than_the_weights_hold_fails_fast(model_copy, 
 
 
 class _Unblock:
-    """Opens a named pipe for writing after `seconds` (then closes it), so a reader that blocks on
-    it gets end-of-file: a regression fails the test instead of hanging the suite."""
+    """After `seconds`, keeps opening a named pipe for writing (and closing it) until the block
+    ends, so a reader that blocks on it, however often it opens it, gets end-of-file: a regression
+    fails the test instead of hanging the suite."""
 
     def __init__(self, fifo: Path, seconds: float = 60.0):
         self.fifo, self.done = fifo, threading.Event()
         self.thread = threading.Thread(target=self._run, args=(seconds,), daemon=True)
 
     def _run(self, seconds: float) -> None:
-        if not self.done.wait(seconds):
-            with open(self.fifo, "w"):
-                pass
+        if self.done.wait(seconds):
+            return
+        while not self.done.wait(0.2):
+            with contextlib.suppress(OSError):  # non-blocking: ENXIO while no reader has it open
+                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
 
     def __enter__(self):
         self.thread.start()
@@ -319,11 +300,11 @@ def test_a_named_pipe_as_text_source_is_refused_not_read(tmp_path, option, capsy
     else:
         command += ["--no-eval", "--calib-data", fifo]
     with _Unblock(fifo):
-        assert _run(*command) == 2
-    _one_line_error(capsys, "not a regular file", "text.fifo")
+        assert run_cli(*command) == 2
+    one_line_error(capsys, "not a regular file", "text.fifo")
     with _Unblock(fifo):
-        assert _run("eval", "tiny", "--text", fifo, "--no-progress") == 2
-    _one_line_error(capsys, "not a regular file")
+        assert run_cli("eval", "tiny", "--text", fifo, "--no-progress") == 2
+    one_line_error(capsys, "not a regular file")
 
 
 @pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model.safetensors"])
@@ -331,8 +312,8 @@ def test_a_named_pipe_inside_the_model_folder_is_refused(model_copy, tmp_path, n
     (model_copy / name).unlink()
     os.mkfifo(model_copy / name)
     with _Unblock(model_copy / name):
-        assert _run("eval", model_copy, *QUICK_EVAL) == 2
-    _one_line_error(capsys, "not a regular file" if name == "config.json" else "not regular files", name)
+        assert run_cli("eval", model_copy, *QUICK_EVAL) == 2
+    one_line_error(capsys, "not a regular file" if name == "config.json" else "not regular files", name)
 
 
 # -- 6. sizes in config.json ----------------------------------------------------------------------
@@ -344,14 +325,14 @@ def test_a_named_pipe_inside_the_model_folder_is_refused(model_copy, tmp_path, n
 )
 def test_invalid_sizes_in_config_name_the_file_and_field(model_copy, tmp_path, field, value, capsys):
     _edit_config(model_copy, **{field: value})
-    assert _run("prune", "--model", model_copy, *MAGNITUDE, "--output", tmp_path / "out") == 2
-    _one_line_error(capsys, "config.json", field, "positive integer")
+    assert run_cli("prune", "--model", model_copy, *MAGNITUDE, "--output", tmp_path / "out") == 2
+    one_line_error(capsys, "config.json", field, "positive integer")
 
 
 def test_a_width_edited_in_config_names_the_tensor(model_copy, capsys):
     _edit_config(model_copy, intermediate_size=256)
-    assert _run("eval", model_copy, *QUICK_EVAL) == 2
-    _one_line_error(capsys, "mlp", "[128, 384]", "config.json builds")
+    assert run_cli("eval", model_copy, *QUICK_EVAL) == 2
+    one_line_error(capsys, "mlp", "[128, 384]", "config.json builds")
 
 
 # -- 7. settings accepted but meaningless ---------------------------------------------------------
@@ -360,19 +341,19 @@ def test_a_width_edited_in_config_names_the_tensor(model_copy, capsys):
 def test_absurd_depth_prior_is_refused(tmp_path, capsys):
     for value in ("1e308", "101"):
         assert (
-            _run("prune", "--model", "tiny", "--allocation", "energy", "--allocation-option",
+            run_cli("prune", "--model", "tiny", "--allocation", "energy", "--allocation-option",
                  f"depth_prior={value}", "--no-eval", *QUICK, "--output", tmp_path / "out")
             == 2
         )  # fmt: skip
-        _one_line_error(capsys, "depth_prior must be a weight in [0, 100]")
+        one_line_error(capsys, "depth_prior must be a weight in [0, 100]")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap", "global-taylor"])
 def test_allocation_options_on_a_method_without_allocation_are_refused(tmp_path, method, capsys):
     args = ["--method", method, "--allocation-option", "max_deviation=0.1", "--no-eval", *QUICK]
-    assert _run("prune", "--model", "tiny", *args, "--output", tmp_path / "out") == 2
-    _one_line_error(capsys, "allocation options (max_deviation)", repr(method))
+    assert run_cli("prune", "--model", "tiny", *args, "--output", tmp_path / "out") == 2
+    one_line_error(capsys, "allocation options (max_deviation)", repr(method))
     with pytest.raises(StructPruneError, match="allocates as published"):
         PruneConfig(method=method, allocation_options={"lam": 0.05}).validate()
 
@@ -382,8 +363,8 @@ def test_unknown_allocation_options_are_refused_before_the_model_loads(monkeypat
 
     monkeypatch.setattr(checkpoint, "load_pruned", lambda *a, **k: pytest.fail("loaded first"))
     args = ["--allocation-option", "max_devation=0.1", "--no-eval", *QUICK, "--output", tmp_path / "o"]
-    assert _run("prune", "--model", "tiny", *args) == 2
-    _one_line_error(capsys, "max_devation")
+    assert run_cli("prune", "--model", "tiny", *args) == 2
+    one_line_error(capsys, "max_devation")
 
 
 # -- 8. exit codes --------------------------------------------------------------------------------
@@ -393,18 +374,18 @@ def test_eval_of_a_folder_without_its_layout_key_exits_2(pruned, tmp_path, capsy
     folder = tmp_path / "edited"
     shutil.copytree(pruned, folder)
     _edit_config(folder, struprune_layout=None)
-    assert _run("eval", folder, *QUICK_EVAL) == 2
-    _one_line_error(capsys, "struprune_layout", "model_type 'struprune_llama'")
+    assert run_cli("eval", folder, *QUICK_EVAL) == 2
+    one_line_error(capsys, "struprune_layout", "model_type 'struprune_llama'")
     with pytest.raises(LayoutMismatchError):
         load_pruned(folder)
 
 
 def test_save_pruned_into_the_folder_it_came_from_is_refused(model_copy):
     model = load_pruned(model_copy)
-    before = _digest(model_copy)
+    before = tree_digest(model_copy)
     with pytest.raises(StructPruneError, match="is the input model folder"):
         save_pruned(model, model_copy, overwrite=True)
-    assert _digest(model_copy) == before
+    assert tree_digest(model_copy) == before
 
 
 def test_modifier_report_never_lands_in_the_model_folder_or_on_foreign_files(model_copy, tmp_path):
@@ -415,11 +396,11 @@ def test_modifier_report_never_lands_in_the_model_folder_or_on_foreign_files(mod
     from struprune_plugin.llmcompressor_modifier import StructPruneModifier
 
     model = load_pruned(model_copy)
-    before = _digest(model_copy)
+    before = tree_digest(model_copy)
     modifier = StructPruneModifier(sparsity=0.3, report_path=str(model_copy / "config.json"))
     with pytest.raises(OutputPathError, match="lies inside the input model folder"):
         modifier.on_initialize(State(model=model))
-    assert _digest(model_copy) == before
+    assert tree_digest(model_copy) == before
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": 1}')
     with pytest.raises(OutputExistsError, match="replaces only a file"):
@@ -435,14 +416,14 @@ def test_a_cache_path_that_is_a_file_is_named(tmp_path, monkeypatch, capsys):
     blocker.write_text("x")
     monkeypatch.setenv("STRUPRUNE_CACHE", str(blocker / "cache"))
     args = ["--method", "wanda-sp", "--no-eval", *QUICK, "--output", tmp_path / "out"]
-    assert _run("prune", "--model", "tiny", *args) == 2
-    _one_line_error(capsys, "STRUPRUNE_CACHE", "a-file")
+    assert run_cli("prune", "--model", "tiny", *args) == 2
+    one_line_error(capsys, "STRUPRUNE_CACHE", "a-file")
 
 
 def test_unknown_calibration_split_is_refused_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        _run("prune", "--model", "tiny", "--calib-text", "wiki_tets", "--output", tmp_path / "out")
+        run_cli("prune", "--model", "tiny", "--calib-text", "wiki_tets", "--output", tmp_path / "out")
     assert exit_.value.code == 2
     assert "wiki_train" in capsys.readouterr().err
-    assert _run("eval", "tiny", "--texts", "wiki_tets", "--no-progress") == 2
-    _one_line_error(capsys, "unknown text split 'wiki_tets'")
+    assert run_cli("eval", "tiny", "--texts", "wiki_tets", "--no-progress") == 2
+    one_line_error(capsys, "unknown text split 'wiki_tets'")
