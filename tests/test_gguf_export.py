@@ -14,6 +14,7 @@ import torch
 from conftest import TINY_TRAINED
 from struprune_plugin.checkpoint import load_pruned, save_pruned
 from struprune_plugin.engine import PruneConfig, prune_model
+from struprune_plugin.errors import OutputExistsError
 from struprune_plugin.export.gguf_model import GGUFExportError, export_gguf, permute_for_ggml_rope
 from struprune_plugin.export.gguf_vocab import GGUFVocabularyError, pre_tokenizer_name
 from struprune_plugin.export.llama_cpp_check import compare_with_torch, llama_cpp_logits, open_gguf
@@ -126,7 +127,7 @@ def test_unsupported_inputs_are_refused(tmp_path):
     with pytest.raises(GGUFExportError, match="outtype"):
         export_gguf(TINY_TRAINED, tmp_path / "x.gguf", "q4_k")
     (tmp_path / "exists.gguf").write_bytes(b"")
-    with pytest.raises(GGUFExportError, match="exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         export_gguf(TINY_TRAINED, tmp_path / "exists.gguf")
     assert not list(tmp_path.glob(".x.gguf*"))  # nothing half-written left behind
     with pytest.raises(GGUFVocabularyError, match="pre-tokenizer"):
