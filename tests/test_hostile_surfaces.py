@@ -49,10 +49,10 @@ def pruned(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pruned") / "model"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STRUPRUNE_CACHE", str(out.parent / "cache"))
-        assert (
-            run_cli("prune", "--model", "tiny", "--sparsity", "0.3", "--no-eval", *QUICK, "--output", out)
-            == 0
-        )
+        args = ["--sparsity", "0.3", "--admm-iterations", "0", "--no-eval", *QUICK]  # per-layer widths
+        assert run_cli("prune", "--model", "tiny", *args, "--output", out) == 0
+    widths = json.loads((out / "config.json").read_text())["struprune_layout"]["intermediate_sizes"]
+    assert len(set(widths)) > 1
     return out
 
 
