@@ -133,15 +133,24 @@ def _config_kwargs(data: dict) -> dict:
 
 
 def stored_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Every stored tensor's shape, read from the safetensors headers (no tensor data is read)."""
+    """Every stored tensor's shape, read from the safetensors headers (no tensor data is read). An
+    empty, truncated or corrupted file is named with a fix here instead of failing deep inside the
+    loader (safetensors checks that the header covers the file)."""
     from safetensors import safe_open
 
     folder = Path(folder)
     shapes = {}
     for name in _weight_files(folder):
-        with safe_open(folder / name, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+        try:
+            with safe_open(folder / name, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as err:  # SafetensorError, OSError: the library's message goes along
+            size = (folder / name).stat().st_size
+            raise CheckpointError(
+                f"{folder / name} ({size:,} bytes) is not a readable safetensors file: {first_line(err)}. It is "
+                "empty, truncated or corrupted. Fix: copy or re-save the checkpoint again"
+            ) from err
     return shapes
 
 
@@ -317,25 +326,6 @@ def _weight_files(folder: Path) -> list[str]:
     return files
 
 
-def check_weight_files(folder: Path) -> list[str]:
-    """Open every weight file's header, so an empty, truncated or corrupted file is named with a fix
-    instead of failing deep inside the loader (safetensors checks that the header covers the file)."""
-    from safetensors import safe_open
-
-    files = _weight_files(folder)
-    for name in files:
-        try:
-            with safe_open(folder / name, framework="pt"):
-                pass
-        except Exception as err:  # SafetensorError, OSError: the library's message goes along
-            size = (folder / name).stat().st_size
-            raise CheckpointError(
-                f"{folder / name} ({size:,} bytes) is not a readable safetensors file: {first_line(err)}. It is "
-                "empty, truncated or corrupted. Fix: copy or re-save the checkpoint again"
-            ) from err
-    return files
-
-
 def read_model_config(folder: str | os.PathLike):
     """The folder's config, after checking what loading will need: a readable config.json of a
     known model type, readable safetensors weights, and a layout its own fields do not contradict."""
@@ -362,8 +352,7 @@ def read_model_config(folder: str | os.PathLike):
         raise CheckpointError(f"{path} has no model_type. Fix: restore the config.json saved with the model")
     check_size_fields(path, data)
     check_regular_entries(folder)
-    check_weight_files(folder)
-    shapes = stored_shapes(folder)
+    shapes = stored_shapes(folder)  # every weight file's header, read once
     check_layer_count(path, data, shapes)
     try:
         config = AutoConfig.from_pretrained(folder)
