@@ -417,7 +417,6 @@ class EvalInputs:
 
 def evaluation_texts(args) -> dict[str, tuple[str, dict]]:
     """Label -> (text, description) for the built-in texts and the user's `--text` sources."""
-    from .data import TEXT_SHA256
     from .sources import read_text_source
 
     user = list(getattr(args, "text", None) or [])
@@ -499,7 +498,6 @@ def _check_text_sources(args) -> None:
 
 def calibration_text(args) -> tuple[str, dict]:
     """The calibration text (the user's --calib-data, else the built-in split) and its origin."""
-    from .data import TEXT_SHA256
     from .sources import read_text_source
 
     if args.calib_data:
