@@ -225,6 +225,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
+    """The stored rows: a JSON list, or the `rows` of a JSON object with other keys beside it."""
     if not path.exists():
         return []
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -236,10 +237,12 @@ def store_rows(
     new_rows: Iterable[dict[str, Any]],
     key: Callable[[dict[str, Any]], Any],
     render: Callable[[list[dict[str, Any]]], str] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Merge `new_rows` into the JSON list at `path` (a stored row with the same key is replaced,
-    order kept), write it atomically, and write `render(rows)` beside it as `.md`.
+    """Merge `new_rows` into the stored rows at `path` (a stored row with the same key is replaced,
+    order kept), write the JSON atomically, and write `render(rows)` beside it as `.md`.
 
+    A file stored as `{"rows": [...], ...}` keeps that shape (`meta` updates its other keys).
     Every new row must carry a provenance (a `RunRecord`'s); rows already stored are kept as
     they are. Re-reads the file first, so several processes may fill one file a row at a time."""
     new_rows = list(new_rows)
@@ -247,7 +250,9 @@ def store_rows(
         missing = check_provenance(row)
         if missing:
             raise ValueError(f"row {key(row)!r} lacks {missing}: measure it inside a RunRecord")
-    rows = load_rows(path)
+    json_path = path.with_suffix(".json")
+    container = json.loads(json_path.read_text(encoding="utf-8")) if json_path.exists() else None
+    rows = load_rows(json_path)
     index = {key(r): i for i, r in enumerate(rows)}
     for row in new_rows:
         if key(row) in index:
@@ -255,10 +260,35 @@ def store_rows(
         else:
             index[key(row)] = len(rows)
             rows.append(row)
-    write_atomic(path.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
+    if isinstance(container, dict) or meta is not None:
+        data: Any = {**(container if isinstance(container, dict) else {}), **(meta or {}), "rows": rows}
+    else:
+        data = rows
+    write_atomic(json_path, json.dumps(data, indent=1) + "\n")
     if render is not None:
         write_atomic(path.with_suffix(".md"), render(rows))
     return rows
+
+
+def from_prune_report(report: dict[str, Any]) -> dict[str, Any]:
+    """What a row must say about a `struprune prune` run, read from its `struprune_report.json`:
+    the fully resolved settings (method, allocation and options, rounding, damping, ridge, solver
+    tokens...), calibration, dtype, device, requested and achieved sparsity, and the widths each
+    layer kept ([before, after] heads, KV heads and MLP channels)."""
+    pruning = report["pruning"]
+    return {
+        "method": pruning.get("method"),
+        "settings": pruning.get("settings"),
+        "calibration": report.get("calibration"),
+        "dtype": pruning.get("dtype"),
+        "device": pruning.get("device"),
+        "requested_sparsity": pruning.get("requested_sparsity"),
+        "achieved_sparsity": pruning.get("achieved_sparsity"),
+        "widths": [
+            {k: layer.get(k) for k in ("index", "heads", "kv_heads", "mlp")}
+            for layer in report.get("layers", [])
+        ],
+    }
 
 
 def short(provenance: dict[str, Any] | None) -> str:
@@ -272,3 +302,32 @@ def was_shared(row: dict[str, Any]) -> bool:
     """Whether other jobs shared the machine while the row ran (times are then upper bounds)."""
     contention = (row.get("provenance") or {}).get("contention") or {}
     return bool(contention.get("shared"))
+
+
+#: Results stem -> the script (under integration/) that writes it. Every file in
+#: `integration/results/` belongs to one of these stems (a plot's name starts with its stem), and
+#: every script exposes `render_markdown(stem, data) -> str`, the `.md` it writes from the JSON.
+GENERATORS: dict[str, str] = {
+    "quality": "benchmark_quality.py",
+    "quality_gemma3": "benchmark_quality.py",
+    "allocation": "benchmark_allocation.py",
+    "generalisation": "benchmark_generalisation.py",
+    "rounding": "benchmark_rounding.py",
+    "rounding_llamacpp": "benchmark_speed.py",
+    "speed": "benchmark_speed.py",
+    "prune_speed": "benchmark_prune_speed.py",
+    "memory_scaling": "benchmark_memory.py",
+    "global_memory": "benchmark_global_memory.py",
+    "scale": "benchmark_scale.py",
+    "gguf": "gguf_check.py",
+    "cuda_check": "cuda_check.py",
+    "gram_spread_smollm2": "gram_spread.py",
+    "llmcompressor": "llmcompressor/oneshot_smollm2.py",
+    "torch_pruning": "torch_pruning/prune_llm.py",
+}
+
+
+def stem_of(path: Path) -> str | None:
+    """The results stem a file in `integration/results/` belongs to (the longest matching one)."""
+    matches = [s for s in GENERATORS if path.name.split(".")[0] == s or path.name.startswith(s + "_")]
+    return max(matches, key=len) if matches else None
