@@ -148,7 +148,24 @@ def is_structprune(row: dict[str, Any]) -> bool:
     return any(str(row.get(k) or "").lower().startswith("structprune") for k in fields)
 
 
-def backfill_row(row: dict[str, Any], found: tuple[str, str] | None, latest: tuple[str, str]) -> dict:
+#: Results whose every row ran StructPrune with the options its table states (none about the
+#: allocation), though the rows name no method: the prune-speed and scale runs, the rounding
+#: study's quality runs and width computations, the CUDA check.
+ALL_STRUCTPRUNE = ("prune_speed", "scale", "rounding", "cuda_check")
+
+
+def former_default_label() -> str:
+    return f"uniform allocation (temperature inf), the default before {DEFAULT_CHANGE}"
+
+
+def ran_former_default(stem: str, row: dict[str, Any], commit: str) -> bool:
+    structprune = is_structprune(row) or stem in ALL_STRUCTPRUNE
+    return structprune and not states_allocation(row) and is_before(commit, DEFAULT_CHANGE)
+
+
+def backfill_row(
+    stem: str, row: dict[str, Any], found: tuple[str, str] | None, latest: tuple[str, str]
+) -> dict:
     commit, date = found or latest
     machine = row.get("machine")
     contention: dict[str, Any] = {
@@ -169,7 +186,7 @@ def backfill_row(row: dict[str, Any], found: tuple[str, str] | None, latest: tup
         "libraries": pins_at(commit),
         "contention": contention,
     }
-    if is_structprune(row) and not states_allocation(row) and is_before(commit, DEFAULT_CHANGE):
+    if ran_former_default(stem, row, commit):
         prov["measured_default"] = (
             f"uniform allocation (temperature inf), the default before {DEFAULT_CHANGE}"
         )
@@ -180,15 +197,27 @@ def backfill(path: Path, dry_run: bool) -> int:
     data = json.loads(path.read_text(encoding="utf-8"))
     rows = rows_of(data)
     todo = [r for r in rows if isinstance(r, dict) and "provenance" not in r]
+    relabel = [
+        r
+        for r in rows
+        if isinstance(r, dict)
+        and str((r.get("provenance") or {}).get("basis", "")).startswith("backfilled")
+        and "measured_default" not in r["provenance"]
+        and ran_former_default(path.stem, r, r["provenance"]["commit"])
+    ]
+    for row in relabel:  # rows backfilled before ALL_STRUCTPRUNE named their file
+        row["provenance"]["measured_default"] = former_default_label()
     if not todo:
-        return 0
+        if relabel and not dry_run:
+            write_atomic(path, json.dumps(data, indent=1) + "\n")
+        return len(relabel)
     seen = first_commits(path)
     hist = history(path)
     if not hist:
         return 0
     for row in todo:
         fp = fingerprint(row)
-        prov = backfill_row(row, seen.get(fp) if fp else None, hist[-1])
+        prov = backfill_row(path.stem, row, seen.get(fp) if fp else None, hist[-1])
         if dry_run:
             label = row.get("name") or row.get("model") or "?"
             print(f"{path.name}: {label} -> {prov['commit'][:7]} {prov.get('measured_default', '')}")

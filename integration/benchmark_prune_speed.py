@@ -6,31 +6,55 @@ the forward before and after the pruning (their mean is the reference, which eve
 the machine's load). The forward is the model's own (all positions' logits, as a calibration
 forward computes them), batch by batch like the engine.
 
-    .venv/bin/python integration/benchmark_prune_speed.py --model smollm2 --sparsity 0.3
+The whole measurement runs inside a `results_store.RunRecord`: the row records the commit, the
+machine, the library versions and whether other jobs shared the machine, and under `run` the
+pruning's resolved settings, calibration and per-layer widths.
 
-Writes integration/results/prune_speed.{json,md} (rows replaced by model, sparsity, machine).
+    .venv/bin/python integration/benchmark_prune_speed.py --model smollm2 --sparsity 0.3
+    .venv/bin/python integration/benchmark_prune_speed.py --report-only   # rewrite the .md
+
+Writes integration/results/prune_speed.{json,md} (rows replaced by model, sparsity, device,
+machine and commit).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _path in (str(ROOT), str(HERE)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+import results_store  # noqa: E402
+from benchmark_scale import (  # noqa: E402
+    allocation_of,
+    libraries_of,
+    machine_of,
+    mark,
+    prune_report,
+    resolved_allocation,
+    rows_of,
+    shared_note,
+    text_calibration,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if TYPE_CHECKING:
+    import torch
+
 RESULTS = ROOT / "integration" / "results" / "prune_speed"
+CALIBRATION_SPLIT = "wiki_train"
 
 
 def dense_forward_seconds(model, ids: torch.Tensor, batch_size: int, device: str = "cpu") -> float:
     """Wall time of the model's forward over `ids`, batch by batch, on `device` (the model and
     the windows are moved there first, outside the timing; a GPU is synchronised at the end)."""
+    import torch
+
     model.to(device)
     batches = [b.to(device) for b in ids.split(batch_size)]
     if device.startswith("cuda"):
@@ -46,31 +70,50 @@ def dense_forward_seconds(model, ids: torch.Tensor, batch_size: int, device: str
     return seconds
 
 
-#: How the stored rows were measured (kept with the table whenever it is rewritten).
-NOTES = """\
-The first two CPU rows ran at the same time, each on one thread of the shared 2-core machine (other jobs ran too), so each ratio compares times taken under the same load; the absolute seconds are upper bounds. `eac77f1` is the code before the solver rework.
-
-The H200 row: `--device cuda`, torch 2.11.0+cu130. The dense forward of 65,536 tokens takes 0.8 s there, while the pruning takes 15.3 s (about 0.5 s per layer). At SmolLM2's sizes (hidden 576, MLP 1536) the pruning is bound by kernel launches and Python, not by arithmetic: the ADMM's elementwise updates (SiLU value and slope, 19,200 calls), the per-layer dependency graph (0.5 s in all) and host-device moves. It uses the same decisions as the CPU run (identical perplexity, `cuda_smollm2_30_report.json`).
-
-The `96f1ef8` row: the statistics passes stop at the input they need and the output pass replays the recorded attention outputs (`struprune_plugin/layer_passes.py`, bit-exact). It ran on one thread while two allocation-benchmark runs shared the two cores, so its forward was timed under heavier load than the first two rows' (464 s before the pruning, 319 s after, as a run ended); the ratio uses their mean (against either alone it is 1.52 or 2.20). The ratio is below 2 because a layer now costs about one pruned forward plus the solver: the statistics pass runs attention only, the output pass the pruned MLP only."""
+def _forward(row: dict[str, Any]) -> str:
+    """The reference forward: the mean, and the two timings it averages."""
+    before, after = row.get("forward_seconds_before_after") or (None, None)
+    text = f"{row['forward_seconds']:.1f}{mark(row)}"
+    return f"{text} ({before:.1f} / {after:.1f})" if before is not None else text
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict[str, Any]]) -> str:
+    """prune_speed.md from the stored rows: every figure and label read from them."""
     lines = [
         "# Prune time against one dense forward (`integration/benchmark_prune_speed.py`)",
         "",
-        "StructPrune's default, full calibration (windows x tokens below), one process; the dense "
-        "forward is timed before and after the pruning on the same windows and averaged.",
+        "StructPrune through `prune_model`, one process: the dense forward over the calibration "
+        "windows is timed before and after the pruning and averaged (both timings in brackets); "
+        "ratio = prune s / that mean. `allocation`: the layer allocation the row recorded (rows "
+        "measured before rows recorded their settings: not recorded). `commit`: the code the row "
+        "ran (`+`: with uncommitted changes); `label`: the code label rows stored before the commit "
+        "was recorded. `torch`: the version the row's record names (rows measured before that: the pin "
+        "pyproject.toml held at the commit, not necessarily what the machine had installed).",
         "",
-        "| model | sparsity | machine | threads | calib tokens | dense forward s | prune s | ratio | solver code |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| model | sparsity | device | machine | threads | calib tokens | allocation | torch | "
+        "dense forward s (before / after) | prune s | ratio | commit | label |",
+        "|---|---:|---|---|---:|---:|---|---|---:|---:|---:|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['sparsity']:.2f} | {r['machine']} | {r['threads']} | {r['calib_tokens']} | "
-            f"{r['forward_seconds']:.1f} | {r['prune_seconds']:.1f} | **{r['ratio']:.2f}** | {r['code']} |"
+            f"| {r['model']} | {r['sparsity']:.2f} | {r.get('device') or 'not recorded'} | {machine_of(r)} | "
+            f"{r['threads']} | {r['calib_tokens']} | {allocation_of(r)} | {libraries_of(r, ['torch'])} | "
+            f"{_forward(r)} | {r['prune_seconds']:.1f}{mark(r)} | **{r['ratio']:.2f}** | "
+            f"{results_store.short(r.get('provenance'))} | {r.get('code') or ''} |"
         )
-    return "\n".join(lines) + "\n\n" + NOTES + "\n"
+    lines += shared_note(rows)
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(stem: str, data: Any) -> str:
+    """The .md this script writes for `results/<stem>.json` (stem `prune_speed`)."""
+    return render(rows_of(data))
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """Rows are replaced by model, sparsity, device, machine and code (old label or commit)."""
+    code = row.get("code") or results_store.short(row.get("provenance"))
+    return (row["model"], row["sparsity"], row.get("device"), machine_of(row), code)
 
 
 def main() -> None:
@@ -81,9 +124,13 @@ def main() -> None:
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu, cuda ... (forward and pruning both run there)")
-    p.add_argument("--machine", default=f"{platform.machine()}, {os.cpu_count()} cores")
-    p.add_argument("--code", default="this commit", help="a label for the code measured (a commit)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the .md from the stored JSON")
     args = p.parse_args()
+    if args.report_only:
+        rows = results_store.load_rows(RESULTS.with_suffix(".json"))
+        results_store.write_atomic(RESULTS.with_suffix(".md"), render(rows))
+        return
+    import torch
     from transformers import AutoTokenizer
 
     from struprune_plugin.checkpoint import load_pruned
@@ -94,21 +141,23 @@ def main() -> None:
     folder = resolve_model(args.model)
     model, tok = load_pruned(folder), AutoTokenizer.from_pretrained(folder)
     ids = sample_calibration(
-        tokenize(tok, ensure_texts().read("wiki_train")), args.calib_samples, args.calib_len, 0
+        tokenize(tok, ensure_texts().read(CALIBRATION_SPLIT)), args.calib_samples, args.calib_len, 0
     )
     if args.device.startswith("cuda"):  # a first forward loads the kernels: not part of either figure
         dense_forward_seconds(model, ids[: args.batch_size], args.batch_size, args.device)
-    before = dense_forward_seconds(model, ids, args.batch_size, args.device)
-    print(f"dense forward {before:.1f}s", flush=True)
-    result = prune_model(
-        model, ids, PruneConfig(sparsity=args.sparsity, batch_size=args.batch_size, device=args.device)
-    )
-    after = dense_forward_seconds(model, ids, args.batch_size, args.device)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    with results_store.RunRecord() as record:
+        before = dense_forward_seconds(model, ids, args.batch_size, args.device)
+        print(f"dense forward {before:.1f}s", flush=True)
+        result = prune_model(
+            model, ids, PruneConfig(sparsity=args.sparsity, batch_size=args.batch_size, device=args.device)
+        )
+        after = dense_forward_seconds(model, ids, args.batch_size, args.device)
     forward = (before + after) / 2
+    calibration = text_calibration(CALIBRATION_SPLIT, args.calib_samples, args.calib_len)
     row = {
         "model": folder.name,
         "sparsity": args.sparsity,
-        "machine": args.machine,
         "device": args.device,
         "threads": torch.get_num_threads(),
         "calib_tokens": args.calib_samples * args.calib_len,
@@ -116,14 +165,11 @@ def main() -> None:
         "forward_seconds_before_after": [before, after],
         "prune_seconds": result.seconds,
         "ratio": result.seconds / forward,
-        "code": args.code,
+        "allocation": resolved_allocation(result),
+        "run": results_store.from_prune_report(prune_report(result, calibration, dtype)),
+        "provenance": record.provenance,
     }
-    path = RESULTS.with_suffix(".json")
-    rows = json.loads(path.read_text()) if path.is_file() else []
-    key = (row["model"], row["sparsity"], row["machine"], row["code"])
-    rows = [r for r in rows if (r["model"], r["sparsity"], r["machine"], r["code"]) != key] + [row]
-    path.write_text(json.dumps(rows, indent=1))
-    RESULTS.with_suffix(".md").write_text(render(rows))
+    rows = results_store.store_rows(RESULTS, [row], key=row_key, render=render)
     print(render(rows))
 
 

@@ -29,9 +29,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+import results_store  # noqa: E402
+from results_store import RESULTS  # noqa: E402
+
 METHODS = ("magnitude", "wanda-sp", "flap", "energy-threshold", "global-taylor", "structprune")
 SPARSITIES = (0.3, 0.2, 0.5)  # 30 % first: the ablations compare against it
 FULL_TEXTS = "wiki_test,news"
@@ -49,6 +53,9 @@ MODELS = {
 }
 
 
+DEFAULT_LABEL = "structprune (default)"
+
+
 @dataclass
 class Row:
     name: str
@@ -64,8 +71,9 @@ class Row:
 def as_measured(row: Row) -> Row:
     """The row with the allocation it was measured under written out. StructPrune's rows here ran
     while uniform (T = inf) was the default and `--temperature` alone chose the absolute-energy
-    softmax; both defaults have changed since (allocation.md), so the flags now say so."""
-    if row.method != "structprune" or "--allocation" in row.flags:
+    softmax; both defaults have changed since (allocation.md), so the flags now say so. The
+    `default-*` rows are the exception: they run today's default, with no options."""
+    if row.method != "structprune" or "--allocation" in row.flags or row.name.startswith("default-"):
         return row
     pinned = ["--allocation", "energy"] if "--temperature" in row.flags else ["--temperature", "inf"]
     return replace(row, flags=[*pinned, *row.flags])
@@ -81,6 +89,9 @@ def _planned_rows() -> list[Row]:
         for s in SPARSITIES
         for m in ("structprune", "energy-threshold", "flap", "wanda-sp", "magnitude")
     ]
+    # StructPrune as `struprune prune` runs it with no options (today's default allocation and
+    # rounding); the `structprune-*` rows above ran under the former uniform default.
+    rows += [Row(f"default-{round(s * 100)}", "structprune", s, label=DEFAULT_LABEL) for s in SPARSITIES]
     # The O(N) global reference (whole model resident, loss gradient), after the original table.
     rows += [Row(f"global-taylor-{round(s * 100)}", "global-taylor", s) for s in SPARSITIES]
     # StructPrune with the references' heads vs MLP rule: heads take the allocation's share rounded
@@ -173,8 +184,10 @@ def run_row(row: Row, args) -> dict:
     ]
     print("$", " ".join(cmd[2:]), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return row_from_report(row, folder, time.perf_counter() - start, args)
+    with results_store.RunRecord() as record:
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    result = row_from_report(row, folder, time.perf_counter() - start, args)
+    return {**result, "command": cmd[2:], "provenance": record.provenance}
 
 
 def row_from_report(row: Row, folder: Path, wall_seconds: float | None, args) -> dict:
@@ -212,16 +225,23 @@ def row_from_report(row: Row, folder: Path, wall_seconds: float | None, args) ->
         "settings": report["pruning"]["settings"],
         "calibration": report.get("calibration"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": args.device},
+        "run": results_store.from_prune_report(report),
     }
 
 
 def label(row: dict) -> str:
-    """The table name: a row's own label, else its method; StructPrune's rows here are uniform."""
+    """The table name: a row's own label, else its method; StructPrune rows that ran under the
+    former uniform default say so (their provenance records it)."""
+    former = (row.get("provenance") or {}).get("measured_default")
     if row.get("label"):
-        return row["label"]
+        return (
+            f"{row['label']} (uniform, former default)"
+            if former and "uniform" not in row["label"]
+            else row["label"]
+        )
     flags = row.get("flags") or []
     if row["method"] == "structprune" and "--allocation" not in flags and temperature_of(row) == "inf":
-        return "structprune (uniform)"
+        return "structprune (uniform, former default)" if former else "structprune (uniform)"
     return row["method"]
 
 
@@ -231,23 +251,31 @@ def _fmt(value, digits=2) -> str:
     return f"{value:.3g}" if value >= 1e4 else f"{value:.{digits}f}"
 
 
-#: Why some rows' times are not comparable with the others (the JSON stores the short note).
+#: Why some rows' times are not comparable with the others. "shared" is measured by the row's
+#: RunRecord (older rows: marked when they were measured); the other note is stored on old rows.
 TIMING_NOTES = {
     "timed before the statistics fix (inputs recorded twice)": (
         "timed before a fix of the statistics recorder, which added every activation twice: the solver "
         "then worked on twice the tokens (slower, more memory). Perplexities are unaffected (every "
         "statistic is normalised by its token count). Rows with 1 thread ran two at a time on the 2 cores."
     ),
-    "contended": (
-        "timed while another job (tests or a side experiment) shared the 2 cores for part of the run: "
-        "the time is an upper bound. Perplexities are unaffected."
+    "shared": (
+        "other jobs shared the cores during the run (measured from /proc/stat by the row's record; rows "
+        "before that: marked when measured): the time is an upper bound. Perplexities are unaffected."
     ),
 }
 MARKS = ("†", "‡", "§", "¶")
 
 
+def timing_note(row: dict) -> str | None:
+    """Why a row's time is not comparable, if it is not (a key of TIMING_NOTES)."""
+    if row.get("timing_note") in TIMING_NOTES and row["timing_note"] != "contended":
+        return row["timing_note"]
+    return "shared" if results_store.was_shared(row) else None
+
+
 def _timing_marks(rows: list[dict]) -> dict[str, str]:
-    notes = sorted({r["timing_note"] for r in rows if r.get("timing_note")}, key=list(TIMING_NOTES).index)
+    notes = sorted({timing_note(r) for r in rows} - {None}, key=list(TIMING_NOTES).index)
     return {note: MARKS[i] for i, note in enumerate(notes)}
 
 
@@ -278,7 +306,8 @@ def render(results: dict[str, dict], rows: list[Row], calib_samples: int, model:
     marks = _timing_marks(done)
 
     def mark(row: dict) -> str:
-        return f" {marks[row['timing_note']]}" if row.get("timing_note") else ""
+        note = timing_note(row)
+        return f" {marks[note]}" if note else ""
 
     lines = [
         "# Quality benchmark (`integration/benchmark_quality.py`)",
@@ -291,13 +320,13 @@ def render(results: dict[str, dict], rows: list[Row], calib_samples: int, model:
         "parameters. Peak = peak RSS of the pruning process on CPU (model included), CUDA max "
         "allocated on a GPU.",
         "",
-        "| method | sparsity (req / achieved) | params | ppl wiki | ppl news | prune s | threads | peak MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| method | sparsity (req / achieved) | params | ppl wiki | ppl news | prune s | threads | peak MiB | commit |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     if dense:
         lines.append(
             f"| dense | 0 | {dense['params_dense']:,} | {_fmt(dense['ppl_wiki_dense'])} | "
-            f"{_fmt(dense['ppl_news_dense'])} | | | |"
+            f"{_fmt(dense['ppl_news_dense'])} | | | | |"
         )
     for s in SPARSITIES:
         for r in sorted(
@@ -306,7 +335,7 @@ def render(results: dict[str, dict], rows: list[Row], calib_samples: int, model:
             lines.append(
                 f"| {label(r)} | {r['sparsity']:.2f} / {r['achieved']:.4f} | {r['params']:,} | "
                 f"{_fmt(r['ppl_wiki'])} | {_fmt(r['ppl_news'])} | {r['prune_seconds']:.0f}{mark(r)} | "
-                f"{r.get('threads') or 2} | {r['peak_mib']:.0f} |"
+                f"{r.get('threads') or 2} | {r['peak_mib']:.0f} | {results_store.short(r.get('provenance'))} |"
             )
     for note, symbol in marks.items():
         lines += ["", f"{symbol} {TIMING_NOTES[note]}"]
@@ -429,10 +458,20 @@ def load_results(path: Path) -> dict[str, dict]:
     return {r["name"]: r for r in rows}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+write_atomic = results_store.write_atomic
+
+
+def render_rows(rows: list[dict[str, Any]], model: str) -> str:
+    """The .md of a model's stored rows (the calibration size read from the rows themselves)."""
+    results = {r["name"]: r for r in rows}
+    samples = {(r.get("calibration") or {}).get("samples") for r in rows} - {None}
+    return render(results, planned_rows(), samples.pop() if len(samples) == 1 else 128, model)
+
+
+def render_markdown(stem: str, data: Any) -> str:
+    """The .md this script writes for `results/<stem>.json` (`quality` or `quality_gemma3`)."""
+    model = next(m for m, spec in MODELS.items() if spec["stem"] == stem)
+    return render_rows(data, model)
 
 
 def main() -> None:
@@ -445,14 +484,6 @@ def main() -> None:
     parser.add_argument("--rerun", action="store_true", help="run the selected rows even if already stored")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument(
-        "--collect", action="store_true", help="add the selected rows from finished run folders, run nothing"
-    )
-    parser.add_argument(
-        "--timing-note",
-        choices=tuple(TIMING_NOTES),
-        help="mark the stored --rows' times as not comparable (why: see the table's footnotes), run nothing",
-    )
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=None, help="stem of .json/.md/.png (default per model)")
     args = parser.parse_args()
@@ -475,27 +506,16 @@ def main() -> None:
     selected = [by_name[n] for n in args.rows] if args.rows else rows  # --rows order is run order
     selected = [r for r in selected if args.group is None or r.group == args.group]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.timing_note:
-        for row in selected:
-            if row.name in results:
-                results[row.name]["timing_note"] = args.timing_note
-        write_atomic(json_path, json.dumps(list(results.values()), indent=1))
-        args.report_only = True
     for row in [] if args.report_only else selected:
         if row.name in results and not args.rerun:
             continue
-        if args.collect:
-            if not (args.runs / row.name / "struprune_report.json").exists():
-                continue
-            row_result = row_from_report(row, args.runs / row.name, None, args)
-        else:
-            row_result = run_row(row, args)
-        # Re-read before writing: several instances may fill the same file (one row each at a time).
-        results = load_results(json_path)
-        results[row.name] = row_result
-        write_atomic(json_path, json.dumps(list(results.values()), indent=1))
-        write_atomic(args.out.with_suffix(".md"), render(results, rows, args.calib_samples, args.model))
-    table = render(results, rows, args.calib_samples, args.model)
+        row_result = run_row(row, args)
+        # store_rows re-reads before writing: several instances may fill one file, a row each.
+        stored = results_store.store_rows(
+            json_path, [row_result], key=lambda r: r["name"], render=lambda rs: render_rows(rs, args.model)
+        )
+        results = {r["name"]: r for r in stored}
+    table = render_rows(list(results.values()), args.model)
     write_atomic(args.out.with_suffix(".md"), table)
     for path in plot(results, args.out, args.model):
         print("plot:", path)

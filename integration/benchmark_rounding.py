@@ -3,14 +3,20 @@
 
 Two parts, each resumable and written to `results/rounding.{json,md}`:
 
-* `quality`: `struprune prune` on SmolLM2 with StructPrune's default (uniform, equal widths) and
-  `--mlp-round-to R`, full evaluation texts; rounding moves the budget by up to half a step per
-  layer, so the table shows the achieved sparsity and parameter count next to the perplexities.
+* `quality`: `struprune prune` on SmolLM2 with the uniform allocation (`--temperature inf`, equal
+  widths) and `--mlp-round-to R`, full evaluation texts; rounding moves the budget by up to half a
+  step per layer, so the table shows the achieved sparsity and parameter count next to the
+  perplexities.
 * `speed`: the widths each rounding gives (the engine's own allocation, computed on a meta-device
   model, so no weights are needed) built with random weights in the chosen dtype on the chosen
   device: prefill (one 512-token forward) and batch-1 decode (tokens after a 512-token prompt,
   KV cache on) tokens/s. The models take turns, round after round, and the medians are compared
   with R = 1 in the same run. Shapes: SmolLM2-135M and LLaMA-2-7B.
+
+Every row is measured inside a `results_store.RunRecord` (commit, machine, library versions, and
+whether other jobs shared the machine: times measured then are marked) and stored through
+`results_store.store_rows`; quality rows also keep their prune report's resolved settings and
+per-layer widths (`run`).
 
     .venv/bin/python integration/benchmark_rounding.py quality --sparsity 0.3
     .venv/bin/python integration/benchmark_rounding.py speed --device cuda --dtype bfloat16
@@ -26,14 +32,20 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmark_quality import RESULTS, Row, run_row, write_atomic
+import results_store
+from benchmark_allocation import DAGGER, former_default, provenance_legend, rows_of
+from benchmark_quality import Row, run_row
+from results_store import RESULTS
 
-OUT = RESULTS / "rounding"
+if TYPE_CHECKING:  # torch is imported where models are built, so rendering needs none
+    import torch
+
+STEM = "rounding"
+OUT = RESULTS / STEM
 ROUNDINGS = (1, 8, 64, 128)
 #: Shapes timed by the speed part: the published configs of SmolLM2-135M and LLaMA-2-7B (written
 #: out, so the speed part needs no model files, e.g. on a GPU machine without the zoo's wheels).
@@ -61,16 +73,27 @@ SHAPES = {
 }
 
 
-def load(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.exists() else []
-
-
-def save(rows: list[dict]) -> None:
-    rows = sorted(
-        rows, key=lambda r: (r["part"], r.get("shape", ""), r["sparsity"], r.get("device", ""), r["round_to"])
+def key(row: dict[str, Any]) -> tuple:
+    """A row's identity in rounding.json (a new measurement of it replaces the stored one)."""
+    return (
+        row["part"],
+        row.get("shape"),
+        row["sparsity"],
+        row["round_to"],
+        row.get("device"),
+        row.get("dtype"),
     )
-    write_atomic(OUT.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
-    write_atomic(OUT.with_suffix(".md"), render(rows))
+
+
+def _write_md(_rows: list[dict[str, Any]] | None = None) -> str:
+    """Write rounding.md from the JSON as stored (so it is what `render_markdown` gives)."""
+    text = render_markdown(STEM, json.loads(OUT.with_suffix(".json").read_text(encoding="utf-8")))
+    results_store.write_atomic(OUT.with_suffix(".md"), text)
+    return text
+
+
+def store(rows: list[dict[str, Any]]) -> None:
+    results_store.store_rows(OUT.with_suffix(".json"), rows, key=key, render=_write_md)
 
 
 def base_config(shape: str):
@@ -81,6 +104,7 @@ def base_config(shape: str):
 
 def rounded_config(config, sparsity: float, round_to: int | None):
     """The config of the model StructPrune's uniform allocation gives at this rounding (equal widths)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from struprune_plugin.engine import PruneConfig, allocate_layers
@@ -101,6 +125,7 @@ def rounded_config(config, sparsity: float, round_to: int | None):
 
 def time_models(models: dict[int, torch.nn.Module], device: str, rounds: int, prompt: int, new: int) -> dict:
     """Median prefill and decode tokens/s per model; the models take turns within each round."""
+    import torch
 
     def sync() -> None:
         if device.startswith("cuda"):
@@ -128,25 +153,24 @@ def time_models(models: dict[int, torch.nn.Module], device: str, rounds: int, pr
     return {r: {k: statistics.median(v) for k, v in t.items()} for r, t in times.items()}
 
 
-def cmd_speed(args) -> None:
-    rows = [
-        r
-        for r in load(OUT.with_suffix(".json"))
-        if not (r["part"] == "speed" and r["device"] == args.device_label)
-    ]
+def cmd_speed(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     dtype = getattr(torch, args.dtype)
     for shape in args.shape:
         base = base_config(shape)
         for sparsity in args.sparsity:
             configs = {r: rounded_config(base, sparsity, r) for r in ROUNDINGS}
-            models = {}
-            for r, config in configs.items():
-                torch.manual_seed(0)
-                with torch.device(args.device):
-                    from transformers import AutoModelForCausalLM
-
-                    models[r] = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-            speed = time_models(models, args.device, args.rounds, args.prompt, args.new_tokens)
+            # one record per timed set: the models take turns, so they share the machine's state
+            with results_store.RunRecord() as record:
+                models = {}
+                for r, config in configs.items():
+                    torch.manual_seed(0)
+                    with torch.device(args.device):
+                        models[r] = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+                speed = time_models(models, args.device, args.rounds, args.prompt, args.new_tokens)
+            rows = []
             for r, config in configs.items():
                 params = sum(p.numel() for p in models[r].parameters())
                 rows.append(
@@ -166,18 +190,22 @@ def cmd_speed(args) -> None:
                         "rounds": args.rounds,
                         "prompt": args.prompt,
                         "new_tokens": args.new_tokens,
+                        "provenance": record.provenance,
                     }
                 )
-                print(rows[-1], flush=True)
+                print({k: v for k, v in rows[-1].items() if k != "provenance"}, flush=True)
+            store(rows)  # one timed set at a time: an interrupted run keeps what it measured
             del models
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    save(rows)
 
 
-def cmd_quality(args) -> None:
-    rows = load(OUT.with_suffix(".json"))
-    done = {(r["sparsity"], r["round_to"]) for r in rows if r["part"] == "quality"}
+def cmd_quality(args: argparse.Namespace) -> None:
+    done = {
+        (r["sparsity"], r["round_to"])
+        for r in results_store.load_rows(OUT.with_suffix(".json"))
+        if r["part"] == "quality"
+    }
     args.runs, args.model, args.device = Path("runs/rounding"), "smollm2", "cpu"
     for sparsity in args.sparsity:
         for r in args.round_to:
@@ -189,32 +217,51 @@ def cmd_quality(args) -> None:
                 sparsity,
                 ["--temperature", "inf", "--mlp-round-to", str(r)],
             )
-            result = run_row(row, args)
+            with results_store.RunRecord() as record:
+                result = run_row(row, args)
+            report = json.loads((args.runs / row.name / "struprune_report.json").read_text())
             widths = sorted({layer["mlp"][1] for layer in result["layers"]})
-            rows.append(
-                {
-                    "part": "quality",
-                    "shape": "smollm2",
-                    "sparsity": sparsity,
-                    "round_to": r,
-                    "intermediate_size": widths,
-                    "achieved": result["achieved"],
-                    "params": result["params"],
-                    "ppl": {"wiki_test": result["ppl_wiki"], "news": result["ppl_news"]},
-                    "prune_seconds": result["prune_seconds"],
-                    "calib_samples": args.calib_samples,
-                }
-            )
-            print(rows[-1], flush=True)
-            save(rows)  # one row at a time: an interrupted run keeps what it measured
+            stored = {
+                "part": "quality",
+                "shape": "smollm2",
+                "sparsity": sparsity,
+                "round_to": r,
+                "flags": row.flags,
+                "intermediate_size": widths,
+                "achieved": result["achieved"],
+                "params": result["params"],
+                "ppl": {"wiki_test": result["ppl_wiki"], "news": result["ppl_news"]},
+                "prune_seconds": result["prune_seconds"],
+                "calib_samples": args.calib_samples,
+                "run": results_store.from_prune_report(report),
+                "provenance": record.provenance,
+            }
+            print({k: v for k, v in stored.items() if k not in ("run", "provenance")}, flush=True)
+            store([stored])  # one row at a time: an interrupted run keeps what it measured
 
 
-def render(rows: list[dict]) -> str:
+def allocation_label(row: dict[str, Any]) -> str:
+    """Every quality row ran the uniform allocation: written out (`--temperature inf`, stored in
+    `flags`) since uniform stopped being the default; rows without it ran it as the former default
+    (the script passed only `--mlp-round-to` then)."""
+    flags = row.get("flags") or []
+    return "uniform (former default)" if former_default(row) or "--temperature" not in flags else "uniform"
+
+
+def _order(r: dict[str, Any]) -> tuple:
+    return (r["part"], r.get("shape", ""), r["sparsity"], r.get("device", ""), r["round_to"])
+
+
+def render_markdown(stem: str, data: Any) -> str:
+    """`rounding.md`, exactly as this script writes it, from the parsed `rounding.json`."""
+    if stem != STEM:
+        raise ValueError(f"benchmark_rounding.py renders {STEM!r}, not {stem!r}")
+    rows = sorted(rows_of(data), key=_order)
     lines = [
         "# Rounding benchmark (`integration/benchmark_rounding.py`)",
         "",
-        "MLP widths kept a multiple of R channels (`--mlp-round-to R`), StructPrune's default",
-        "(uniform allocation, equal widths). Rounding moves the budget by up to half a step per layer.",
+        "MLP widths kept a multiple of R channels (`--mlp-round-to R`), StructPrune with the uniform",
+        "allocation (equal widths). Rounding moves the budget by up to half a step per layer.",
         "",
     ]
     quality = [r for r in rows if r["part"] == "quality"]
@@ -222,29 +269,45 @@ def render(rows: list[dict]) -> str:
         lines += [
             "## Perplexity (SmolLM2-135M-Instruct, full evaluation texts)",
             "",
-            "| sparsity | R | MLP width | achieved | params | ppl wiki | ppl news | calib windows |",
-            "|---:|---:|---|---:|---:|---:|---:|---:|",
+            "Other settings: the defaults of each row's commit. " + provenance_legend(quality, timed=False),
+            "",
+            "| sparsity | R | allocation | MLP width | achieved | params | ppl wiki | ppl news | calib windows "
+            "| commit |",
+            "|---:|---:|---|---|---:|---:|---:|---:|---:|---|",
         ]
         for r in quality:
             lines.append(
-                f"| {r['sparsity']:.2f} | {r['round_to']} | {', '.join(map(str, r['intermediate_size']))} | "
+                f"| {r['sparsity']:.2f} | {r['round_to']} | {allocation_label(r)} | "
+                f"{', '.join(map(str, r['intermediate_size']))} | "
                 f"{r['achieved']:.4f} | {r['params']:,} | {r['ppl']['wiki_test']:.2f} | "
-                f"{r['ppl']['news']:.2f} | {r['calib_samples']} |"
+                f"{r['ppl']['news']:.2f} | {r['calib_samples']} | {results_store.short(r.get('provenance'))} |"
             )
         lines.append("")
     speed = [r for r in rows if r["part"] == "speed"]
     if speed:
+        protocol = sorted({(r["rounds"], r["prompt"], r["new_tokens"]) for r in speed})
         lines += [
             "## Speed (random weights of the rounded shapes; medians, models taking turns)",
             "",
-            "| device | dtype | shape | sparsity | R | MLP width | params | prefill tok/s | vs R=1 | decode tok/s | vs R=1 |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "Medians over "
+            + "; ".join(
+                f"{rounds} rounds of a {prompt}-token prefill and {new} decode tokens"
+                for rounds, prompt, new in protocol
+            )
+            + ". "
+            + provenance_legend(speed, figure="a speed", bound="a lower bound"),
+            "",
+            "| device | dtype | shape | sparsity | R | MLP width | params | prefill tok/s | vs R=1 "
+            "| decode tok/s | vs R=1 | commit |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in speed:
+            mark = f" {DAGGER}" if results_store.was_shared(r) else ""
             lines.append(
                 f"| {r['device']} | {r['dtype']} | {r['shape']} | {r['sparsity']:.2f} | {r['round_to']} | "
-                f"{r['intermediate_size']} | {r['params'] / 1e6:.1f}M | {r['prefill_tok_s']:.1f} | "
-                f"{r['prefill_vs_1']:.3f} | {r['decode_tok_s']:.1f} | {r['decode_vs_1']:.3f} |"
+                f"{r['intermediate_size']} | {r['params'] / 1e6:.1f}M | {r['prefill_tok_s']:.1f}{mark} | "
+                f"{r['prefill_vs_1']:.3f} | {r['decode_tok_s']:.1f}{mark} | {r['decode_vs_1']:.3f} | "
+                f"{results_store.short(r.get('provenance'))} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -268,16 +331,18 @@ def main() -> None:
     s.add_argument("--rounds", type=int, default=5)
     s.add_argument("--prompt", type=int, default=512)
     s.add_argument("--new-tokens", type=int, default=64)
-    sub.add_parser("render")
+    sub.add_parser("render", help="write rounding.md from rounding.json")
     args = p.parse_args()
     if args.part == "speed":
         if args.device_label is None:
+            import torch
+
             args.device_label = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
         cmd_speed(args)
     elif args.part == "quality":
         cmd_quality(args)
     else:
-        save(load(OUT.with_suffix(".json")))
+        print(_write_md())
 
 
 if __name__ == "__main__":

@@ -6,18 +6,26 @@ The model has random weights (speed and memory depend on shapes, not values), is
 by layer as bf16 safetensors shards (never whole in memory), and is pruned at 30 % in a fresh
 process so that its peak RSS is the pruning's alone. Reported per run: parameters, bytes on disk,
 peak RSS (sampled during pruning, and the child's high-water mark), seconds per pruned layer and
-per dense (skipped) layer, CUDA peak on a GPU, and an extrapolation to LLaMA-2-70B dims.
+per dense (skipped) layer, CUDA peak on a GPU, and an extrapolation to LLaMA-2-70B dims (bytes
+shown in GiB, 2**30, throughout).
 
 On a small CPU machine pruning every layer of a 7B model takes hours, so `--prune-layers K`
 prunes the first K layers and streams the others through unchanged (`skip_layers`): the memory
 figure still covers the whole 32-layer model, and the per-layer time is measured on the K pruned
 ones. On a GPU every layer is pruned.
 
+Every row is measured inside a `results_store.RunRecord` opened in this process around the child
+(so the child's CPU time counts as the run's own when contention is measured) and carries the
+child's resolved pruning settings and per-layer widths under `run`.
+
     .venv/bin/python integration/benchmark_scale.py --prune-layers 2             # this CPU
     .venv/bin/python integration/benchmark_scale.py --device cuda --prune-layers 32
-    .venv/bin/python integration/benchmark_scale.py --render
+    .venv/bin/python integration/benchmark_scale.py --report-only                # rewrite scale.md
 
 Results: integration/results/scale.{json,md} (one object per run; rows are replaced by key).
+The helpers for what rows record and how tables show it (`prune_report`, `text_calibration`,
+`machine_of`, `libraries_of`, `allocation_of`, `mark`, `shared_note`) are shared with the other
+memory, speed and host benchmarks, so that every table describes its rows one way.
 """
 
 from __future__ import annotations
@@ -26,19 +34,30 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _path in (str(ROOT), str(HERE)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+import results_store  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if TYPE_CHECKING:
+    import torch
+
+    from struprune_plugin.engine import PruneResult
+
 RESULTS = ROOT / "integration" / "results" / "scale"
+DAGGER = "†"
 
 SHAPES = {
     # TinyLlama-1.1B's shape: the largest whose O(N) global reference (fp32 weights + gradients)
@@ -50,19 +69,20 @@ SHAPES = {
 }
 
 
-def layer_params(s: dict) -> int:
+def layer_params(s: dict[str, int]) -> int:
     head_dim = s["hidden"] // s["heads"]
     attn = 2 * s["hidden"] * s["hidden"] + 2 * s["hidden"] * s["kv_heads"] * head_dim
     return attn + 3 * s["hidden"] * s["intermediate"] + 2 * s["hidden"]
 
 
-def total_params(s: dict) -> int:
+def total_params(s: dict[str, int]) -> int:
     return s["layers"] * layer_params(s) + 2 * s["vocab"] * s["hidden"] + s["hidden"]
 
 
 def write_random_model(folder: Path, shape: str, dtype: torch.dtype) -> None:
     """A LLaMA checkpoint of `shape` with random weights, written one layer per shard, so the
     writer holds one layer at a time too. Reused when the folder is complete."""
+    import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
@@ -130,8 +150,145 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def child(args) -> None:
+#: The dtype the random checkpoint is written in (and the pruning runs in).
+DTYPE = "bfloat16"
+
+
+# -- what rows record and how tables show it (shared with the other benchmark scripts) -------
+
+
+def random_calibration(samples: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, Any]:
+    """A row's `run.calibration` for random token ids (no text, so no split or digest to name)."""
+    return {"kind": "random token ids", "samples": samples, "seq_len": seq_len, "vocab": vocab, "seed": seed}
+
+
+def text_calibration(split: str, samples: int, seq_len: int, seed: int = 0) -> dict[str, Any]:
+    """A row's `run.calibration` for windows of a built-in text split, as `struprune prune` records
+    it (the split and its digest, so a changed corpus shows)."""
+    from struprune_plugin.data import TEXT_SHA256
+
+    return {
+        "split": split,
+        "source": split,
+        "kind": "built-in",
+        "sha256": TEXT_SHA256.get(split),
+        "samples": samples,
+        "seq_len": seq_len,
+        "seed": seed,
+        "bos": False,
+    }
+
+
+def prune_report(result: PruneResult, calibration: dict[str, Any] | None, dtype: str) -> dict[str, Any]:
+    """The fields of a `struprune prune` report for a run made in-process (`prune_model`,
+    `prune_checkpoint`, `StructPrunePruner`), built the way the CLI builds them, so that
+    `results_store.from_prune_report` records a benchmark's run exactly as it records the CLI's:
+    resolved settings, calibration, dtype, device, requested and achieved sparsity, per-layer widths.
+    The settings pass through JSON once, so a value JSON cannot hold (an Allocator instance) is
+    stored as its text instead of making the row unwritable."""
+    config = result.config
+    settings = {k: v for k, v in vars(config).items() if k not in ("method", "device")}
+    return {
+        "calibration": calibration,
+        "pruning": {
+            "method": config.method,
+            "settings": json.loads(json.dumps(settings, default=str)),
+            "dtype": dtype,
+            "device": config.device,
+            "requested_sparsity": result.requested_sparsity,
+            "achieved_sparsity": result.achieved_sparsity,
+        },
+        "layers": [asdict(layer) for layer in result.layers],
+    }
+
+
+def resolved_allocation(result: PruneResult) -> str | None:
+    """The layer allocation rule a run used, as resolved ("auto" named), for solver methods."""
+    return (result.allocation or {}).get("allocation")
+
+
+def rows_of(data: Any) -> list[dict[str, Any]]:
+    """The rows of a parsed results file: a list, or the `rows` of a `{"rows": [...], ...}` object."""
+    return data["rows"] if isinstance(data, dict) else data
+
+
+def machine_of(row: dict[str, Any]) -> str:
+    """Where a row ran, for tables: the label or fields a row measured before provenance stored,
+    else the machine its RunRecord recorded (CPU model, cores, GPU if any)."""
+    old = row.get("machine")
+    if isinstance(old, str):
+        return old
+    if isinstance(old, dict):  # rows that stored {"cpus": ..., "platform": ...}
+        return f"{old.get('cpus')} cores, {old.get('platform')}"
+    recorded = (row.get("provenance") or {}).get("machine") or {}
+    if recorded.get("cpu"):
+        text = f"{recorded['cpu']}, {recorded.get('cores')} cores"
+        return f"{text}, {recorded['gpu']}" if recorded.get("gpu") else text
+    return recorded.get("label") or "not recorded"
+
+
+def libraries_of(row: dict[str, Any], names: Iterable[str]) -> str:
+    """The versions of `names` a row ran with: installed ones from its RunRecord, or for a row
+    measured before that the pins pyproject.toml held at its commit (said so: what was installed
+    on that machine is not known)."""
+    provenance = row.get("provenance") or {}
+    libraries = provenance.get("libraries") or {}
+    found = ", ".join(f"{name} {libraries[name]}" for name in names if name in libraries)
+    if not found:
+        return "not recorded"
+    return f"{found} (pinned at the commit)" if provenance.get("basis") else found
+
+
+def allocation_of(row: dict[str, Any]) -> str:
+    """The layer allocation a pruning row ran with: for rows that predate today's default and ran
+    under the former one (`provenance.measured_default`), that; else the resolved rule the row
+    recorded (with its temperature where one applies); else "not recorded"."""
+    if (row.get("provenance") or {}).get("measured_default"):
+        return "uniform allocation, the former default"
+    rule = row.get("allocation")
+    if not isinstance(rule, str):
+        return "not recorded"
+    temperature = ((row.get("run") or {}).get("settings") or {}).get("temperature")
+    if (
+        rule.startswith(("energy", "kl"))
+        and isinstance(temperature, (int, float))
+        and math.isfinite(temperature)
+    ):
+        return f"{rule} (T = {temperature:g})"
+    return rule
+
+
+def mark(row: dict[str, Any]) -> str:
+    """The dagger a measured time carries when other jobs shared the machine during its row."""
+    return f" {DAGGER}" if results_store.was_shared(row) else ""
+
+
+def shared_note(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """The footnote that explains the dagger, when some row carries it."""
+    if not any(results_store.was_shared(r) for r in rows):
+        return []
+    return [
+        "",
+        f"{DAGGER} other jobs shared the machine while the row ran (its provenance's contention record: "
+        "measured by its RunRecord, or marked when it was measured): its times are upper bounds.",
+    ]
+
+
+def _distinct(values: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    for value in values:
+        if value not in out:
+            out.append(value)
+    return out
+
+
+# -- this benchmark ------------------------------------------------------------------------------
+
+
+def child(args: argparse.Namespace) -> None:
     """The pruning run itself, in its own process: prints one JSON line."""
+    import torch
+
     from struprune_plugin.engine import PruneConfig
     from struprune_plugin.streaming import prune_checkpoint
 
@@ -145,13 +302,14 @@ def child(args) -> None:
         batch_size=args.batch_size,
         skip_layers=skip,
         solver_tokens=args.solver_tokens,
-        temperature=math.inf,  # uniform, as measured (scale.md predates the allocation default)
+        temperature=math.inf,  # uniform, as the stored rows were measured (before the allocation default)
     )
     t0 = time.perf_counter()
     result = prune_checkpoint(args.model_dir, args.output, ids, config, overwrite=True, progress=True)
     seconds = time.perf_counter() - t0
     pruned = [r.seconds for r in result.layers if r.index not in skip]
     dense = [r.seconds for r in result.layers if r.index in skip]
+    calibration = random_calibration(args.calib_samples, args.calib_len, s["vocab"])
     out = {
         "seconds": seconds,
         "seconds_per_layer": sum(pruned) / len(pruned),
@@ -160,13 +318,15 @@ def child(args) -> None:
         "peak_memory_bytes": result.peak_memory_bytes,
         "peak_memory_kind": result.peak_memory_kind,
         "child_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "allocation": resolved_allocation(result),
+        "run": results_store.from_prune_report(prune_report(result, calibration, DTYPE)),
     }
     if args.device.startswith("cuda"):
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def extrapolate(row: dict) -> dict:
+def extrapolate(row: dict[str, Any]) -> dict[str, Any]:
     """LLaMA-2-70B from the measured 7B figures: peak memory as the 7B peak's per-layer part
     scaled by the solver's dominant footprint (a float32 layer plus its float64 MLP Grams, I^2),
     plus the embeddings; time per layer scaled by the solver's dominant work (the I x I Cholesky
@@ -174,7 +334,7 @@ def extrapolate(row: dict) -> dict:
     an assumed 50/50. These are estimates, not measurements."""
     a, b = SHAPES[row["shape"]], SHAPES["llama2-70b"]
 
-    def footprint(s):
+    def footprint(s: dict[str, int]) -> int:
         return 4 * layer_params(s) + 3 * 8 * s["intermediate"] ** 2
 
     embed_a = 2 * a["vocab"] * a["hidden"] * 2
@@ -194,65 +354,63 @@ def extrapolate(row: dict) -> dict:
     }
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict[str, Any]]) -> str:
+    """scale.md from the stored rows: every figure read from them (bytes in GiB, 2**30)."""
+    gib = 2**30
+    shapes = ", ".join(f"`{s}`" for s in _distinct(r["shape"] for r in rows))
+    dtypes = ", ".join(_distinct(r["dtype"] for r in rows))
+    sparsities = " / ".join(f"{s:.0%}" for s in _distinct(r["sparsity"] for r in rows))
     lines = [
         "# Scale benchmark (`integration/benchmark_scale.py`)",
         "",
-        "A LLaMA-2-7B-shaped model (random bf16 weights, one safetensors shard per layer) pruned at "
-        "30 % by the out-of-core engine (`--stream-weights`): one decoder layer in memory at a time. "
-        "Layers past `pruned layers` stream through unchanged (`skip_layers`), so the memory "
-        "figure covers the whole model while the time per layer is measured on the pruned ones.",
+        f"LLaMA-shaped models ({shapes}; random {dtypes} weights, one safetensors shard per layer) "
+        f"pruned at {sparsities} by the out-of-core engine (`--stream-weights`): one decoder layer in "
+        "memory at a time. Layers past `pruned layers` stream through unchanged (`skip_layers`), so "
+        "the memory figure covers the whole model while the time per layer is measured on the pruned "
+        "ones. Bytes in GiB (2^30). `commit`: the code the row ran (`+`: with uncommitted changes).",
         "",
-        "| device | machine | dtype | params | model bytes | pruned layers | calib tokens | peak RSS | peak / model | "
-        "CUDA peak | s / pruned layer | s / dense layer | total s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| device | machine | commit | allocation | dtype | params | model bytes | pruned layers | "
+        "calib tokens | peak RSS | peak / model | CUDA peak | s / pruned layer | s / dense layer | total s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    gib = 2**30
     for r in rows:
         cuda = f"{r['cuda_peak_bytes'] / gib:.2f} GiB" if r.get("cuda_peak_bytes") else ""
-        dense = f"{r['seconds_per_dense_layer']:.1f}" if r.get("seconds_per_dense_layer") else ""
+        dense = f"{r['seconds_per_dense_layer']:.1f}{mark(r)}" if r.get("seconds_per_dense_layer") else ""
         lines.append(
-            f"| {r['device']} | {r['machine']} | {r['dtype']} | {r['params'] / 1e9:.2f}B | "
+            f"| {r['device']} | {machine_of(r)} | {results_store.short(r.get('provenance'))} | "
+            f"{allocation_of(r)} | {r['dtype']} | {r['params'] / 1e9:.2f}B | "
             f"{r['model_bytes'] / gib:.2f} GiB | {r['pruned_layers']}/{r['layers']} | {r['calib_tokens']} | "
             f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['peak_rss_bytes'] / r['model_bytes']:.1%} | {cuda} | "
-            f"{r['seconds_per_layer']:.1f} | {dense} | {r['seconds']:.0f} |"
+            f"{r['seconds_per_layer']:.1f}{mark(r)} | {dense} | {r['seconds']:.0f}{mark(r)} |"
         )
+    target = SHAPES["llama2-70b"]
     lines += ["", "## Extrapolation to LLaMA-2-70B dims (estimates from the measured rows)", ""]
     lines += [
-        "| from run | 70B params | model bytes | peak RSS (est.) | peak / model | s / layer (est.) | hours, 80 layers (est.) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| from run | commit | 70B params | model bytes | peak RSS (est.) | peak / model | s / layer (est.) | "
+        f"hours, {target['layers']} layers (est.) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         e = r["extrapolation_70b"]
         lines.append(
-            f"| {r['device']} {r['machine']} | {e['params'] / 1e9:.1f}B | {e['model_bytes'] / gib:.0f} GiB | "
+            f"| {r['device']} {machine_of(r)} | {results_store.short(r.get('provenance'))} | "
+            f"{e['params'] / 1e9:.1f}B | {e['model_bytes'] / gib:.0f} GiB | "
             f"{e['peak_rss_bytes_estimate'] / gib:.1f} GiB | {e['peak_share_of_model']:.1%} | "
-            f"{e['seconds_per_layer_estimate']:.0f} | {e['hours_all_layers_estimate']:.1f} |"
+            f"{e['seconds_per_layer_estimate']:.0f}{mark(r)} | {e['hours_all_layers_estimate']:.1f}{mark(r)} |"
         )
-    lines += ["", extrapolate.__doc__.replace("\n    ", " ").strip(), ""]
-    return "\n".join(lines)
+    lines += ["", (extrapolate.__doc__ or "").replace("\n    ", " ").strip()]
+    lines += shared_note(rows)
+    return "\n".join(lines) + "\n"
 
 
-def save_results(stem: Path, rows: list[dict], render_rows) -> None:
-    """`stem`.json (the rows) and `stem`.md (`render_rows(rows)`), each written atomically."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(rows, indent=1)), (".md", render_rows(rows))):
-        tmp = stem.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, stem.with_suffix(suffix))
+def render_markdown(stem: str, data: Any) -> str:
+    """The .md this script writes for `results/<stem>.json` (stem `scale`)."""
+    return render(rows_of(data))
 
 
-def load_results(stem: Path) -> list[dict]:
-    path = stem.with_suffix(".json")
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
-def save(rows: list[dict]) -> None:
-    save_results(RESULTS, rows, render)
-
-
-def load_rows() -> list[dict]:
-    return load_results(RESULTS)
+def row_key(row: dict[str, Any]) -> tuple:
+    """Rows are replaced by shape, device, machine, pruned layers and calibration size."""
+    return (row["shape"], row["device"], machine_of(row), row["pruned_layers"], row["calib_tokens"])
 
 
 def main() -> None:
@@ -266,9 +424,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--solver-tokens", type=int, default=8192)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "scale")
-    p.add_argument("--machine", default=platform.machine() + f", {os.cpu_count()} cores")
     p.add_argument("--keep-output", action="store_true", help="keep the pruned folder (it is large)")
-    p.add_argument("--render", action="store_true", help="only rewrite the Markdown from the JSON")
+    p.add_argument(
+        "--report-only",
+        "--render",
+        dest="render",
+        action="store_true",
+        help="only rewrite scale.md from scale.json",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--output", type=Path, help=argparse.SUPPRESS)
@@ -279,10 +442,13 @@ def main() -> None:
         child(args)
         return
     if args.render:
-        save(load_rows())
+        rows = results_store.load_rows(RESULTS.with_suffix(".json"))
+        results_store.write_atomic(RESULTS.with_suffix(".md"), render(rows))
         return
+    import torch
+
     model_dir = args.work / f"{args.shape}-bf16"
-    write_random_model(model_dir, args.shape, torch.bfloat16)
+    write_random_model(model_dir, args.shape, getattr(torch, DTYPE))
     output = args.work / f"{args.shape}-pruned"
     cmd = [sys.executable, __file__, "--child", "--model-dir", str(model_dir), "--output", str(output)]
     for name in (
@@ -296,7 +462,9 @@ def main() -> None:
         "solver_tokens",
     ):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    proc = subprocess.run(cmd, capture_output=False, stdout=subprocess.PIPE, text=True, check=True)
+    # The record is opened here, around the child: its CPU time is this run's own, not contention.
+    with results_store.RunRecord() as record:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     measured = json.loads(line.removeprefix("RESULT "))
     if not args.keep_output:
@@ -304,8 +472,7 @@ def main() -> None:
     row = {
         "shape": args.shape,
         "device": args.device,
-        "machine": args.machine,
-        "dtype": "bfloat16",
+        "dtype": DTYPE,
         "params": total_params(s),
         "model_bytes": folder_bytes(model_dir),
         "layers": s["layers"],
@@ -319,14 +486,9 @@ def main() -> None:
         else measured["child_maxrss_bytes"],
     }
     row["extrapolation_70b"] = extrapolate(row)
-    key = (row["shape"], row["device"], row["machine"], row["pruned_layers"], row["calib_tokens"])
-    rows = [
-        r
-        for r in load_rows()
-        if (r["shape"], r["device"], r["machine"], r["pruned_layers"], r["calib_tokens"]) != key
-    ]
-    save([*rows, row])
-    print(render([*rows, row]))
+    row["provenance"] = record.provenance
+    rows = results_store.store_rows(RESULTS, [row], key=row_key, render=render)
+    print(render(rows))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,14 @@ integration/results/speed.{json,md,png}. Target: speed-up >= 0.9 x (dense / prun
 it in llama.cpp (llama-cpp-python built from source, `bash scripts/install_llama_cpp.sh`), batch 1:
 prefill is one `eval` of the 512-token prompt (llama.cpp computes the last position's logits),
 `generate()` the bindings' greedy sampling iterator, the model loop `eval` + argmax per token.
+
+Each batch size's rounds run inside a `results_store.RunRecord`: every row records the commit, the
+machine, the library versions and whether other jobs shared the machine while it was timed, and
+the command line that made it (`command`), which the .md lists. `--out` writes another stem (e.g.
+integration/results/rounding_llamacpp); `--report-only` rewrites a stem's .md from its JSON:
+
+    .venv/bin/python integration/benchmark_speed.py --report-only
+    .venv/bin/python integration/benchmark_speed.py --report-only --out integration/results/rounding_llamacpp
 """
 
 from __future__ import annotations
@@ -42,22 +50,33 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from typing import Any, NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from struprune_plugin.zoo import resolve_model
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _path in (str(ROOT), str(HERE)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+import results_store  # noqa: E402
+from benchmark_scale import libraries_of, machine_of, rows_of  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "integration" / "results" / "speed"
+DAGGER = "†"
+#: The libraries whose versions make each backend's figures.
+BACKEND_LIBRARIES = {
+    "torch": ("torch", "transformers"),
+    "ort": ("onnxruntime", "optimum", "optimum-onnx", "transformers", "torch"),
+    "llamacpp-f16": ("llama-cpp-python", "gguf"),
+    "llamacpp-q8_0": ("llama-cpp-python", "gguf"),
+}
 DEFAULT_PRUNED = [ROOT / "runs" / "quality" / f"structprune-{p}" for p in (20, 30, 50)]
 TARGET = 0.9
 BACKENDS = ("torch", "ort", "llamacpp-f16", "llamacpp-q8_0")
@@ -69,9 +88,9 @@ def seconds_of(fn: Callable[..., object], *args: object) -> float:
     return time.perf_counter() - start
 
 
-@dataclass
-class Runner:
-    """One model under one backend: the three things the benchmark times."""
+class Runner(NamedTuple):
+    """One model under one backend: the three things the benchmark times. (A NamedTuple, not a
+    dataclass: the module must load by path, unregistered, for `render_markdown`'s check.)"""
 
     prefill: Callable[[torch.Tensor], object]
     generate: Callable[[torch.Tensor, int], torch.Tensor]
@@ -284,7 +303,11 @@ def measure(runners: dict[str, Runner], vocab: int, batch: int, args) -> dict[st
         tokens, _ = runner.model_loop(prompt, args.new_tokens)
         row: dict = {"batch": batch}
         if batch == 1:
-            row.update(prefill_s=med["prefill"], prefill_tok_s=args.prefill_len / med["prefill"])
+            row.update(
+                prefill_len=args.prefill_len,
+                prefill_s=med["prefill"],
+                prefill_tok_s=args.prefill_len / med["prefill"],
+            )
         row.update(
             generate_s=med["generate"],
             generate_step_ms=1e3 * decode / steps,
@@ -292,6 +315,8 @@ def measure(runners: dict[str, Runner], vocab: int, batch: int, args) -> dict[st
             loop_step_ms=1e3 * med["loop"] / steps,
             loop_tok_s=batch * steps / med["loop"],
             loop_tokens_match_generate=bool(torch.equal(tokens, runner.generate(prompt, args.new_tokens))),
+            decode_prompt=args.decode_prompt,
+            new_tokens=args.new_tokens,
             repeats=args.repeats,
         )
         rows[name] = row
@@ -334,49 +359,117 @@ def _met(speedup: float, ratio: float, is_dense: bool) -> str:
     return "" if is_dense else ("yes" if speedup >= TARGET * ratio else "no")
 
 
-def render(rows: list[dict]) -> str:
-    order = sorted(rows, key=lambda r: (BACKENDS.index(r["backend"]), r["batch"], -r["params"]))
+def _mark(row: dict[str, Any]) -> str:
+    """The dagger a row's speeds carry when other jobs shared the machine while it was timed."""
+    return f" {DAGGER}" if results_store.was_shared(row) else ""
+
+
+def model_label(row: dict[str, Any]) -> str:
+    """A row's model as tables name it: StructPrune rows measured under the former default say so
+    (their figures predate today's default allocation)."""
+    if (row.get("provenance") or {}).get("measured_default"):
+        return f"{row['model']} (uniform allocation, the former default)"
+    return row["model"]
+
+
+def _command(row: dict[str, Any]) -> str:
+    command = row.get("command")
+    return f"`{' '.join(command)}`" if command else "not recorded"
+
+
+def _origins(order: list[dict[str, Any]]) -> list[str]:
+    """Where the rows came from: per backend and run, the commit, the machine, the versions of the
+    libraries that make that backend's figures, and the command line (rows that recorded one)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in order:
+        libraries = libraries_of(r, BACKEND_LIBRARIES.get(r["backend"], ("torch",)))
+        key = (r["backend"], results_store.short(r.get("provenance")), machine_of(r), libraries, _command(r))
+        groups.setdefault(key, []).append(r)
     lines = [
-        "# Speed benchmark (`integration/benchmark_speed.py`)",
+        "",
+        "## Where the rows came from",
+        "",
+        "`commit`: the code a row ran (`+`: with uncommitted changes). Library versions as each row's "
+        "record names them (rows measured before that: the pins pyproject.toml held at the commit).",
+        "",
+        "| backend | rows | commit | machine | libraries | command |",
+        "|---|---:|---|---|---|---|",
+    ]
+    for (backend, commit, machine, libraries, command), rows in groups.items():
+        lines.append(f"| {backend} | {len(rows)} | {commit} | {machine} | {libraries} | {command} |")
+    return lines
+
+
+def prefill_len(row: dict[str, Any]) -> int:
+    """The prefill prompt's length: recorded, or for rows measured before it was, the tokens per
+    second times the seconds the row stored (the one way the figure was computed)."""
+    return row.get("prefill_len") or round(row["prefill_tok_s"] * row["prefill_s"])
+
+
+def _decode_setup(rows: list[dict[str, Any]]) -> str:
+    """The decode prompt and new-token counts the rows recorded (joined where they differ)."""
+    recorded = dict.fromkeys(
+        f"{r['decode_prompt']}-token prompt, {r['new_tokens']} new greedy tokens"
+        for r in rows
+        if r.get("new_tokens")
+    )
+    missing = sum(not r.get("new_tokens") for r in rows)
+    parts = list(recorded)
+    if missing:
+        parts.append(
+            f"prompt length and new tokens not recorded for the {missing} rows measured before rows recorded them"
+        )
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:] + "."
+
+
+def render(rows: list[dict[str, Any]], stem: str = "speed") -> str:
+    """The .md of a results stem from its rows: every figure and label read from them."""
+    order = sorted(rows, key=lambda r: (BACKENDS.index(r["backend"]), r["batch"], -r["params"]))
+    lengths = " / ".join(dict.fromkeys(str(prefill_len(r)) for r in order if r["batch"] == 1))
+    title = "# Speed benchmark (`integration/benchmark_speed.py`)"
+    lines = [
+        title if stem == "speed" else f"{title}: `{stem}`",
         "",
         f"CPU (torch and ort in float32). Target: speed-up >= {TARGET} x (dense / pruned parameters). Medians of the "
         "repeats; the models take turns within every repeat.",
         "",
-        "## Prefill (batch 1, 512-token prompt)",
+        f"## Prefill (batch 1, {lengths}-token prompt)",
         "",
         "PyTorch and llama.cpp compute the last position's logits (as generation does); Optimum's ONNX "
-        "graph computes the logits of all 512 positions. torch and ort run float32 weights; llama.cpp "
+        "graph computes the logits of every position. torch and ort run float32 weights; llama.cpp "
         "the GGUF type its backend names.",
         "",
-        "| backend | model | params | checkpoint MiB | prefill tok/s | speed-up | params ratio | target met |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| backend | model | params | checkpoint MiB | prefill tok/s | speed-up | params ratio | target met | commit |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r, x, ratio in _speedups([r for r in order if r["batch"] == 1], "prefill_tok_s"):
         lines.append(
-            f"| {r['backend']} ({r['threads']} threads) | {r['model']} | {r['params']:,} | "
-            f"{r['checkpoint_mib']:.0f} | {r['prefill_tok_s']:.0f} | {x:.2f} | {ratio:.2f} | "
-            f"{_met(x, ratio, r['model'] == 'dense')} |"
+            f"| {r['backend']} ({r['threads']} threads) | {model_label(r)} | {r['params']:,} | "
+            f"{r['checkpoint_mib']:.0f} | {r['prefill_tok_s']:.0f}{_mark(r)} | {x:.2f} | {ratio:.2f} | "
+            f"{_met(x, ratio, r['model'] == 'dense')} | {results_store.short(r.get('provenance'))} |"
         )
     lines += [
         "",
-        "## Decode (64-token prompt, 64 new greedy tokens, KV cache)",
+        "## Decode (greedy, KV cache)",
         "",
-        "`generate()`: the host's generation loop. Model loop: a greedy loop that owns the KV cache and "
+        f"{_decode_setup(order)} `generate()`: the host's generation loop. Model loop: a greedy loop that owns the KV cache and "
         "calls the model (PyTorch forward / `InferenceSession.run`); its tokens equal `generate()`'s "
         "where the last column says so.",
         "",
         "| backend | batch | model | generate() tok/s | speed-up | model loop tok/s | speed-up | params ratio "
-        "| target met: generate() / loop | same tokens |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|---|",
+        "| target met: generate() / loop | same tokens | commit |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
     gen = {id(r): x for r, x, _ in _speedups(order, "generate_tok_s")}
     for r, x, ratio in _speedups(order, "loop_tok_s"):
         g = gen[id(r)]
         met = "" if r["model"] == "dense" else f"{_met(g, ratio, False)} / {_met(x, ratio, False)}"
         lines.append(
-            f"| {r['backend']} ({r['threads']} threads) | {r['batch']} | {r['model']} | {r['generate_tok_s']:.1f} "
-            f"| {g:.2f} | {r['loop_tok_s']:.1f} | {x:.2f} | {ratio:.2f} | {met} | "
-            f"{'yes' if r['loop_tokens_match_generate'] else 'NO'} |"
+            f"| {r['backend']} ({r['threads']} threads) | {r['batch']} | {model_label(r)} | "
+            f"{r['generate_tok_s']:.1f}{_mark(r)} | {g:.2f} | {r['loop_tok_s']:.1f}{_mark(r)} | {x:.2f} | "
+            f"{ratio:.2f} | {met} | {'yes' if r['loop_tokens_match_generate'] else 'NO'} | "
+            f"{results_store.short(r.get('provenance'))} |"
         )
     lines += [
         "",
@@ -395,18 +488,34 @@ def render(rows: list[dict]) -> str:
     ):
         group = [r for r in order if (r["backend"], r["batch"]) == (backend, batch)]
         dense = next((r for r in group if r["model"] == "dense"), None)
+        shared = f" {DAGGER}" if any(results_store.was_shared(r) for r in group) else ""
         for key, name in (("generate_step_ms", "generate()"), ("loop_step_ms", "model loop")):
             fit = step_fit(group, key)
             if fit and dense:
                 fixed, slope = fit
                 lines.append(
-                    f"| {backend} | {batch} | {name} | {dense[key]:.1f} | {fixed:.1f} | {slope:.3f} | "
-                    f"{fixed / dense[key]:.0%} |"
+                    f"| {backend} | {batch} | {name} | {dense[key]:.1f}{_mark(dense)} | {fixed:.1f}{shared} | "
+                    f"{slope:.3f} | {fixed / dense[key]:.0%} |"
                 )
+    lines += _origins(order)
+    if any(results_store.was_shared(r) for r in order):
+        lines += [
+            "",
+            f"{DAGGER} other jobs shared the machine while the row was timed (its provenance's contention "
+            "record; in the fit: some row of the configuration): its speeds are lower bounds.",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], out: Path) -> Path | None:
+def render_markdown(stem: str, data: Any) -> str:
+    """The .md this script writes for `results/<stem>.json` (`speed`, or an `--out` stem such as
+    `rounding_llamacpp`)."""
+    return render(rows_of(data), stem)
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """Speed-up against parameter ratio, per backend, batch and measure; the title names the
+    pruned models the rows hold."""
     try:
         import matplotlib
     except ImportError:
@@ -439,13 +548,36 @@ def plot(rows: list[dict], out: Path) -> Path | None:
     ax.plot(grid, grid, color="grey", lw=1, label="= parameter ratio")
     ax.plot(grid, [TARGET * g for g in grid], color="grey", lw=1, ls=":", label=f"target {TARGET} x ratio")
     ax.set(xlabel="dense / pruned parameters", ylabel="speed-up over dense")
-    ax.set_title("SmolLM2-135M pruned 20/30/50 %: speed-up vs parameter ratio (CPU)")
+    pruned = ", ".join(dict.fromkeys(r["model"] for r in rows if r["model"] != "dense"))
+    ax.set_title(f"Speed-up over dense vs parameter ratio (CPU)\n{pruned}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out.with_suffix(".png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def repo_path(arg: str | Path) -> str:
+    """A path as rows record it: relative to the repository where it lies inside it (symlinks,
+    such as a virtual environment's interpreter, are kept as named). Other arguments unchanged."""
+    path = Path(arg)
+    if not path.exists() and not path.is_absolute():
+        return str(arg)
+    try:
+        return path.absolute().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(arg)
+
+
+def command_line() -> list[str]:
+    """This process's command line, interpreter first, so the .md can show how each row was made."""
+    return [repo_path(sys.executable), *(repo_path(a) for a in sys.argv)]
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """A stored row is replaced by a new one of the same backend, model and batch."""
+    return (row["backend"], row["model"], row["batch"])
 
 
 def main() -> int:
@@ -466,11 +598,25 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "speed")
     parser.add_argument("--out", type=Path, default=RESULTS, help="stem of the .json/.md/.png results")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rewrite the stem's .md (and its plot, where one exists) from its JSON",
+    )
     args = parser.parse_args()
+    if args.report_only:
+        rows = results_store.load_rows(args.out.with_suffix(".json"))
+        results_store.write_atomic(args.out.with_suffix(".md"), render(rows, args.out.name))
+        if args.out.with_suffix(".png").exists():
+            plot(rows, args.out)
+        return 0
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (one prefill step and one decode step)")
     if args.backend.startswith("llamacpp") and args.batch != [1]:
         parser.error("the llama.cpp backend decodes batch 1 only: pass --batch 1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before the plugin imports the hub
+    from struprune_plugin.zoo import resolve_model
+
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     args.work.mkdir(parents=True, exist_ok=True)
@@ -480,9 +626,6 @@ def main() -> int:
             print(f"skipping {folder}: not there (run integration/benchmark_quality.py first)")
             continue
         models.append((folder.name, folder))
-    path = args.out.with_suffix(".json")
-    rows = json.loads(path.read_text()) if path.exists() else []
-    rows = [r for r in rows if "batch" in r]  # rows of the earlier format (no batch) are dropped
     runners, params, vocab = {}, {}, None
     for name, folder in models:
         if args.backend == "torch":
@@ -494,26 +637,32 @@ def main() -> int:
         else:
             runners[name], params[name] = ort_runner(folder, args.work, args.threads)
         vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    command = command_line()
+    rows: list[dict[str, Any]] = []
     for batch in args.batch:
-        for name, measured in measure(runners, vocab, batch, args).items():
+        # One record per batch size: its rows were timed together, the models taking turns.
+        with results_store.RunRecord() as record:
+            measured_rows = measure(runners, vocab, batch, args)
+        new_rows = []
+        for name, measured in measured_rows.items():
             row = {
                 "backend": args.backend,
                 "model": name,
+                "folder": repo_path(dict(models)[name]),
                 "params": params[name],
                 "checkpoint_mib": checkpoint_mib(dict(models)[name]),
                 "threads": args.threads,
                 **measured,
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "command": command,
+                "provenance": record.provenance,
             }
-            print(json.dumps({k: v for k, v in row.items() if k != "machine"}), flush=True)
-            key = (args.backend, name, batch)
-            rows = [r for r in rows if (r["backend"], r["model"], r["batch"]) != key] + [row]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=1))
-    table = render(rows)
-    args.out.with_suffix(".md").write_text(table)
+            print(json.dumps({k: v for k, v in row.items() if k != "provenance"}), flush=True)
+            new_rows.append(row)
+        rows = results_store.store_rows(
+            args.out, new_rows, key=row_key, render=lambda stored: render(stored, args.out.name)
+        )
     plot(rows, args.out)
-    print(table)
+    print(render(rows, args.out.name))
     return 0
 
 

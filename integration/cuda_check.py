@@ -1,14 +1,18 @@
-"""CUDA check: the engine on a GPU gives the CPU run's result, and its GPU memory stays near one
-decoder layer.
+"""CUDA check: the engine on a GPU gives the CPU run's result, and its GPU memory against one
+decoder layer's.
 
-Prunes the committed tiny trained model (tests/fixtures) with StructPrune's default on `cpu` and
+Prunes the committed tiny trained model (tests/fixtures) with StructPrune's defaults on `cpu` and
 on `cuda` from the same calibration windows, and compares the kept widths (must be equal) and the
 pruned weights (float tolerance: the GPU sums in another order), then the logits of both pruned
 models on held-out ids. A LLaMA-2-7B-shaped decoder stack (random weights, a few layers, float32
 on the GPU) is pruned too: the CUDA peak memory against one layer's bytes and the time per layer.
-Writes `results/cuda_check.{json,md}`; run only where a GPU is present.
+Writes `results/cuda_check.{json,md}`; run only where a GPU is present. The JSON is one object (one
+row): both measurements run inside one `results_store.RunRecord`, whose provenance (commit, machine,
+library versions, whether other jobs shared the machine) the object carries, and each part keeps its
+pruning's resolved settings and per-layer widths (`run`). The .md is `render_markdown` of the JSON.
 
     .venv/bin/python integration/cuda_check.py [--layers 4]
+    .venv/bin/python integration/cuda_check.py --report-only  # the .md from the JSON (no GPU needed)
 """
 
 from __future__ import annotations
@@ -18,17 +22,24 @@ import json
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "integration"))
-OUT = ROOT / "integration" / "results" / "cuda_check"
+import results_store  # noqa: E402
+from results_store import RESULTS  # noqa: E402
+
+STEM = "cuda_check"
+OUT = RESULTS / STEM
+DAGGER = "†"
 
 
-def tiny_comparison() -> dict:
+def tiny_comparison() -> dict[str, Any]:
+    import torch
+    from gguf_check import run_summary
+
     from conftest import TINY_TRAINED
     from struprune_plugin import PruneConfig, load_pruned, prune_model
 
@@ -58,11 +69,16 @@ def tiny_comparison() -> dict:
         if results["cuda"].peak_memory_bytes
         else None,
         "prune_seconds": {d: results[d].seconds for d in ("cpu", "cuda")},
+        "run": run_summary(
+            results["cuda"], {"source": "random ids", "samples": 16, "seq_len": 128, "seed": 0}
+        ),
     }
 
 
-def llama7b_stack(layers: int, tokens: int) -> dict:
+def llama7b_stack(layers: int, tokens: int) -> dict[str, Any]:
+    import torch
     from benchmark_rounding import SHAPES
+    from gguf_check import run_summary
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from struprune_plugin import PruneConfig, prune_model
@@ -84,44 +100,98 @@ def llama7b_stack(layers: int, tokens: int) -> dict:
         "seconds": seconds,
         "seconds_per_layer": [r.seconds for r in result.layers],
         "achieved": result.achieved_sparsity,
+        "run": run_summary(
+            result, {"source": "random ids", "samples": tokens // 512, "seq_len": 512, "seed": 0}
+        ),
     }
+
+
+def _settings_text(part: dict[str, Any], provenance: dict[str, Any] | None) -> str:
+    """The pruning settings a part ran with: its recorded `run` where stored, else the defaults of
+    the row's commit (older rows stored none)."""
+    settings = (part.get("run") or {}).get("settings")
+    if not settings:
+        return f"StructPrune's defaults at commit {results_store.short(provenance)}"
+    return (
+        f"allocation {settings.get('allocation')}, temperature {settings.get('temperature')}, "
+        f"kind split {settings.get('kind_split')}, MLP rounding {settings.get('mlp_round_to')}"
+    )
+
+
+def render_markdown(stem: str, data: Any) -> str:
+    """`cuda_check.md`, exactly as this script writes it, from the parsed `cuda_check.json` (one
+    object, treated as one row)."""
+    if stem != STEM:
+        raise ValueError(f"cuda_check.py renders {STEM!r}, not {stem!r}")
+    row = data["rows"][-1] if isinstance(data, dict) and isinstance(data.get("rows"), list) else data
+    prov = row.get("provenance")
+    t, s = row["tiny"], row["llama7b_stack"]
+    mark = f" {DAGGER}" if results_store.was_shared(row) else ""
+    contention = ((prov or {}).get("contention") or {}).get("shared")
+    lines = [
+        "# CUDA check (`integration/cuda_check.py`)",
+        "",
+        f"{row['device']}, torch {row['torch']}. Commit {results_store.short(prov)}"
+        + (
+            " (the row predates recorded provenance: the first commit whose copy of the results held"
+            " its figures, so its code ran at or before it)"
+            if "basis" in (prov or {})
+            else ""
+        )
+        + ".",
+        "",
+        f"Tiny trained model at 30 % ({_settings_text(t, prov)}), same calibration on cpu and cuda:",
+        f"widths equal: {t['widths_equal']}; max relative weight difference {t['max_rel_weight_diff']:.2e}; "
+        f"max relative logit difference {t['max_rel_logit_diff']:.2e}.",
+        "",
+        f"LLaMA-2-7B-shaped stack, {s['layers']} layers, random weights, float32, {s['calib_tokens']} "
+        f"calibration tokens, 30 % ({_settings_text(s, prov)}): CUDA peak {s['cuda_peak_mib']:.0f} MiB "
+        f"against one layer's {s['layer_mib']:.0f} MiB ({s['cuda_peak_mib'] / s['layer_mib']:.2f} x); "
+        f"{sum(s['seconds_per_layer']) / len(s['seconds_per_layer']):.1f} s per layer{mark}; "
+        f"achieved sparsity {s['achieved']:.4f}.",
+        "",
+    ]
+    if mark:
+        lines += [f"{DAGGER}: timed while other jobs shared the machine, so the time is an upper bound.", ""]
+    elif contention is None:
+        lines += ["Whether other jobs shared the machine was not recorded for this row.", ""]
+    return "\n".join(lines)
+
+
+def _write_md() -> str:
+    """Write cuda_check.md from cuda_check.json as stored (so it is what `render_markdown` gives)."""
+    text = render_markdown(STEM, json.loads(OUT.with_suffix(".json").read_text(encoding="utf-8")))
+    results_store.write_atomic(OUT.with_suffix(".md"), text)
+    return text
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--report-only", action="store_true", help="write cuda_check.md from the JSON")
     args = p.parse_args()
+    if args.report_only:
+        print(_write_md())
+        return
+    import torch
+
     if not torch.cuda.is_available():
         sys.exit("no CUDA device here: this check runs where a GPU is present")
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    out["tiny"] = tiny_comparison()
-    print(json.dumps(out["tiny"], indent=1), flush=True)
-    out["llama7b_stack"] = llama7b_stack(args.layers, args.tokens)
-    print(json.dumps(out["llama7b_stack"], indent=1), flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
-    t, s = out["tiny"], out["llama7b_stack"]
-    OUT.with_suffix(".md").write_text(
-        "\n".join(
-            [
-                "# CUDA check (`integration/cuda_check.py`)",
-                "",
-                f"{out['device']}, torch {out['torch']}.",
-                "",
-                "Tiny trained model, StructPrune default at 30 %, same calibration on cpu and cuda:",
-                f"widths equal: {t['widths_equal']}; max relative weight difference {t['max_rel_weight_diff']:.2e}; "
-                f"max relative logit difference {t['max_rel_logit_diff']:.2e}.",
-                "",
-                f"LLaMA-2-7B-shaped stack, {s['layers']} layers, random weights, float32, {s['calib_tokens']} "
-                f"calibration tokens, 30 %: CUDA peak {s['cuda_peak_mib']:.0f} MiB against one layer's "
-                f"{s['layer_mib']:.0f} MiB ({s['cuda_peak_mib'] / s['layer_mib']:.2f} x); "
-                f"{sum(s['seconds_per_layer']) / len(s['seconds_per_layer']):.1f} s per layer; "
-                f"achieved sparsity {s['achieved']:.4f}.",
-                "",
-            ]
-        )
-    )
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    with results_store.RunRecord() as record:
+        out["tiny"] = tiny_comparison()
+        print(json.dumps({k: v for k, v in out["tiny"].items() if k != "run"}, indent=1), flush=True)
+        out["llama7b_stack"] = llama7b_stack(args.layers, args.tokens)
+        print(json.dumps({k: v for k, v in out["llama7b_stack"].items() if k != "run"}, indent=1), flush=True)
+    out["provenance"] = record.provenance
+    # one object, not a {"rows": [...]} file: results_store.store_rows keeps files of rows, so the
+    # object is checked against the same provenance schema and written atomically here
+    missing = results_store.check_provenance(out)
+    if missing:
+        raise ValueError(f"cuda_check row lacks {missing}")
+    results_store.write_atomic(OUT.with_suffix(".json"), json.dumps(out, indent=1) + "\n")
+    print(_write_md())
 
 
 if __name__ == "__main__":

@@ -189,6 +189,7 @@ class RunRecord:
         return {
             "wall_seconds": round(wall, 3),
             "other_cores": round(other, 3),
+            "own_cpu_seconds": round(own1 - own0, 3),
             "shared": other > SHARED_CORES,
             "method": f"/proc/stat busy time minus own getrusage time; shared above {SHARED_CORES} cores",
             "load_average_start": self._static.get("load_average_start"),
