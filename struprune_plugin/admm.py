@@ -128,7 +128,7 @@ def chol_solve_rows(rhs: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
 #: - "channel": the channel's own second moment (Marquardt scaling; the same as a uniform ridge on
 #:   inputs standardised to unit second moment), so every weight is shrunk by about 1 / (1 + damping)
 #:   whatever its input's scale. Channels with no signal get a floor of 1e-6 x the mean.
-#:   Measured on SmolLM2 at 30 % (README, "Damping"): no better than "mean" at the same damping, so
+#:   Measured on SmolLM2 at 30 % (integration/results/generalisation.md, the ridge rows): no better than "mean" at the same damping, so
 #:   the spread of the mean-scaled ridge is not what costs quality; "mean" stays the default.
 RIDGE_SCALES = ("mean", "channel")
 

@@ -128,7 +128,10 @@ class StructPruneModifier(Modifier):
     mlp_round_to: int | None = Field(
         None,
         ge=1,
-        description="keep every MLP width a multiple of this; None = 8 where the widths allow, else 1",
+        description=(
+            "keep every MLP width a multiple of this; None = 32 where every width is a multiple of 32 "
+            "and at least 512, else 8 where the widths allow, else 1"
+        ),
     )
     min_query_per_kv: int = Field(1, ge=1, description="query heads every K/V head keeps at least")
     equal_widths: bool | None = Field(

@@ -17,7 +17,8 @@ RoPE scaling, sliding windows) is refused with an error naming it.
 Gemma 3 text models are written as llama.cpp's `gemma3` architecture: sliding-window layers as the
 config lists them, the local RoPE base, GELU, norm weights plus one (Gemma's RMSNorm scales by
 1 + w) and the SentencePiece vocabulary (`gguf_vocab`). Its graph builds every layer with layer 0's
-counts, so only equal widths (StructPrune's default) are written.
+counts, so only equal widths are written: prune with `--equal-widths` (StructPrune's default
+gives each layer its own widths, which this export refuses).
 """
 
 from __future__ import annotations

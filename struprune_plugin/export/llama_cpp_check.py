@@ -1,6 +1,6 @@
 """Run a GGUF export in llama.cpp (llama-cpp-python) and compare it with the PyTorch model it came
 from: the logits of a prompt and a greedy continuation. Used by the tests and by
-`integration/gguf_check.py`, whose table backs the README's claim."""
+`integration/gguf_check.py`, whose table (integration/results/gguf.md) records the comparison."""
 
 from __future__ import annotations
 
