@@ -130,11 +130,38 @@ def make_model(family: str, layers: int = 2, seed: int = 0, **overrides) -> torc
 
 
 FAMILIES = ["llama", "llama_mha", "mistral", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "opt"]
+#: The families every family-parametrised test runs on in the fast tier: a GQA Llama with tied
+#: embeddings, and Gemma 3 (MQA, head_dim != hidden / heads, sliding and global layers, q/k
+#: norms). The same tests run on every other family in the slow tier (`pytest -m slow`).
+FAST_FAMILIES = ("llama", "gemma3")
 
 
-@pytest.fixture(params=FAMILIES)
+def family_params(families=FAMILIES) -> list:
+    """`families` as parameters, those outside FAST_FAMILIES marked slow."""
+    return [f if f in FAST_FAMILIES else pytest.param(f, marks=pytest.mark.slow) for f in families]
+
+
+@pytest.fixture(params=family_params())
 def family(request) -> str:
     return request.param
+
+
+def _no_real_model(*args, **kwargs):
+    raise RuntimeError(
+        "a fast-tier test asked for a real model (SmolLM2 / Gemma-3-270M): mark it @pytest.mark.slow, "
+        "or use the tiny trained model (tests/fixtures)"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _real_models_only_in_the_slow_tier(request, monkeypatch):
+    """The fast tier (plain `pytest`) never builds or loads a real model: that is what keeps it
+    within minutes. A test that needs one must be marked slow."""
+    if request.node.get_closest_marker("slow") is None:
+        from struprune_plugin import zoo
+
+        monkeypatch.setattr(zoo, "ensure_smollm2", _no_real_model)
+        monkeypatch.setattr(zoo, "ensure_gemma3_270m", _no_real_model)
 
 
 def masked_reference(model: torch.nn.Module, plans) -> torch.nn.Module:

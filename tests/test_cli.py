@@ -216,7 +216,7 @@ def test_a_bad_allocation_option_names_the_rules_settings(cache, tiny_trained_di
     assert "no setting 'radius'" in err and "lam" in err
 
 
-@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["auto", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_stream_weights_gives_the_in_memory_result(cache, tiny_trained_dir, dtype):
     """`--stream-weights` (one layer in memory) and the in-memory run write the same tensors and
     report the same perplexities; the streamed folder lists its report in the manifest."""

@@ -65,7 +65,13 @@ def test_shard_windows_blocks_cover_every_window_once(monkeypatch):
     assert blocks == [[0, 1, 2], [3, 4], [5, 6]]
 
 
-@pytest.mark.parametrize("case", list(CASES))
+#: Two gloo ranks per case; the fast tier runs the default and the energy pass, the slow tier all.
+FAST_CASES = ("structprune", "energy-softmax")
+
+
+@pytest.mark.parametrize(
+    "case", [c if c in FAST_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CASES]
+)
 def test_two_gloo_ranks_match_one_process(case, tmp_path):
     single_plans, single_state = _run(case)
     out = str(tmp_path / "rank")
@@ -79,6 +85,7 @@ def test_two_gloo_ranks_match_one_process(case, tmp_path):
             torch.testing.assert_close(got["state"][key], want, rtol=1e-4, atol=1e-5, msg=key)
 
 
+@pytest.mark.slow  # torchrun launches three interpreters, each importing torch and transformers
 def test_torchrun_cli_equals_one_process(tiny_trained_dir, tmp_path):
     """`torchrun --nproc-per-node 2 -m struprune_plugin.cli prune ...` (gloo on CPU): rank 0 saves
     the same kept widths and weights (within float tolerance) as the one-process command, and
@@ -172,8 +179,14 @@ def _oneshot(model, tokenizer, ids, settings):
 
 @pytest.mark.parametrize(
     "settings",
-    [dict(sparsity=0.4, admm_iterations=2), dict(sparsity=0.35, temperature=1.0, energy_samples=4)],
-    ids=["uniform", "energy-softmax"],
+    [
+        pytest.param(dict(sparsity=0.4, admm_iterations=2), id="uniform"),
+        pytest.param(
+            dict(sparsity=0.35, temperature=1.0, energy_samples=4),
+            id="energy-softmax",
+            marks=pytest.mark.slow,
+        ),
+    ],
 )
 def test_modifier_under_two_gloo_ranks_matches_one_process(tiny_trained_dir, tmp_path, settings):
     """StructPruneModifier in llm-compressor's oneshot with the dataset partitioned per rank (two

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import VOCAB, logits, make_model, masked_reference
+from conftest import VOCAB, family_params, logits, make_model, masked_reference
 from struprune_plugin.architectures import geometry_of, model_view
 from struprune_plugin.checkpoint import load_pruned, save_pruned
 from struprune_plugin.engine import PruneConfig, prune_model
@@ -14,7 +14,7 @@ from struprune_plugin.errors import UnsupportedArchitectureError
 from struprune_plugin.flap import compensate, fluctuation, standardise
 
 
-@pytest.mark.parametrize("family", ["llama", "llama_mha", "qwen2", "phi3", "opt"])
+@pytest.mark.parametrize("family", family_params(["llama", "llama_mha", "qwen2", "phi3", "opt"]))
 def test_without_compensation_it_equals_the_masked_model_at_budget(family):
     model = make_model(family, layers=3)
     calib = torch.randint(0, VOCAB, (6, 24))

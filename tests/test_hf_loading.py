@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import VOCAB, logits, make_model
+from conftest import VOCAB, family_params, logits, make_model
 from struprune_plugin.architectures import model_view
 from struprune_plugin.checkpoint import load_pruned, save_pruned
 from struprune_plugin.engine import PruneConfig, prune_model
@@ -68,7 +68,7 @@ torch.save({"logits": out, "gen": gen, "cls": type(model).__name__}, sys.argv[3]
 """
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gemma2", "phi3", "opt"])
+@pytest.mark.parametrize("family", family_params(["llama", "qwen3", "gemma3", "gemma2", "phi3", "opt"]))
 def test_trust_remote_code_loads_without_the_plugin(family, tmp_path):
     pruned = nonuniform(family)
     out = save_pruned(pruned, tmp_path / "p")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, VOCAB, make_model
+from conftest import FAMILIES, VOCAB, family_params, make_model
 from struprune_plugin import engine
 from struprune_plugin.architectures import model_view
 from struprune_plugin.engine import PruneConfig, capture_layer_inputs, layer_forward, prune_model
@@ -29,7 +29,7 @@ def _calls(module: torch.nn.Module) -> list:
     return calls
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_a_pass_stopped_at_the_mlp_records_what_the_full_pass_records(family):
     lv, batches = _first_layer(family)
     tap = lv.input_taps()["mlp_in"]
@@ -47,7 +47,7 @@ def test_a_pass_stopped_at_the_mlp_records_what_the_full_pass_records(family):
     assert not lv.mlp_out._forward_pre_hooks and not tap._forward_pre_hooks  # nothing left behind
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_replayed_attention_gives_the_full_layers_output(family):
     lv, batches = _first_layer(family)
     cache = AttentionCache()
@@ -76,7 +76,7 @@ def test_replay_refuses_a_different_number_of_batches():
     assert "forward" not in lv.attn.__dict__
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2", "phi3", "opt"])
+@pytest.mark.parametrize("family", family_params(["llama", "gemma3", "qwen2", "phi3", "opt"]))
 @pytest.mark.parametrize("units", [("mlp",), ("mlp", "heads")])
 def test_the_engine_with_replayed_attention_equals_full_output_passes(family, units, monkeypatch):
     ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))

@@ -26,6 +26,8 @@ from struprune_plugin.checkpoint import save_pruned
 from struprune_plugin.engine import PruneConfig, prune_model
 from struprune_plugin.onnx_export import compare_generation, cpu_session_options, export_onnx, ort_model_class
 
+pytestmark = pytest.mark.slow  # the export environment's tests (Optimum's ONNX exporter, ONNX Runtime)
+
 
 def _pruned(family, **kw):
     model = make_model(family, layers=3)

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import VOCAB, make_model
+from conftest import VOCAB, family_params, make_model
 from struprune_plugin.allocators import LayerMeasurements, SensitivityCurves
 from struprune_plugin.allocators.kl import interpolate_curve, knapsack_shares
 from struprune_plugin.architectures import geometry_of, model_view
@@ -44,7 +44,7 @@ def _kl(dense_logits: torch.Tensor, logits: torch.Tensor) -> float:
     )
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "opt"])
+@pytest.mark.parametrize("family", family_params(["llama", "gemma3", "opt"]))
 def test_sensitivity_equals_full_model_kl_of_each_probe(family):
     """Every (layer, level) KL of the streamed pass equals the KL of a full forward of a copy of
     the model whose one layer carries that probe's weights (statistics from a plain forward)."""

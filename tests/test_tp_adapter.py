@@ -11,7 +11,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from conftest import VOCAB, logits, make_model, masked_reference
+from conftest import VOCAB, family_params, logits, make_model, masked_reference
 from struprune_plugin.architectures import model_view
 from struprune_plugin.engine import PruneConfig, prune_model
 from struprune_plugin.errors import StructPruneError
@@ -89,7 +89,7 @@ def _shared_defaults() -> dict:
     return {k: dict(params[k].default) for k in ("in_channel_groups", "out_channel_groups")}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", family_params(["llama", "qwen2", "qwen3"]))
 def test_base_pruner_with_structprune_allocation_equals_masked_original(family):
     model = make_model(family, layers=3)
     dense = make_model(family, layers=3)
@@ -116,7 +116,7 @@ def test_base_pruner_with_structprune_allocation_equals_masked_original(family):
     assert _shared_defaults() == shared_before
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", family_params(["llama", "qwen2", "qwen3"]))
 def test_solver_path_surgery_equals_the_masked_original(family):
     """No weight updates (0 ADMM iterations, no refit): what the DependencyGraph removes is
     exactly what the solver's plan masks."""
