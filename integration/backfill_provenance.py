@@ -34,6 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_store import REPO, RESULTS, write_atomic
+from results_table import rows_of
 
 #: The commit that made the relative-energy softmax (not uniform ratios) StructPrune's default.
 DEFAULT_CHANGE = "f6ce302"
@@ -66,15 +67,6 @@ BASIS = (
 
 def git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
-
-
-def rows_of(data: Any) -> list[dict[str, Any]]:
-    """The row list of a results file: a list, a {"rows": [...]} object, or one object (one row)."""
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict) and isinstance(data.get("rows"), list):
-        return data["rows"]
-    return [data] if isinstance(data, dict) else []
 
 
 def fingerprint(row: dict[str, Any]) -> str | None:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_store
 from benchmark_quality import MODELS, Row, run_row
 from results_store import RESULTS
+from results_table import former_default, machine_summary, mark, provenance_legend, rows_of
 
 STEM = "allocation"
 OUT = RESULTS / STEM
@@ -109,7 +110,6 @@ WIDTH_FLAGS = ["--mlp-round-to", "1"]
 IMPORTED = {
     ("uniform", s): (f"structprune-{round(s * 100)}", ([], ["--temperature", "inf"])) for s in SPARSITIES
 }
-DAGGER = "†"
 
 
 class Planned(NamedTuple):
@@ -223,66 +223,7 @@ def imported(p: Planned) -> dict[str, Any] | None:
     return row
 
 
-# --- rendering: pure functions of the stored JSON (also used by the other integration scripts) ----
-
-
-def rows_of(data: Any) -> list[dict[str, Any]]:
-    """The rows of a parsed results file: a list, a {"rows": [...]} object, or one object."""
-    if isinstance(data, dict):
-        return data["rows"] if isinstance(data.get("rows"), list) else [data]
-    return list(data or [])
-
-
-def former_default(row: dict[str, Any]) -> bool:
-    """Whether the row ran under StructPrune's former (uniform) default, as its provenance says."""
-    return bool((row.get("provenance") or {}).get("measured_default"))
-
-
-def machine_label(row: dict[str, Any]) -> str:
-    """The machine a row ran on, from its provenance (new rows: CPU model and cores, GPU; rows
-    backfilled from git history: the cores they stored)."""
-    machine = (row.get("provenance") or {}).get("machine") or {}
-    cores = machine.get("cores") or machine.get("cpus")
-    label = f"{cores}-core {machine.get('cpu') or 'CPU'}" if cores else "machine not recorded"
-    return label + (f", {machine['gpu']}" if machine.get("gpu") else "")
-
-
-def rows_text(n: int) -> str:
-    return f"{n} row" if n == 1 else f"{n} rows"
-
-
-def machine_summary(rows: list[dict[str, Any]]) -> str:
-    """Each machine the rows ran on, with how many rows ran there."""
-    counts = Counter(machine_label(r) for r in rows)
-    return "; ".join(f"{label} ({rows_text(n)})" for label, n in sorted(counts.items()))
-
-
-def provenance_legend(
-    rows: list[dict[str, Any]],
-    timed: bool = True,
-    figure: str = "a time",
-    bound: str = "an upper bound; perplexities are unaffected",
-) -> str:
-    """What the `commit` column and the dagger mean, with the counts these rows give. `figure` is
-    what the dagger marks and `bound` what sharing the machine makes of it."""
-    backfilled = sum("basis" in (r.get("provenance") or {}) for r in rows)
-    text = "`commit`: the code that produced the row (`+`: with uncommitted changes, `?`: not recorded)."
-    if backfilled:
-        text += (
-            f" {backfilled} of {rows_text(len(rows))} predate recorded provenance: they name the first"
-            " commit whose copy of the results held their figures, so their code ran at or before it."
-        )
-    if not timed:
-        return text
-    shared = sum(results_store.was_shared(r) for r in rows)
-    unknown = sum(((r.get("provenance") or {}).get("contention") or {}).get("shared") is None for r in rows)
-    text += (
-        f" {DAGGER} marks {figure} measured while other jobs shared the machine ({shared} of"
-        f" {rows_text(len(rows))}): {bound}."
-    )
-    if unknown:
-        text += f" Whether the machine was shared was not recorded for {rows_text(unknown)} (no mark)."
-    return text
+# --- rendering: a pure function of the stored JSON (provenance shown through results_table) -------
 
 
 def allocation_label(row: dict[str, Any]) -> str:
@@ -344,12 +285,11 @@ def render_markdown(stem: str, data: Any) -> str:
         def rel(text: str, r: dict[str, Any] = r, u: dict[str, Any] | None = u) -> str:
             return f"{r['ppl'][text] / u['ppl'][text] - 1:+.1%}" if u and r is not u else ""
 
-        mark = f" {DAGGER}" if results_store.was_shared(r) else ""
         title = MODELS[r["model"]]["title"] if r["model"] in MODELS else r["model"]
         lines.append(
             f"| {title} | {r['sparsity']:.2f} | {allocation_label(r)} | "
             f"{r.get('mlp_round_to', 1)} | {r['ppl']['wiki_test']:.2f} | {rel('wiki_test')} | "
-            f"{r['ppl']['news']:.2f} | {rel('news')} | {r['prune_seconds']:.0f}{mark} | "
+            f"{r['ppl']['news']:.2f} | {rel('news')} | {r['prune_seconds']:.0f}{mark(r)} | "
             f"{r['peak_memory_mib']:.0f} | {results_store.short(r.get('provenance'))} |"
         )
     return "\n".join(lines) + "\n"

@@ -25,9 +25,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_store
-from benchmark_allocation import DAGGER, former_default, machine_summary, provenance_legend, rows_of
 from benchmark_quality import MODELS, Row, run_row
 from results_store import RESULTS
+from results_table import former_default, machine_summary, mark, provenance_legend, rows_of
 
 STEM = "generalisation"
 OUT = RESULTS / STEM
@@ -112,11 +112,10 @@ def render_markdown(stem: str, data: Any) -> str:
 
     for r in sorted(rows, key=order):
         ppl = r["ppl"]
-        mark = f" {DAGGER}" if results_store.was_shared(r) else ""
         lines.append(
             f"| {r['name']} | {method_label(r)} | {r['calib_samples']} | {' '.join(r['flags'])} | "
             + " | ".join(f"{ppl.get(t) or float('nan'):.2f}" for t in TEXTS.split(","))
-            + f" | {r['prune_seconds']:.0f}{mark} | {results_store.short(r.get('provenance'))} |"
+            + f" | {r['prune_seconds']:.0f}{mark(r)} | {results_store.short(r.get('provenance'))} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -54,18 +54,14 @@ for _path in (str(ROOT), str(HERE)):
 import results_store  # noqa: E402
 from benchmark_scale import (  # noqa: E402
     SHAPES,
-    allocation_of,
     folder_bytes,
-    machine_of,
-    mark,
     prune_report,
     random_calibration,
     resolved_allocation,
-    rows_of,
-    shared_note,
     total_params,
     write_random_model,
 )
+from results_table import allocation_of, machine_of, mark, rows_of, shared_note  # noqa: E402
 
 RESULTS = ROOT / "integration" / "results" / "global_memory"
 METHODS = ("global-taylor", "structprune", "structprune-streamed")

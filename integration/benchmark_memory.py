@@ -37,7 +37,8 @@ for _path in (str(HERE.parent), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 import results_store  # noqa: E402
-from benchmark_scale import prune_report, random_calibration, resolved_allocation, rows_of  # noqa: E402
+from benchmark_scale import prune_report, random_calibration, resolved_allocation  # noqa: E402
+from results_table import rows_of  # noqa: E402
 
 RESULTS = HERE / "results" / "memory_scaling"
 # (hidden, layers, heads, kv heads, intermediate): LLaMA-1 proportions (7B/13B/33B/65B are

@@ -31,17 +31,8 @@ for _path in (str(ROOT), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 import results_store  # noqa: E402
-from benchmark_scale import (  # noqa: E402
-    allocation_of,
-    libraries_of,
-    machine_of,
-    mark,
-    prune_report,
-    resolved_allocation,
-    rows_of,
-    shared_note,
-    text_calibration,
-)
+from benchmark_scale import prune_report, resolved_allocation, text_calibration  # noqa: E402
+from results_table import allocation_of, libraries_of, machine_of, mark, rows_of, shared_note  # noqa: E402
 
 if TYPE_CHECKING:
     import torch

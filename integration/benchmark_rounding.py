@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import results_store
-from benchmark_allocation import DAGGER, former_default, provenance_legend, rows_of
 from benchmark_quality import Row, run_row
 from results_store import RESULTS
+from results_table import former_default, mark, provenance_legend, rows_of
 
 if TYPE_CHECKING:  # torch is imported where models are built, so rendering needs none
     import torch
@@ -302,11 +302,10 @@ def render_markdown(stem: str, data: Any) -> str:
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in speed:
-            mark = f" {DAGGER}" if results_store.was_shared(r) else ""
             lines.append(
                 f"| {r['device']} | {r['dtype']} | {r['shape']} | {r['sparsity']:.2f} | {r['round_to']} | "
-                f"{r['intermediate_size']} | {r['params'] / 1e6:.1f}M | {r['prefill_tok_s']:.1f}{mark} | "
-                f"{r['prefill_vs_1']:.3f} | {r['decode_tok_s']:.1f}{mark} | {r['decode_vs_1']:.3f} | "
+                f"{r['intermediate_size']} | {r['params'] / 1e6:.1f}M | {r['prefill_tok_s']:.1f}{mark(r)} | "
+                f"{r['prefill_vs_1']:.3f} | {r['decode_tok_s']:.1f}{mark(r)} | {r['decode_vs_1']:.3f} | "
                 f"{results_store.short(r.get('provenance'))} |"
             )
         lines.append("")

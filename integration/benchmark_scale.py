@@ -23,9 +23,9 @@ child's resolved pruning settings and per-layer widths under `run`.
     .venv/bin/python integration/benchmark_scale.py --report-only                # rewrite scale.md
 
 Results: integration/results/scale.{json,md} (one object per run; rows are replaced by key).
-The helpers for what rows record and how tables show it (`prune_report`, `text_calibration`,
-`machine_of`, `libraries_of`, `allocation_of`, `mark`, `shared_note`) are shared with the other
-memory, speed and host benchmarks, so that every table describes its rows one way.
+The helpers for what rows record of a pruning run (`prune_report`, `resolved_allocation`,
+`text_calibration`, `random_calibration`) are shared with the other memory, speed and host
+benchmarks; how tables show rows and their provenance is `results_table`'s, shared by every script.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ for _path in (str(ROOT), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 import results_store  # noqa: E402
+from results_table import allocation_of, machine_of, mark, rows_of, shared_note  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
     from struprune_plugin.engine import PruneResult
 
 RESULTS = ROOT / "integration" / "results" / "scale"
-DAGGER = "†"
 
 SHAPES = {
     # TinyLlama-1.1B's shape: the largest whose O(N) global reference (fp32 weights + gradients)
@@ -154,7 +154,7 @@ def folder_bytes(folder: Path) -> int:
 DTYPE = "bfloat16"
 
 
-# -- what rows record and how tables show it (shared with the other benchmark scripts) -------
+# -- what rows record of a pruning run (shared with the other benchmark scripts) -----------------
 
 
 def random_calibration(samples: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, Any]:
@@ -207,71 +207,7 @@ def resolved_allocation(result: PruneResult) -> str | None:
     return (result.allocation or {}).get("allocation")
 
 
-def rows_of(data: Any) -> list[dict[str, Any]]:
-    """The rows of a parsed results file: a list, or the `rows` of a `{"rows": [...], ...}` object."""
-    return data["rows"] if isinstance(data, dict) else data
-
-
-def machine_of(row: dict[str, Any]) -> str:
-    """Where a row ran, for tables: the label or fields a row measured before provenance stored,
-    else the machine its RunRecord recorded (CPU model, cores, GPU if any)."""
-    old = row.get("machine")
-    if isinstance(old, str):
-        return old
-    if isinstance(old, dict):  # rows that stored {"cpus": ..., "platform": ...}
-        return f"{old.get('cpus')} cores, {old.get('platform')}"
-    recorded = (row.get("provenance") or {}).get("machine") or {}
-    if recorded.get("cpu"):
-        text = f"{recorded['cpu']}, {recorded.get('cores')} cores"
-        return f"{text}, {recorded['gpu']}" if recorded.get("gpu") else text
-    return recorded.get("label") or "not recorded"
-
-
-def libraries_of(row: dict[str, Any], names: Iterable[str]) -> str:
-    """The versions of `names` a row ran with: installed ones from its RunRecord, or for a row
-    measured before that the pins pyproject.toml held at its commit (said so: what was installed
-    on that machine is not known)."""
-    provenance = row.get("provenance") or {}
-    libraries = provenance.get("libraries") or {}
-    found = ", ".join(f"{name} {libraries[name]}" for name in names if name in libraries)
-    if not found:
-        return "not recorded"
-    return f"{found} (pinned at the commit)" if provenance.get("basis") else found
-
-
-def allocation_of(row: dict[str, Any]) -> str:
-    """The layer allocation a pruning row ran with: for rows that predate today's default and ran
-    under the former one (`provenance.measured_default`), that; else the resolved rule the row
-    recorded (with its temperature where one applies); else "not recorded"."""
-    if (row.get("provenance") or {}).get("measured_default"):
-        return "uniform allocation, the former default"
-    rule = row.get("allocation")
-    if not isinstance(rule, str):
-        return "not recorded"
-    temperature = ((row.get("run") or {}).get("settings") or {}).get("temperature")
-    if (
-        rule.startswith(("energy", "kl"))
-        and isinstance(temperature, (int, float))
-        and math.isfinite(temperature)
-    ):
-        return f"{rule} (T = {temperature:g})"
-    return rule
-
-
-def mark(row: dict[str, Any]) -> str:
-    """The dagger a measured time carries when other jobs shared the machine during its row."""
-    return f" {DAGGER}" if results_store.was_shared(row) else ""
-
-
-def shared_note(rows: Iterable[dict[str, Any]]) -> list[str]:
-    """The footnote that explains the dagger, when some row carries it."""
-    if not any(results_store.was_shared(r) for r in rows):
-        return []
-    return [
-        "",
-        f"{DAGGER} other jobs shared the machine while the row ran (its provenance's contention record: "
-        "measured by its RunRecord, or marked when it was measured): its times are upper bounds.",
-    ]
+# -- this benchmark ------------------------------------------------------------------------------
 
 
 def _distinct(values: Iterable[Any]) -> list[Any]:
@@ -280,9 +216,6 @@ def _distinct(values: Iterable[Any]) -> list[Any]:
         if value not in out:
             out.append(value)
     return out
-
-
-# -- this benchmark ------------------------------------------------------------------------------
 
 
 def child(args: argparse.Namespace) -> None:

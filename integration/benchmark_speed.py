@@ -66,10 +66,9 @@ for _path in (str(ROOT), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 import results_store  # noqa: E402
-from benchmark_scale import libraries_of, machine_of, rows_of  # noqa: E402
+from results_table import FORMER_DEFAULT, former_default, libraries_of, machine_of, mark, rows_of, shared_note  # noqa: E402
 
 RESULTS = ROOT / "integration" / "results" / "speed"
-DAGGER = "†"
 #: The libraries whose versions make each backend's figures.
 BACKEND_LIBRARIES = {
     "torch": ("torch", "transformers"),
@@ -359,16 +358,11 @@ def _met(speedup: float, ratio: float, is_dense: bool) -> str:
     return "" if is_dense else ("yes" if speedup >= TARGET * ratio else "no")
 
 
-def _mark(row: dict[str, Any]) -> str:
-    """The dagger a row's speeds carry when other jobs shared the machine while it was timed."""
-    return f" {DAGGER}" if results_store.was_shared(row) else ""
-
-
 def model_label(row: dict[str, Any]) -> str:
     """A row's model as tables name it: StructPrune rows measured under the former default say so
     (their figures predate today's default allocation)."""
-    if (row.get("provenance") or {}).get("measured_default"):
-        return f"{row['model']} (uniform allocation, the former default)"
+    if former_default(row):
+        return f"{row['model']} ({FORMER_DEFAULT})"
     return row["model"]
 
 
@@ -446,7 +440,7 @@ def render(rows: list[dict[str, Any]], stem: str = "speed") -> str:
     for r, x, ratio in _speedups([r for r in order if r["batch"] == 1], "prefill_tok_s"):
         lines.append(
             f"| {r['backend']} ({r['threads']} threads) | {model_label(r)} | {r['params']:,} | "
-            f"{r['checkpoint_mib']:.0f} | {r['prefill_tok_s']:.0f}{_mark(r)} | {x:.2f} | {ratio:.2f} | "
+            f"{r['checkpoint_mib']:.0f} | {r['prefill_tok_s']:.0f}{mark(r)} | {x:.2f} | {ratio:.2f} | "
             f"{_met(x, ratio, r['model'] == 'dense')} | {results_store.short(r.get('provenance'))} |"
         )
     lines += [
@@ -467,7 +461,7 @@ def render(rows: list[dict[str, Any]], stem: str = "speed") -> str:
         met = "" if r["model"] == "dense" else f"{_met(g, ratio, False)} / {_met(x, ratio, False)}"
         lines.append(
             f"| {r['backend']} ({r['threads']} threads) | {r['batch']} | {model_label(r)} | "
-            f"{r['generate_tok_s']:.1f}{_mark(r)} | {g:.2f} | {r['loop_tok_s']:.1f}{_mark(r)} | {x:.2f} | "
+            f"{r['generate_tok_s']:.1f}{mark(r)} | {g:.2f} | {r['loop_tok_s']:.1f}{mark(r)} | {x:.2f} | "
             f"{ratio:.2f} | {met} | {'yes' if r['loop_tokens_match_generate'] else 'NO'} | "
             f"{results_store.short(r.get('provenance'))} |"
         )
@@ -488,22 +482,21 @@ def render(rows: list[dict[str, Any]], stem: str = "speed") -> str:
     ):
         group = [r for r in order if (r["backend"], r["batch"]) == (backend, batch)]
         dense = next((r for r in group if r["model"] == "dense"), None)
-        shared = f" {DAGGER}" if any(results_store.was_shared(r) for r in group) else ""
+        shared = mark(*group)
         for key, name in (("generate_step_ms", "generate()"), ("loop_step_ms", "model loop")):
             fit = step_fit(group, key)
             if fit and dense:
                 fixed, slope = fit
                 lines.append(
-                    f"| {backend} | {batch} | {name} | {dense[key]:.1f}{_mark(dense)} | {fixed:.1f}{shared} | "
+                    f"| {backend} | {batch} | {name} | {dense[key]:.1f}{mark(dense)} | {fixed:.1f}{shared} | "
                     f"{slope:.3f} | {fixed / dense[key]:.0%} |"
                 )
     lines += _origins(order)
-    if any(results_store.was_shared(r) for r in order):
-        lines += [
-            "",
-            f"{DAGGER} other jobs shared the machine while the row was timed (its provenance's contention "
-            "record; in the fit: some row of the configuration): its speeds are lower bounds.",
-        ]
+    lines += shared_note(
+        order,
+        "other jobs shared the machine while the row was timed (its provenance's contention record; "
+        "in the fit: some row of the configuration): its speeds are lower bounds.",
+    )
     return "\n".join(lines) + "\n"
 
 

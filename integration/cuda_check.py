@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "integration"))
 import results_store  # noqa: E402
 from results_store import RESULTS  # noqa: E402
+from results_table import DAGGER, mark, predates_note, rows_of  # noqa: E402
 
 STEM = "cuda_check"
 OUT = RESULTS / STEM
-DAGGER = "†"
 
 
 def tiny_comparison() -> dict[str, Any]:
@@ -123,22 +123,15 @@ def render_markdown(stem: str, data: Any) -> str:
     object, treated as one row)."""
     if stem != STEM:
         raise ValueError(f"cuda_check.py renders {STEM!r}, not {stem!r}")
-    row = data["rows"][-1] if isinstance(data, dict) and isinstance(data.get("rows"), list) else data
+    row = rows_of(data)[-1]
     prov = row.get("provenance")
     t, s = row["tiny"], row["llama7b_stack"]
-    mark = f" {DAGGER}" if results_store.was_shared(row) else ""
+    dagger = mark(row)
     contention = ((prov or {}).get("contention") or {}).get("shared")
     lines = [
         "# CUDA check (`integration/cuda_check.py`)",
         "",
-        f"{row['device']}, torch {row['torch']}. Commit {results_store.short(prov)}"
-        + (
-            " (the row predates recorded provenance: the first commit whose copy of the results held"
-            " its figures, so its code ran at or before it)"
-            if "basis" in (prov or {})
-            else ""
-        )
-        + ".",
+        f"{row['device']}, torch {row['torch']}. Commit {results_store.short(prov)}{predates_note([row])}.",
         "",
         f"Tiny trained model at 30 % ({_settings_text(t, prov)}), same calibration on cpu and cuda:",
         f"widths equal: {t['widths_equal']}; max relative weight difference {t['max_rel_weight_diff']:.2e}; "
@@ -147,11 +140,11 @@ def render_markdown(stem: str, data: Any) -> str:
         f"LLaMA-2-7B-shaped stack, {s['layers']} layers, random weights, float32, {s['calib_tokens']} "
         f"calibration tokens, 30 % ({_settings_text(s, prov)}): CUDA peak {s['cuda_peak_mib']:.0f} MiB "
         f"against one layer's {s['layer_mib']:.0f} MiB ({s['cuda_peak_mib'] / s['layer_mib']:.2f} x); "
-        f"{sum(s['seconds_per_layer']) / len(s['seconds_per_layer']):.1f} s per layer{mark}; "
+        f"{sum(s['seconds_per_layer']) / len(s['seconds_per_layer']):.1f} s per layer{dagger}; "
         f"achieved sparsity {s['achieved']:.4f}.",
         "",
     ]
-    if mark:
+    if dagger:
         lines += [f"{DAGGER}: timed while other jobs shared the machine, so the time is an upper bound.", ""]
     elif contention is None:
         lines += ["Whether other jobs shared the machine was not recorded for this row.", ""]

@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_store
 from results_store import RESULTS
+from results_table import backfilled, provenance_legend
 
 STEM = "gguf"
 OUT = RESULTS / STEM
@@ -148,7 +149,7 @@ def _versions(data: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     meta = data.get("meta") or {}
     found = {
         ((r.get("provenance") or {}).get("libraries") or {}).get("llama-cpp-python")
-        or (meta.get("llama_cpp_python") if "basis" in (r.get("provenance") or {}) else None)
+        or (meta.get("llama_cpp_python") if backfilled(r) else None)
         for r in rows
     }
     return " / ".join(sorted(str(v) for v in found if v)) or "(version not recorded)"
@@ -204,7 +205,6 @@ def render_markdown(stem: str, data: Any) -> str:
     rows = data["rows"]
     prompts = sorted({r.get("prompt_tokens", PROMPT_TOKENS) for r in rows})
     new = sorted({r["new_tokens"] for r in rows})
-    backfilled = sum("basis" in (r.get("provenance") or {}) for r in rows)
     lines = [
         "# GGUF export in llama.cpp (`integration/gguf_check.py`)",
         "",
@@ -214,13 +214,7 @@ def render_markdown(stem: str, data: Any) -> str:
         "llama.cpp's default f16 cache. `f16 fallbacks`: q8_0 tensors kept in f16 because their rows "
         "do not split into blocks of 32.",
         "",
-        "`commit`: the code that produced the row (`+`: with uncommitted changes, `?`: not recorded)."
-        + (
-            f" {backfilled} of {len(rows)} rows predate recorded provenance: they name the first commit"
-            " whose copy of the results held their figures, so their code ran at or before it."
-            if backfilled
-            else ""
-        ),
+        provenance_legend(rows, timed=False),
         "",
         "| model | case | file | arch | heads | MLP widths | f16 fallbacks | max rel logit diff "
         "| greedy tokens equal | commit |",

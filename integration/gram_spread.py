@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_store
 from results_store import RESULTS
+from results_table import predates_note
 
 PREFIX = "gram_spread_"
 
@@ -93,7 +94,6 @@ def render_markdown(stem: str, data: Any) -> str:
     by = {key(r): r for r in rows}
     projections = ("o_proj", "down_proj")
     commits = sorted({results_store.short(r.get("provenance")) for r in rows})
-    backfilled = any("basis" in (r.get("provenance") or {}) for r in rows)
     lines = [
         f"# Gram spread, {data.get('model', stem.removeprefix(PREFIX))} (`integration/gram_spread.py`)",
         "",
@@ -115,14 +115,7 @@ def render_markdown(stem: str, data: Any) -> str:
         )
     lines += [
         "",
-        f"Commit: {', '.join(commits)}"
-        + (
-            " (the rows predate recorded provenance: the first commit whose copy of the results held"
-            " their figures, so their code ran at or before it)"
-            if backfilled
-            else ""
-        )
-        + ".",
+        f"Commit: {', '.join(commits)}{predates_note(rows)}.",
         "",
         "| layer | o_proj mean / median | o_proj shrink | down_proj mean / median | down_proj shrink |",
         "|---:|---:|---:|---:|---:|",

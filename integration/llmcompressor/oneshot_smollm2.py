@@ -41,7 +41,8 @@ for _path in (str(ROOT), str(ROOT / "integration")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 import results_store  # noqa: E402
-from benchmark_scale import mark, rows_of, shared_note, text_calibration  # noqa: E402
+from benchmark_scale import text_calibration  # noqa: E402
+from results_table import FORMER_DEFAULT, calibration_text, former_default, mark, rows_of, shared_note  # noqa: E402
 
 RESULTS = ROOT / "integration" / "results" / "llmcompressor"
 CALIBRATION_SPLIT = "wiki_train"
@@ -161,8 +162,8 @@ def run_record(
 def modifier_label(row: dict[str, Any]) -> str:
     """A row's modifier: StructPrune rows measured under the former default say so; rows that
     recorded their engine settings name the allocation they ran."""
-    if (row.get("provenance") or {}).get("measured_default"):
-        return f"{row['modifier']} (uniform allocation, the former default)"
+    if former_default(row):
+        return f"{row['modifier']} ({FORMER_DEFAULT})"
     settings = (row.get("run") or {}).get("settings") or {}
     if row["kind"] == "structured" and settings.get("allocation"):
         temperature = settings.get("temperature")
@@ -192,12 +193,8 @@ def _recorded(rows: list[dict[str, Any]], fields: dict[str, Callable[[dict[str, 
 
 
 def _calibration(row: dict[str, Any]) -> str | None:
-    c = (row.get("run") or {}).get("calibration")
-    if not c:
-        return None
-    return (
-        f"{c['samples']} x {c['seq_len']} tokens of `{c.get('split') or c.get('source')}` (seed {c['seed']})"
-    )
+    calibration = (row.get("run") or {}).get("calibration")
+    return calibration_text(calibration) if calibration else None
 
 
 def _setup(row: dict[str, Any]) -> str | None:

@@ -39,7 +39,8 @@ for _path in (str(ROOT), str(ROOT / "integration")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 import results_store  # noqa: E402
-from benchmark_scale import mark, prune_report, rows_of, shared_note, text_calibration  # noqa: E402
+from benchmark_scale import prune_report, text_calibration  # noqa: E402
+from results_table import FORMER_DEFAULT, calibration_text, former_default, mark, rows_of, shared_note  # noqa: E402
 
 RESULTS = ROOT / "integration" / "results" / "torch_pruning"
 CALIBRATION_SPLIT = "wiki_train"
@@ -142,8 +143,8 @@ def base_run(
 def label(r: dict[str, Any]) -> str:
     """A row's pruner / importance + allocation: the allocation rule and temperature it recorded;
     "not recorded" where an old row stored none (no default is assumed for it)."""
-    if (r.get("provenance") or {}).get("measured_default"):
-        allocation = "uniform allocation, the former default"
+    if former_default(r):
+        allocation = FORMER_DEFAULT
     elif "temperature" not in r or r["temperature"] is None:
         allocation = "StructPrune allocation, temperature not recorded"
     elif r["temperature"] == math.inf:
@@ -159,11 +160,7 @@ def label(r: dict[str, Any]) -> str:
 
 def _calibration(rows: list[dict[str, Any]]) -> str:
     """The calibration the StructPrune rows recorded (joined where they differ)."""
-    texts = dict.fromkeys(
-        f"{c['samples']} x {c['seq_len']} tokens of `{c.get('split') or c.get('source')}` (seed {c['seed']})"
-        for c in (r.get("calibration") for r in rows)
-        if c
-    )
+    texts = dict.fromkeys(calibration_text(c) for c in (r.get("calibration") for r in rows) if c)
     return " / ".join(texts) if texts else "not recorded"
 
 
