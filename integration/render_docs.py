@@ -31,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "integration"))
+import benchmark_quality  # noqa: E402
+import results_store  # noqa: E402
+
 #: Where the benchmark scripts store their rows (a test may point this at a copy).
 RESULTS = REPO / "integration" / "results"
 
@@ -113,22 +117,12 @@ def fmt_gib(nbytes: float | None) -> str:
     return DASH if nbytes is None else f"{nbytes / 2**30:.2f} GiB"
 
 
+#: One rendering of a row's commit and of its sharing for every table (results_store's).
+shared = results_store.was_shared
+
+
 def commit_of(row: dict[str, Any]) -> str:
-    """First 7 characters of the row's commit, "+" when its tree had uncommitted changes, "?" when
-    the row does not record one."""
-    prov = row.get("provenance")
-    if not isinstance(prov, dict) or not prov.get("commit"):
-        return "?"
-    return str(prov["commit"])[:7] + ("+" if prov.get("dirty") is True else "")
-
-
-def shared(row: dict[str, Any]) -> bool:
-    """Whether the row's times were measured while other jobs shared the machine (upper bounds)."""
-    prov = row.get("provenance")
-    contention = prov.get("contention") if isinstance(prov, dict) else None
-    if isinstance(contention, dict) and contention.get("shared") is True:
-        return True
-    return bool(row.get("timing_note"))
+    return results_store.short(row.get("provenance"))
 
 
 def fmt_seconds(row: dict[str, Any], key: str, digits: int = 0) -> str:
@@ -166,18 +160,8 @@ def _temperature(row: dict[str, Any]) -> float | None:
     return None
 
 
-def label(row: dict[str, Any]) -> str:
-    """A quality row's table name. Rows named default-XX are StructPrune's current default; the
-    structprune-XX rows ran with uniform allocation (the former default), and say so."""
-    if row.get("label"):
-        return row["label"]
-    if row.get("name", "").startswith("default-"):
-        return "structprune (default)"
-    if row.get("method") == "structprune" and "--allocation" not in (row.get("flags") or []):
-        temperature = _temperature(row)
-        if temperature is None or math.isinf(temperature):
-            return "structprune (uniform)"
-    return row.get("method", "?")
+#: A quality row's table name, as the quality benchmark's own tables give it.
+label = benchmark_quality.label
 
 
 def dense_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
