@@ -234,10 +234,13 @@ def label(row: dict) -> str:
     former uniform default say so (their provenance records it)."""
     former = (row.get("provenance") or {}).get("measured_default")
     if row.get("label"):
+        name = row["label"]
+        if not former or "uniform" in name:
+            return name
         return (
-            f"{row['label']} (uniform, former default)"
-            if former and "uniform" not in row["label"]
-            else row["label"]
+            f"{name[:-1]}; uniform, former default)"
+            if name.endswith(")")
+            else f"{name} (uniform, former default)"
         )
     flags = row.get("flags") or []
     if row["method"] == "structprune" and "--allocation" not in flags and temperature_of(row) == "inf":
