@@ -161,6 +161,7 @@ class RunRecord:
         self._start: tuple[float, int | None, float] | None = None
         self._end: tuple[float, int | None, float] | None = None
         self._static: dict[str, Any] = {}
+        self._load_end: list[float] | None = None
 
     def __enter__(self) -> RunRecord:
         self._static = {
@@ -175,6 +176,7 @@ class RunRecord:
 
     def __exit__(self, *exc: object) -> None:
         self._end = (time.monotonic(), _busy_jiffies(), _own_cpu_seconds())
+        self._load_end = _load_average()
 
     @property
     def contention(self) -> dict[str, Any]:
@@ -193,7 +195,7 @@ class RunRecord:
             "shared": other > SHARED_CORES,
             "method": f"/proc/stat busy time minus own getrusage time; shared above {SHARED_CORES} cores",
             "load_average_start": self._static.get("load_average_start"),
-            "load_average_end": _load_average(),
+            "load_average_end": self._load_end,
         }
 
     @property
