@@ -301,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_eval_args(e)
 
+    from .healing.command import add_parser as add_heal_parser
+
+    add_heal_parser(sub, _add_eval_args, _int_at_least)
+
     x = sub.add_parser("export", help="write a saved model folder in a serving engine's format")
     xs = x.add_subparsers(dest="format", required=True)
     g = xs.add_parser(
@@ -768,9 +772,15 @@ EXIT_BUDGET_MISSED = 3
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prepare": cmd_prepare, "prune": cmd_prune, "eval": cmd_eval, "export": cmd_export}[
-        args.command
-    ]
+    from .healing.command import cmd_heal
+
+    handler = {
+        "prepare": cmd_prepare,
+        "prune": cmd_prune,
+        "eval": cmd_eval,
+        "export": cmd_export,
+        "heal": cmd_heal,
+    }[args.command]
     try:
         return handler(args)
     except StructPruneError as err:

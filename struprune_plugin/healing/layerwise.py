@@ -87,12 +87,17 @@ def _relative_error(layer: nn.Module, inputs: Sequence[LayerBatch], targets: Seq
     return num / max(den, 1e-30)
 
 
+def _family(config) -> str:
+    """The base family of a config (a per-layer-width folder's `struprune_llama` is `llama`)."""
+    return str(getattr(config, "model_type", "")).removeprefix("struprune_")
+
+
 def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
     """The teacher must be the student's dense source: same family, depth and hidden size."""
     s_cfg, t_cfg = student.config, teacher.config
-    if getattr(s_cfg, "model_type", None) != getattr(t_cfg, "model_type", None):
+    if _family(s_cfg) != _family(t_cfg):
         raise HealConfigError(
-            f"teacher is a {t_cfg.model_type!r} model but the pruned model is {s_cfg.model_type!r}. "
+            f"teacher is a {_family(t_cfg)!r} model but the pruned model is {_family(s_cfg)!r}. "
             "Fix: pass the dense model the pruned one was made from as the teacher"
         )
     for field in ("num_hidden_layers", "hidden_size", "vocab_size"):

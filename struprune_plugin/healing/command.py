@@ -1,0 +1,167 @@
+"""`struprune heal PRUNED --teacher DENSE`: layer-wise healing of a saved pruned folder.
+
+The command mirrors `prune`: the same calibration sources (`--calib-data`, else the built-in
+Wikipedia train split) and evaluation texts, the output checked and claimed before any work, the
+healed folder written atomically with its report (`struprune_heal.json`) and a plot of every
+layer's error against the dense layer before and after. The healed folder keeps the pruned
+folder's widths, so it loads, exports and serves exactly as the pruned one does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..data import TEXT_SHA256, sample_calibration, tokenize
+from .layerwise import HealConfigError, LayerHealRecord, LayerwiseHealConfig, heal_layerwise
+
+REPORT = "struprune_heal.json"
+PLOT = "heal_layer_errors.png"
+
+
+def add_parser(sub: argparse._SubParsersAction, add_eval_args, int_at_least) -> None:
+    h = sub.add_parser(
+        "heal", help="train a pruned folder's layers to reproduce its dense teacher's (layer-wise)"
+    )
+    h.add_argument("pruned", help="a folder written by 'struprune prune' (or any pruned HF folder)")
+    h.add_argument(
+        "--teacher",
+        default=None,
+        help="the dense model the pruned one was made from: a folder or 'smollm2' / 'gemma3-270m' / 'tiny' "
+        "(default: the model named in the pruned folder's report)",
+    )
+    h.add_argument("--output", type=Path, default=None, help="the healed folder (default: PRUNED-healed)")
+    h.add_argument("--overwrite", action="store_true", help="replace a folder struprune wrote")
+    h.add_argument(
+        "--tokens", type=int, default=65536, help="calibration tokens to heal on (windows x --calib-len)"
+    )
+    h.add_argument("--calib-len", type=int_at_least(2), default=512, help="tokens per calibration window")
+    h.add_argument("--calib-text", default="wiki_train", choices=sorted(TEXT_SHA256), help="built-in split")
+    h.add_argument(
+        "--calib-data",
+        default=None,
+        metavar="SOURCE",
+        help="your own calibration text instead (as for prune)",
+    )
+    h.add_argument("--steps", type=int_at_least(1), default=64, help="gradient steps per layer")
+    h.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (cosine decay to 0)")
+    h.add_argument(
+        "--inputs", choices=("healed", "dense"), default="healed", help="the student layers' inputs"
+    )
+    h.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per gradient step")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    h.add_argument("--no-eval", action="store_true", help="skip perplexity before and after")
+    h.add_argument("--no-progress", action="store_true")
+    add_eval_args(h)
+
+
+def _teacher_of(pruned: Path, given: str | None) -> str:
+    if given:
+        return given
+    report = pruned / "struprune_report.json"
+    try:
+        return json.loads(report.read_text())["model"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise HealConfigError(
+            f"{pruned} has no struprune_report.json naming its dense model. Fix: pass --teacher DENSE"
+        ) from None
+
+
+def cmd_heal(args) -> int:
+    from ..checkpoint import load_pruned, save_pruned
+    from ..cli import _bos, _check_text_sources, _load, calibration_text, evaluate_texts
+    from ..devices import resolve_device
+    from ..memory import RssSampler, peak_memory, reset_peak
+    from ..outputs import check_output_folder, output_lock
+    from ..zoo import resolve_model
+
+    if args.tokens < args.calib_len:
+        raise HealConfigError(
+            f"--tokens {args.tokens} is less than one window of --calib-len {args.calib_len}: healing "
+            "needs at least one window. Fix: raise --tokens"
+        )
+    config = LayerwiseHealConfig(
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, inputs=args.inputs, seed=args.seed
+    )
+    resolve_device(args.device)
+    _check_text_sources(args)
+    pruned_folder = resolve_model(args.pruned)
+    teacher_folder = resolve_model(_teacher_of(pruned_folder, args.teacher))
+    output = args.output or pruned_folder.with_name(pruned_folder.name + "-healed")
+    check_output_folder(output, [pruned_folder, teacher_folder], args.overwrite)
+    progress = not args.no_progress
+    with contextlib.ExitStack() as claims:
+        claims.enter_context(output_lock(output))
+        student, tokenizer = _load(pruned_folder, "cpu", torch.float32)
+        teacher = load_pruned(teacher_folder, torch.float32)  # its tokenizer is the student's (vocab checked)
+        text, origin = calibration_text(args)
+        bos = _bos(args.bos, tokenizer)
+        windows = args.tokens // args.calib_len
+        calibration = sample_calibration(
+            tokenize(tokenizer, text), windows, args.calib_len, args.seed, bos_token_id=bos
+        )
+        report: dict = {
+            "struprune_version": __version__,
+            "pruned": str(pruned_folder),
+            "teacher": str(teacher_folder),
+            "mode": "layer-wise",
+            "settings": {**vars(config), "tokens": windows * args.calib_len, "device": args.device},
+            "calibration": {**origin, "samples": windows, "seq_len": args.calib_len, "seed": args.seed},
+        }
+        before = None if args.no_eval else evaluate_texts(student, tokenizer, args, progress)
+        reset_peak(args.device)
+        start = time.perf_counter()
+        with RssSampler() as sampler:
+            records = heal_layerwise(student, teacher, calibration, config, args.device, progress)
+        peak = peak_memory(args.device, sampler if torch.device(args.device).type == "cpu" else None)
+        report["seconds"] = time.perf_counter() - start
+        report["peak_memory_bytes"], report["peak_memory_kind"] = peak.bytes, peak.kind
+        report["layers"] = [vars(r) for r in records]
+        student.to("cpu")
+        del teacher
+        if not args.no_eval:
+            after = evaluate_texts(student.to(args.device), tokenizer, args, progress)
+            report["perplexity"] = {t: {"before": before[t], "after": after[t]} for t in after}
+            student.to("cpu")
+        report["environment"] = {"torch": torch.__version__, "platform": platform.platform()}
+
+        def write_extras(tmp: Path) -> None:
+            (tmp / REPORT).write_text(json.dumps(report, indent=1), encoding="utf-8")
+            plot_layer_errors(records, tmp / PLOT, f"{pruned_folder.name}: layer-wise healing")
+
+        save_pruned(student, output, tokenizer=tokenizer, overwrite=args.overwrite, write_extras=write_extras)
+    for r in records:
+        print(f"layer {r.index}: relative error {r.error_before:.4g} -> {r.error_after:.4g}")
+    for text, ppl in (report.get("perplexity") or {}).items():
+        print(f"{text}: ppl {ppl['before']['ppl']:.2f} -> {ppl['after']['ppl']:.2f}")
+    print(f"healed in {report['seconds']:.0f} s; saved to {output}")
+    return 0
+
+
+def plot_layer_errors(records: list[LayerHealRecord], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.5))
+    idx = [r.index for r in records]
+    ax.plot(idx, [r.error_before for r in records], marker="o", label="pruned")
+    ax.plot(idx, [r.error_after for r in records], marker="o", label="healed")
+    ax.set(xlabel="layer", ylabel="relative error vs dense layer", yscale="log")
+    ax.legend()
+    for r in records:
+        bx.plot(r.losses, lw=0.8)
+    bx.set(xlabel="step", ylabel="training loss per layer", yscale="log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
