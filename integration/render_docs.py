@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -749,11 +748,7 @@ def documents() -> list[Path]:
     return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a sibling temporary file, so a reader never sees half a document."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+write_atomic = results_store.write_atomic
 
 
 def stale_blocks(paths: Iterable[Path]) -> list[str]:

@@ -23,6 +23,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -31,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from struprune_plugin.outputs import write_text_atomic  # noqa: E402
+
 RESULTS = REPO / "integration" / "results"
 #: Other jobs' CPU use, in cores averaged over the run, above which a row's times are marked shared.
 SHARED_CORES = 0.25
@@ -220,11 +224,9 @@ def check_provenance(row: dict[str, Any]) -> list[str]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a sibling temporary file, so a reader never sees half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write `text` to `path` through a sibling temporary file (the package's own atomic write),
+    so a reader never sees half a results file."""
+    write_text_atomic(path, text)
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
