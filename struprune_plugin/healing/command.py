@@ -1,9 +1,13 @@
-"""`struprune heal PRUNED --teacher DENSE`: layer-wise healing of a saved pruned folder.
+"""`struprune heal PRUNED --teacher DENSE`: heal a saved pruned folder from its dense teacher.
 
-The command mirrors `prune`: the same calibration sources (`--calib-data`, else the built-in
+`--mode layerwise` trains each pruned layer to reproduce its dense layer (one layer pair resident,
+`layerwise.py`); `--mode distill` trains the whole student on the teacher's next-token
+distributions (`distill.py`, all parameters or `--lora-rank R`); `--mode finetune` is plain
+next-token fine-tuning on the same text, the baseline. The command mirrors `prune`: the same calibration sources (`--calib-data`, else the built-in
 Wikipedia train split) and evaluation texts, the output checked and claimed before any work, the
 healed folder written atomically with its report (`struprune_heal.json`) and a plot of every
-layer's error against the dense layer before and after. The healed folder keeps the pruned
+layer's error against the dense layer before and after (layer-wise) or of the training loss
+(end to end). The healed folder keeps the pruned
 folder's widths, so it loads, exports and serves exactly as the pruned one does.
 """
 
@@ -13,6 +17,7 @@ import argparse
 import contextlib
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -20,16 +25,19 @@ import torch
 
 from .. import __version__
 from ..data import TEXT_SHA256, sample_calibration, tokenize
+from .distill import DistillConfig, DistillRecord, distill
 from .layerwise import HealConfigError, LayerHealRecord, LayerwiseHealConfig, heal_layerwise
 
 REPORT = "struprune_heal.json"
 PLOT = "heal_layer_errors.png"
+LOSS_PLOT = "heal_loss.png"
+MODES = ("layerwise", "distill", "finetune")
+#: learning rates when --lr is not given, per mode (LoRA's adapters start at zero and take larger steps)
+DEFAULT_LR = {"layerwise": 1e-4, "distill": 1e-4, "finetune": 1e-4, "lora": 1e-3}
 
 
 def add_parser(sub: argparse._SubParsersAction, add_eval_args, int_at_least) -> None:
-    h = sub.add_parser(
-        "heal", help="train a pruned folder's layers to reproduce its dense teacher's (layer-wise)"
-    )
+    h = sub.add_parser("heal", help="heal a pruned folder by training it to reproduce its dense teacher")
     h.add_argument("pruned", help="a folder written by 'struprune prune' (or any pruned HF folder)")
     h.add_argument(
         "--teacher",
@@ -50,14 +58,57 @@ def add_parser(sub: argparse._SubParsersAction, add_eval_args, int_at_least) -> 
         metavar="SOURCE",
         help="your own calibration text instead (as for prune)",
     )
-    h.add_argument("--steps", type=int_at_least(1), default=64, help="gradient steps per layer")
-    h.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (cosine decay to 0)")
     h.add_argument(
-        "--inputs", choices=("healed", "dense"), default="healed", help="the student layers' inputs"
+        "--mode",
+        choices=MODES,
+        default="layerwise",
+        help="layerwise: each layer learns its dense layer's output, one layer resident; distill: the whole "
+        "model learns the teacher's next-token distributions; finetune: plain next-token training (baseline)",
+    )
+    h.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="AdamW learning rate, cosine decay (default: 1e-4; 1e-3 with --lora-rank)",
     )
     h.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per gradient step")
     h.add_argument("--seed", type=int, default=0)
-    h.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    h.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (end to end: cpu or cuda)")
+    h.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16: train under bf16 autocast (weights and optimizer state stay float32)",
+    )
+    lw = h.add_argument_group("layer-wise")
+    lw.add_argument("--steps", type=int_at_least(1), default=64, help="gradient steps per layer")
+    lw.add_argument(
+        "--inputs", choices=("healed", "dense"), default="healed", help="the student layers' inputs"
+    )
+    e2e = h.add_argument_group("end to end (distill, finetune)")
+    e2e.add_argument("--epochs", type=int_at_least(1), default=1, help="passes over the --tokens budget")
+    e2e.add_argument(
+        "--lora-rank", type=int, default=0, help="0: train all weights; R: peft LoRA of rank R, merged"
+    )
+    e2e.add_argument(
+        "--top-k",
+        type=int,
+        default=64,
+        help="teacher logits kept per token, computed once in a streamed pass (0: full logits, teacher resident)",
+    )
+    e2e.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    e2e.add_argument(
+        "--micro-batch-size",
+        type=int_at_least(1),
+        default=1,
+        help="windows per forward (gradients accumulate)",
+    )
+    e2e.add_argument("--save-every", type=int_at_least(1), default=25, help="checkpoint every N steps")
+    e2e.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its last checkpoint (in OUTPUT.heal-checkpoints)",
+    )
     h.add_argument("--no-eval", action="store_true", help="skip perplexity before and after")
     h.add_argument("--no-progress", action="store_true")
     add_eval_args(h)
@@ -88,15 +139,14 @@ def cmd_heal(args) -> int:
             f"--tokens {args.tokens} is less than one window of --calib-len {args.calib_len}: healing "
             "needs at least one window. Fix: raise --tokens"
         )
-    config = LayerwiseHealConfig(
-        steps=args.steps, lr=args.lr, batch_size=args.batch_size, inputs=args.inputs, seed=args.seed
-    )
+    config = heal_config(args)
     resolve_device(args.device)
     _check_text_sources(args)
     pruned_folder = resolve_model(args.pruned)
     teacher_folder = resolve_model(_teacher_of(pruned_folder, args.teacher))
     output = args.output or pruned_folder.with_name(pruned_folder.name + "-healed")
     check_output_folder(output, [pruned_folder, teacher_folder], args.overwrite)
+    work_dir = output.with_name(output.name + ".heal-checkpoints")
     progress = not args.no_progress
     with contextlib.ExitStack() as claims:
         claims.enter_context(output_lock(output))
@@ -112,20 +162,40 @@ def cmd_heal(args) -> int:
             "struprune_version": __version__,
             "pruned": str(pruned_folder),
             "teacher": str(teacher_folder),
-            "mode": "layer-wise",
-            "settings": {**vars(config), "tokens": windows * args.calib_len, "device": args.device},
+            "mode": mode_name(config),
+            "settings": {
+                **vars(config),
+                "tokens": windows * args.calib_len,
+                "device": args.device,
+                "dtype": args.dtype,
+            },
             "calibration": {**origin, "samples": windows, "seq_len": args.calib_len, "seed": args.seed},
         }
         before = None if args.no_eval else evaluate_texts(student, tokenizer, args, progress)
         reset_peak(args.device)
         start = time.perf_counter()
+        records: list[LayerHealRecord] | DistillRecord
         with RssSampler() as sampler:
-            records = heal_layerwise(student, teacher, calibration, config, args.device, progress)
+            if isinstance(config, LayerwiseHealConfig):
+                records = heal_layerwise(student, teacher, calibration, config, args.device, progress)
+                report["layers"] = [vars(r) for r in records]
+            else:
+                teacher_or_none = teacher if config.loss == "kd" else None
+                student, records = distill(
+                    student,
+                    teacher_or_none,
+                    calibration,
+                    config,
+                    work_dir,
+                    args.device,
+                    args.resume,
+                    progress,
+                )
+                report["training"] = vars(records)
         peak = peak_memory(args.device, sampler if torch.device(args.device).type == "cpu" else None)
         report["seconds"] = time.perf_counter() - start
         report["peak_memory_bytes"], report["peak_memory_kind"] = peak.bytes, peak.kind
-        report["layers"] = [vars(r) for r in records]
-        student.to("cpu")
+        student.to("cpu", torch.float32)
         del teacher
         if not args.no_eval:
             after = evaluate_texts(student.to(args.device), tokenizer, args, progress)
@@ -135,15 +205,70 @@ def cmd_heal(args) -> int:
 
         def write_extras(tmp: Path) -> None:
             (tmp / REPORT).write_text(json.dumps(report, indent=1), encoding="utf-8")
-            plot_layer_errors(records, tmp / PLOT, f"{pruned_folder.name}: layer-wise healing")
+            if isinstance(records, DistillRecord):
+                plot_losses(records, tmp / LOSS_PLOT, f"{pruned_folder.name}: {report['mode']}")
+            else:
+                plot_layer_errors(records, tmp / PLOT, f"{pruned_folder.name}: layer-wise healing")
 
         save_pruned(student, output, tokenizer=tokenizer, overwrite=args.overwrite, write_extras=write_extras)
-    for r in records:
-        print(f"layer {r.index}: relative error {r.error_before:.4g} -> {r.error_after:.4g}")
+    shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoints of a run that finished
+    if isinstance(records, DistillRecord):
+        print(f"{records.steps} steps, loss {records.losses[0]:.4g} -> {records.losses[-1]:.4g}")
+    else:
+        for r in records:
+            print(f"layer {r.index}: relative error {r.error_before:.4g} -> {r.error_after:.4g}")
     for text, ppl in (report.get("perplexity") or {}).items():
         print(f"{text}: ppl {ppl['before']['ppl']:.2f} -> {ppl['after']['ppl']:.2f}")
     print(f"healed in {report['seconds']:.0f} s; saved to {output}")
     return 0
+
+
+def heal_config(args) -> LayerwiseHealConfig | DistillConfig:
+    """The settings of the chosen mode, from the command line (the learning rate's default per mode)."""
+    lr = args.lr
+    if lr is None:
+        lr = DEFAULT_LR["lora" if args.lora_rank and args.mode != "layerwise" else args.mode]
+    if args.mode == "layerwise":
+        return LayerwiseHealConfig(
+            steps=args.steps,
+            lr=lr,
+            batch_size=args.batch_size,
+            inputs=args.inputs,
+            seed=args.seed,
+            bf16=args.dtype == "bfloat16",
+        )
+    return DistillConfig(
+        loss="kd" if args.mode == "distill" else "ce",
+        temperature=args.temperature,
+        top_k=args.top_k,
+        lora_rank=args.lora_rank,
+        lr=lr,
+        batch_size=args.batch_size,
+        micro_batch_size=min(args.micro_batch_size, args.batch_size),
+        epochs=args.epochs,
+        save_every=args.save_every,
+        seed=args.seed,
+        bf16=args.dtype == "bfloat16",
+    )
+
+
+def mode_name(config: LayerwiseHealConfig | DistillConfig) -> str:
+    """layer-wise, distill-full, distill-lora, finetune-full or finetune-lora."""
+    return "layer-wise" if isinstance(config, LayerwiseHealConfig) else config.mode
+
+
+def plot_losses(record: DistillRecord, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(record.losses) + 1), record.losses, lw=1)
+    ax.set(xlabel="step", ylabel="training loss", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_layer_errors(records: list[LayerHealRecord], path: Path, title: str) -> None:

@@ -54,6 +54,7 @@ class LayerwiseHealConfig:
     batch_size: int = 8
     inputs: HealInputs = "healed"
     seed: int = 0
+    bf16: bool = False  # forward and backward under bf16 autocast; weights and AdamW state stay float32
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -179,11 +180,13 @@ def _train_layer(
     )
     order = torch.randperm(len(inputs), generator=generator).tolist()
     losses = []
+    device_type = params[0].device.type if params else "cpu"
     try:
         with torch.enable_grad():
             for step in range(config.steps):
                 i = order[step % len(order)]
-                out = layer_forward(layer, inputs[i])
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
+                    out = layer_forward(layer, inputs[i])
                 loss = (out.float() - targets[i].float()).pow(2).mean() / scales[i]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
