@@ -328,6 +328,7 @@ GENERATORS: dict[str, str] = {
     "cuda_check": "cuda_check.py",
     "gram_spread_smollm2": "gram_spread.py",
     "llmcompressor": "llmcompressor/oneshot_smollm2.py",
+    "heal": "benchmark_heal.py",
     "torch_pruning": "torch_pruning/prune_llm.py",
 }
 

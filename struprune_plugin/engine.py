@@ -165,6 +165,11 @@ class PruneConfig:
     solver_tokens: int | None = None
     # FLAP only (method="flap"):
     bias_compensation: bool = True  # fold removed channels' mean output into o_proj/down_proj biases
+    # Layer-wise healing inside the walk (0: off): once a layer is pruned, `heal_steps` AdamW steps
+    # (cosine-decayed from `heal_lr`) train all its kept weights to reproduce the dense layer's
+    # output on the same calibration inputs, before the walk moves on (healing.layerwise).
+    heal_steps: int = 0
+    heal_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         self.method = METHOD_ALIASES.get(self.method, self.method)
@@ -190,6 +195,17 @@ class PruneConfig:
 
     def validate(self) -> None:
         check_sparsity(self.sparsity)
+        if self.heal_steps < 0 or not self.heal_lr > 0:
+            raise StructPruneError(
+                f"heal_steps={self.heal_steps}, heal_lr={self.heal_lr}: steps must be >= 0 (0 = no healing) "
+                "and the learning rate positive"
+            )
+        if self.heal_steps and (self.method == "flap" or not METHOD_NEEDS_CALIBRATION.get(self.method)):
+            raise StructPruneError(
+                f"heal_steps needs the calibration batches the walk carries layer by layer; method "
+                f"{self.method!r} decides without them. Fix: heal afterwards with `struprune heal`, or "
+                "use method='structprune'"
+            )
         if self.method not in ALL_METHODS:
             raise StructPruneError(f"unknown method {self.method!r}; choose one of {ALL_METHODS}")
         if self.energy not in ENERGIES:
@@ -731,6 +747,32 @@ def prune_model(
     return result
 
 
+def dense_targets(layer: nn.Module, batches: Sequence[LayerBatch]) -> list[torch.Tensor]:
+    """The dense layer's outputs on `batches`: what in-walk healing trains the pruned layer to give."""
+    if distributed.active():
+        raise StructPruneError(
+            "heal_steps under torch.distributed would train a different copy of each layer on every "
+            "rank. Fix: prune without healing under torchrun, then run `struprune heal` in one process"
+        )
+    with torch.no_grad():
+        return [layer_forward(layer, b).detach() for b in batches]
+
+
+def heal_pruned_layer(
+    layer: nn.Module,
+    batches: Sequence[LayerBatch],
+    targets: list[torch.Tensor],
+    config: PruneConfig,
+    seed: int,
+) -> list[float]:
+    """`config.heal_steps` gradient steps on the pruned `layer` towards the dense `targets`."""
+    from .healing.layerwise import LayerwiseHealConfig, train_layer  # healing builds on this module
+
+    heal = LayerwiseHealConfig(steps=config.heal_steps, lr=config.heal_lr, seed=seed)
+    with torch.enable_grad():
+        return train_layer(layer, list(batches), targets, heal, torch.Generator().manual_seed(seed))
+
+
 def copy_sharing_weights(model: nn.Module) -> nn.Module:
     """The model's modules copied, its tensors shared: new Parameter objects over the same storage.
 
@@ -852,6 +894,7 @@ def _prune(
         with resident(lv.layer, device):
             if not inplace and not is_streamed(lv.layer):
                 _own_tensors(lv.layer)
+            targets = dense_targets(lv.layer, batches) if config.heal_steps else None
             if config.method == "flap":
                 pruned, plan = _prune_layer_flap(lv, remove, flap_stats[i], config, trace)
             elif config.method == "global-taylor":
@@ -874,6 +917,9 @@ def _prune(
             else:
                 pruned, plan = _prune_layer_by_score(lv, i, batches, remove, config, trace)
             plans.append(plan)
+            if targets is not None:
+                heal_pruned_layer(lv.layer, batches, targets, config, seed=i)
+                del targets
             with torch.no_grad():
                 if needs_calibration and i + 1 < len(views):
                     replay = attention.usable_for(lv.attn, len(batches))

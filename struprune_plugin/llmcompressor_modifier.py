@@ -45,7 +45,9 @@ from .engine import (
     LayerRecord,
     PruneConfig,
     allocate_layers,
+    dense_targets,
     equal_widths_for,
+    heal_pruned_layer,
     kind_splitter,
     layer_forward,
     make_allocator,
@@ -143,6 +145,10 @@ class StructPruneModifier(Modifier):
         default_factory=list,
         description="decoder layers kept dense: module names or 're:' regexes (e.g. 're:.*layers\\.0$')",
     )
+    heal_steps: int = Field(
+        0, ge=0, description="gradient steps per pruned layer towards the dense layer's output (0: off)"
+    )
+    heal_lr: float = Field(1e-3, gt=0, description="learning rate of heal_steps (cosine decay)")
     report_path: str | None = Field(None, description="optional .json file for the per-layer result")
 
     _config: PruneConfig | None = PrivateAttr(default=None)
@@ -193,6 +199,8 @@ class StructPruneModifier(Modifier):
             damping=self.damping,
             ridge_scale=self.ridge_scale,
             solver_tokens=self.solver_tokens,
+            heal_steps=self.heal_steps,
+            heal_lr=self.heal_lr,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -299,12 +307,15 @@ class StructPruneModifier(Modifier):
         geometry = geometry_of(lv)
         before = (lv.num_heads, lv.num_kv_heads, lv.intermediate_size)
         remove = {kind: self._counts[kind][index] for kind in self._counts}
+        targets = dense_targets(lv.layer, batches) if self._config.heal_steps else None
         # The solver's own passes over the layer must not feed other modifiers' calibration
         # hooks; Torch-Pruning's tracing needs autograd, which the pipeline turned off.
         with HooksMixin.disable_hooks(), torch.enable_grad():
             pruned, plan = prune_layer_structprune(
                 lv, index, batches, layer_forward, remove, self._config, batches[0], split=self._split
             )
+            if targets is not None:  # the pipeline then propagates the healed layer's outputs
+                heal_pruned_layer(lv.layer, batches, targets, self._config, seed=index)
         refresh_quantization_params(lv.layer)
         self._keep[index] = {"mlp": plan.keep_mlp, "heads": plan.keep_heads, "kv_heads": plan.keep_kv_heads}
         record = LayerRecord(

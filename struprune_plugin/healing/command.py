@@ -76,9 +76,10 @@ def add_parser(sub: argparse._SubParsersAction, add_eval_args, int_at_least) -> 
     h.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (end to end: cpu or cuda)")
     h.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="bfloat16: train under bf16 autocast (weights and optimizer state stay float32)",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="bfloat16: compute under bf16 autocast (weights and optimizer state stay float32); auto: "
+        "bfloat16 where the device has native bf16 matmuls (AVX512-BF16/AMX CPUs, recent GPUs), else float32",
     )
     lw = h.add_argument_group("layer-wise")
     lw.add_argument("--steps", type=int_at_least(1), default=64, help="gradient steps per layer")
@@ -139,8 +140,12 @@ def cmd_heal(args) -> int:
             f"--tokens {args.tokens} is less than one window of --calib-len {args.calib_len}: healing "
             "needs at least one window. Fix: raise --tokens"
         )
-    config = heal_config(args)
     resolve_device(args.device)
+    if args.dtype == "auto":
+        from ..devices import fast_bf16
+
+        args.dtype = "bfloat16" if fast_bf16(args.device) else "float32"
+    config = heal_config(args)
     _check_text_sources(args)
     pruned_folder = resolve_model(args.pruned)
     teacher_folder = resolve_model(_teacher_of(pruned_folder, args.teacher))

@@ -218,7 +218,14 @@ def distill(
     if config.loss == "kd" and config.top_k:
         start = time.perf_counter()
         top = teacher_top_k(
-            teacher, windows, config.top_k, config.temperature, config.batch_size, device, progress
+            teacher,
+            windows,
+            config.top_k,
+            config.temperature,
+            config.batch_size,
+            device,
+            progress,
+            config.bf16,
         )
         record.teacher_seconds = time.perf_counter() - start
     resident_teacher = None

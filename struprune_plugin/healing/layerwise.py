@@ -143,7 +143,7 @@ def heal_layerwise(
                 targets = [layer_forward(t_layer, batch).detach() for batch in teacher_in]
             inputs = student_in if config.inputs == "healed" else _with_hidden(student_in, teacher_in)
             before = _relative_error(s_layer, inputs, targets)
-            losses = _train_layer(s_layer, inputs, targets, config, generator)
+            losses = train_layer(s_layer, inputs, targets, config, generator)
             after = _relative_error(s_layer, inputs, targets)
             with torch.no_grad():
                 student_in = [replace(b, hidden=layer_forward(s_layer, b).detach()) for b in student_in]
@@ -162,13 +162,16 @@ def _with_hidden(student_in: list[LayerBatch], teacher_in: list[LayerBatch]) -> 
     return [replace(s, hidden=t.hidden) for s, t in zip(student_in, teacher_in)]
 
 
-def _train_layer(
+def train_layer(
     layer: nn.Module,
     inputs: list[LayerBatch],
     targets: list[torch.Tensor],
     config: LayerwiseHealConfig,
     generator: torch.Generator,
 ) -> list[float]:
+    """`config.steps` AdamW steps (cosine decay) on all of `layer`'s floating-point weights so that,
+    fed `inputs`, it reproduces `targets` (MSE relative to each target's mean square). Shared by
+    `heal_layerwise` and the pruning walk's in-walk healing. Returns the loss at each step."""
     params = [p for p in layer.parameters() if p.is_floating_point()]
     flags = [p.requires_grad for p in params]
     for p in params:

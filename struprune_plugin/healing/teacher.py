@@ -63,9 +63,16 @@ def teacher_top_k(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    bf16: bool = False,
 ) -> TeacherTopK:
-    """Walk `teacher` layer by layer over `windows` (windows x tokens) and keep the top-`k` logits."""
+    """Walk `teacher` layer by layer over `windows` (windows x tokens) and keep the top-`k` logits
+    (the layers under bf16 autocast with `bf16`; the log-softmax always in float32)."""
     device = torch.device(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return _teacher_top_k(teacher, windows, k, temperature, batch_size, device, progress)
+
+
+def _teacher_top_k(teacher, windows, k, temperature, batch_size, device, progress) -> TeacherTopK:
     view = model_view(teacher)
     id_batches = list(windows.split(batch_size))
     batches = capture_layer_inputs(teacher, view, id_batches, device)
