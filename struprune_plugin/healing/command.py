@@ -127,6 +127,19 @@ def _teacher_of(pruned: Path, given: str | None) -> str:
         ) from None
 
 
+def check_same_tokenizer(pruned: Path, teacher: Path) -> None:
+    """Both folders' tokenizers, where both ship one, must be the same file: distillation compares
+    next-token distributions position by position, which only means something over one vocabulary."""
+    a, b = pruned / "tokenizer.json", teacher / "tokenizer.json"
+    if a.is_file() and b.is_file() and json.loads(a.read_text("utf-8")).get("model") != json.loads(
+        b.read_text("utf-8")
+    ).get("model"):
+        raise HealConfigError(
+            f"the teacher's tokenizer ({b}) is not the pruned model's ({a}). Fix: pass the dense model "
+            "the pruned one was made from as the teacher"
+        )
+
+
 def cmd_heal(args) -> int:
     from ..checkpoint import load_pruned, save_pruned
     from ..cli import _bos, _check_text_sources, _load, calibration_text, evaluate_texts
@@ -151,6 +164,7 @@ def cmd_heal(args) -> int:
     teacher_folder = resolve_model(_teacher_of(pruned_folder, args.teacher))
     output = args.output or pruned_folder.with_name(pruned_folder.name + "-healed")
     check_output_folder(output, [pruned_folder, teacher_folder], args.overwrite)
+    check_same_tokenizer(pruned_folder, teacher_folder)
     work_dir = output.with_name(output.name + ".heal-checkpoints")
     progress = not args.no_progress
     with contextlib.ExitStack() as claims:
