@@ -519,6 +519,16 @@ def render_llmcompressor() -> str:
     return "\n".join([*lines, "", note]) + "\n"
 
 
+def render_heal() -> str:
+    """Healing: perplexity before and after each mode and budget, with its time and memory."""
+    from benchmark_heal import LEGEND, heal_table
+
+    rows = load_rows("heal")
+    if not rows:
+        return f"Healing benchmark: {NOT_MEASURED}.\n"
+    return "\n".join([*heal_table(rows), "", LEGEND]) + "\n"
+
+
 _MEMORY_LABELS = {
     "global-taylor": "`global-taylor` (whole model and its gradients resident)",
     "structprune": "StructPrune, model loaded whole",
@@ -695,6 +705,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "allocation-default-vs-uniform": render_allocation_default_vs_uniform,
     "generalisation": render_generalisation,
     "llmcompressor": render_llmcompressor,
+    "heal": render_heal,
     "global-memory": render_global_memory,
     "scale": render_scale,
     "gguf-summary": render_gguf_summary,

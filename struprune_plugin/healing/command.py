@@ -33,7 +33,7 @@ PLOT = "heal_layer_errors.png"
 LOSS_PLOT = "heal_loss.png"
 MODES = ("layerwise", "distill", "finetune")
 #: learning rates when --lr is not given, per mode (LoRA's adapters start at zero and take larger steps)
-DEFAULT_LR = {"layerwise": 1e-4, "distill": 1e-4, "finetune": 1e-4, "lora": 1e-3}
+DEFAULT_LR = {"layerwise": 1e-3, "distill": 1e-4, "finetune": 1e-4, "lora": 1e-3}
 
 
 def add_parser(sub: argparse._SubParsersAction, add_eval_args, int_at_least) -> None:
@@ -69,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction, add_eval_args, int_at_least) -> 
         "--lr",
         type=float,
         default=None,
-        help="AdamW learning rate, cosine decay (default: 1e-4; 1e-3 with --lora-rank)",
+        help="AdamW learning rate, cosine decay (default: 1e-3 layer-wise and with --lora-rank, else 1e-4)",
     )
     h.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per gradient step")
     h.add_argument("--seed", type=int, default=0)
@@ -82,12 +82,18 @@ def add_parser(sub: argparse._SubParsersAction, add_eval_args, int_at_least) -> 
         "bfloat16 where the device has native bf16 matmuls (AVX512-BF16/AMX CPUs, recent GPUs), else float32",
     )
     lw = h.add_argument_group("layer-wise")
-    lw.add_argument("--steps", type=int_at_least(1), default=64, help="gradient steps per layer")
+    lw.add_argument(
+        "--steps",
+        type=int_at_least(1),
+        default=None,
+        help="gradient steps per layer (default: one pass over the windows, --tokens / --calib-len / --batch-size, "
+        "times --epochs: the same computation as end to end on the same budget)",
+    )
     lw.add_argument(
         "--inputs", choices=("healed", "dense"), default="healed", help="the student layers' inputs"
     )
+    h.add_argument("--epochs", type=int_at_least(1), default=1, help="passes over the --tokens budget")
     e2e = h.add_argument_group("end to end (distill, finetune)")
-    e2e.add_argument("--epochs", type=int_at_least(1), default=1, help="passes over the --tokens budget")
     e2e.add_argument(
         "--lora-rank", type=int, default=0, help="0: train all weights; R: peft LoRA of rank R, merged"
     )
@@ -131,9 +137,11 @@ def check_same_tokenizer(pruned: Path, teacher: Path) -> None:
     """Both folders' tokenizers, where both ship one, must be the same file: distillation compares
     next-token distributions position by position, which only means something over one vocabulary."""
     a, b = pruned / "tokenizer.json", teacher / "tokenizer.json"
-    if a.is_file() and b.is_file() and json.loads(a.read_text("utf-8")).get("model") != json.loads(
-        b.read_text("utf-8")
-    ).get("model"):
+    if (
+        a.is_file()
+        and b.is_file()
+        and json.loads(a.read_text("utf-8")).get("model") != json.loads(b.read_text("utf-8")).get("model")
+    ):
         raise HealConfigError(
             f"the teacher's tokenizer ({b}) is not the pruned model's ({a}). Fix: pass the dense model "
             "the pruned one was made from as the teacher"
@@ -248,8 +256,9 @@ def heal_config(args) -> LayerwiseHealConfig | DistillConfig:
     if lr is None:
         lr = DEFAULT_LR["lora" if args.lora_rank and args.mode != "layerwise" else args.mode]
     if args.mode == "layerwise":
+        windows = max(args.tokens // args.calib_len, 1)
         return LayerwiseHealConfig(
-            steps=args.steps,
+            steps=args.steps or args.epochs * -(-windows // args.batch_size),
             lr=lr,
             batch_size=args.batch_size,
             inputs=args.inputs,
