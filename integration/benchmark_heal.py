@@ -40,6 +40,8 @@ for _path in (str(ROOT), str(HERE)):
 import results_store  # noqa: E402
 from results_table import mark  # noqa: E402
 
+from struprune_plugin.healing.command import DEFAULT_MODE as HEAL_DEFAULT_MODE  # noqa: E402
+
 RESULTS = ROOT / "integration" / "results" / "heal"
 RUNS = ROOT / "runs" / "heal"
 TEXTS = ("wiki_test", "news", "newsgroups")
@@ -57,7 +59,9 @@ MODES: dict[str, list[str]] = {
     "finetune-full": ["--mode", "finetune"],
 }
 #: the mode `struprune heal` runs with no --mode (rows of it are marked is_default)
-DEFAULT_MODE = "layer-wise"
+DEFAULT_MODE = {"layerwise": "layer-wise", "distill": "distill-full", "finetune": "finetune-full"}[
+    HEAL_DEFAULT_MODE
+]
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ def planned_rows() -> list[Row]:
     for model in MODELS:
         for sparsity in (0.3, 0.5):
             for mode in ("layer-wise", "distill-full", "distill-lora", "finetune-full"):
-                for tokens in (16384, 65536):
+                for tokens in (16384, 65536, 262144) if mode == "distill-full" else (16384, 65536):
                     rows.append(Row(model, sparsity, "structprune", mode, tokens))
         rows.append(Row(model, 0.3, "structprune", "layer-wise-dense-inputs", 16384))
         rows.append(Row(model, 0.3, "flap", "distill-full", 65536))
