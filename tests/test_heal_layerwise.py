@@ -110,3 +110,43 @@ def test_bad_settings_and_an_empty_budget_are_refused():
     model = make_model("llama", layers=2)
     with pytest.raises(HealConfigError, match="at least one token"):
         heal_layerwise(model, copy.deepcopy(model), torch.zeros(0, 8, dtype=torch.long), progress=False)
+
+
+def test_an_interrupted_layerwise_run_resumes_to_the_same_model(tiny_pruned, tmp_path, monkeypatch):
+    from struprune_plugin.healing import layerwise
+
+    teacher, pruned, calib, _ = tiny_pruned
+    config = LayerwiseHealConfig(steps=3, lr=1e-3, batch_size=4)
+    reference = copy.deepcopy(pruned)
+    heal_layerwise(reference, teacher, calib, config, progress=False)
+
+    real_train = layerwise.train_layer
+    calls = {"n": 0}
+
+    def dies_in_layer_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(layerwise, "train_layer", dies_in_layer_2)
+    with pytest.raises(KeyboardInterrupt):
+        heal_layerwise(copy.deepcopy(pruned), teacher, calib, config, progress=False, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(layerwise, "train_layer", real_train)
+    assert sorted(p.name for p in tmp_path.glob("layer-*.json")) == ["layer-0000.json", "layer-0001.json"]
+    resumed = copy.deepcopy(pruned)
+    trained = []
+    monkeypatch.setattr(layerwise, "train_layer", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    records = heal_layerwise(resumed, teacher, calib, config, progress=False, checkpoint_dir=tmp_path)
+    assert len(trained) == len(records) - 2  # the two saved layers were loaded, not trained again
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value)
+    with pytest.raises(HealConfigError, match="other settings"):
+        heal_layerwise(
+            copy.deepcopy(pruned),
+            teacher,
+            calib,
+            replace(config, lr=2e-3),
+            progress=False,
+            checkpoint_dir=tmp_path,
+        )

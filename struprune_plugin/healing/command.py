@@ -114,10 +114,11 @@ def add_parser(sub: argparse._SubParsersAction, add_eval_args, int_at_least) -> 
         help="windows per forward (gradients accumulate)",
     )
     e2e.add_argument("--save-every", type=int_at_least(1), default=25, help="checkpoint every N steps")
-    e2e.add_argument(
+    h.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted run from its last checkpoint (in OUTPUT.heal-checkpoints)",
+        help="continue an interrupted run from its last checkpoint (in OUTPUT.heal-checkpoints: every "
+        "--save-every steps end to end, every layer layer-wise)",
     )
     h.add_argument("--no-eval", action="store_true", help="skip perplexity before and after")
     h.add_argument("--no-progress", action="store_true")
@@ -177,6 +178,8 @@ def cmd_heal(args) -> int:
     check_output_folder(output, [pruned_folder, teacher_folder], args.overwrite)
     check_same_tokenizer(pruned_folder, teacher_folder)
     work_dir = output.with_name(output.name + ".heal-checkpoints")
+    if not args.resume:  # a fresh run: an earlier run's checkpoints are not this one's
+        shutil.rmtree(work_dir, ignore_errors=True)
     progress = not args.no_progress
     with contextlib.ExitStack() as claims:
         claims.enter_context(output_lock(output))
@@ -207,7 +210,9 @@ def cmd_heal(args) -> int:
         records: list[LayerHealRecord] | DistillRecord
         with RssSampler() as sampler:
             if isinstance(config, LayerwiseHealConfig):
-                records = heal_layerwise(student, teacher, calibration, config, args.device, progress)
+                records = heal_layerwise(
+                    student, teacher, calibration, config, args.device, progress, checkpoint_dir=work_dir
+                )
                 report["layers"] = [vars(r) for r in records]
             else:
                 teacher_or_none = teacher if config.loss == "kd" else None

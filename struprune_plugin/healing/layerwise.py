@@ -20,10 +20,14 @@ is only read.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -117,9 +121,15 @@ def heal_layerwise(
     config: LayerwiseHealConfig | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
 ) -> list[LayerHealRecord]:
     """Train every decoder layer of `student` (in place) to reproduce `teacher`'s layer outputs on
-    `calibration_ids` (windows x tokens). Returns one record per layer."""
+    `calibration_ids` (windows x tokens). Returns one record per layer.
+
+    With `checkpoint_dir`, every healed layer is saved there as it finishes; a later call with the
+    same directory, settings and calibration loads the layers already healed instead of training
+    them again (their outputs are recomputed to carry the walk on), so an interrupted run resumes at
+    the layer it was on."""
     config = config or LayerwiseHealConfig()
     check_teacher(student, teacher)
     device = torch.device(device)
@@ -128,12 +138,12 @@ def heal_layerwise(
             f"calibration ids of shape {tuple(calibration_ids.shape)}: healing needs windows x tokens, "
             "at least one token. Fix: give it calibration text (the budget of tokens must not be zero)"
         )
-    generator = torch.Generator().manual_seed(config.seed)
     s_view, t_view = model_view(student), model_view(teacher)
     id_batches = list(calibration_ids.split(config.batch_size))
     with torch.no_grad():
         student_in = capture_layer_inputs(student, s_view, id_batches, device)
         teacher_in = capture_layer_inputs(teacher, t_view, id_batches, device)
+    saved = _LayerCheckpoints(checkpoint_dir, config, calibration_ids) if checkpoint_dir else None
     records = []
     bar = _progress(len(s_view.layers), progress)
     for index, (s_layer, t_layer) in enumerate(zip(s_view.layers, t_view.layers)):
@@ -142,9 +152,17 @@ def heal_layerwise(
             with torch.no_grad():
                 targets = [layer_forward(t_layer, batch).detach() for batch in teacher_in]
             inputs = student_in if config.inputs == "healed" else _with_hidden(student_in, teacher_in)
-            before = _relative_error(s_layer, inputs, targets)
-            losses = train_layer(s_layer, inputs, targets, config, generator)
-            after = _relative_error(s_layer, inputs, targets)
+            done = saved.load(index, s_layer) if saved else None
+            if done is None:
+                before = _relative_error(s_layer, inputs, targets)
+                # each layer's own generator: a resumed run draws the same batch order as a whole one
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+                losses = train_layer(s_layer, inputs, targets, config, generator)
+                after = _relative_error(s_layer, inputs, targets)
+                if saved:
+                    saved.save(index, s_layer, LayerHealRecord(index, before, after, losses, 0.0))
+            else:
+                before, after, losses = done.error_before, done.error_after, done.losses
             with torch.no_grad():
                 student_in = [replace(b, hidden=layer_forward(s_layer, b).detach()) for b in student_in]
             teacher_in = [replace(b, hidden=t) for b, t in zip(teacher_in, targets)]
@@ -155,6 +173,55 @@ def heal_layerwise(
     if bar is not None:
         bar.close()
     return records
+
+
+class _LayerCheckpoints:
+    """Healed layers saved one safetensors file each, beside a manifest of the run they belong to
+    (settings and a digest of the calibration ids): a directory from another run is refused."""
+
+    def __init__(
+        self, folder: str | Path, config: LayerwiseHealConfig, calibration_ids: torch.Tensor
+    ) -> None:
+        self.folder = Path(folder)
+        digest = hashlib.sha256(calibration_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+        manifest = {"settings": asdict(config), "calibration_sha256": digest}
+        path = self.folder / "manifest.json"
+        if path.exists():
+            if json.loads(path.read_text()) != manifest:
+                raise HealConfigError(
+                    f"{self.folder} holds the checkpoints of a run with other settings or calibration. Fix: "
+                    "rerun with that run's settings, or start afresh without --resume"
+                )
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _write_atomic(path, json.dumps(manifest).encode())
+
+    def _paths(self, index: int) -> tuple[Path, Path]:
+        stem = self.folder / f"layer-{index:04d}"
+        return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+    def save(self, index: int, layer: nn.Module, record: LayerHealRecord) -> None:
+        from safetensors.torch import save
+
+        weights, meta = self._paths(index)
+        state = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items()}
+        _write_atomic(weights, save(state))
+        _write_atomic(meta, json.dumps(asdict(record)).encode())  # last: marks the layer done
+
+    def load(self, index: int, layer: nn.Module) -> LayerHealRecord | None:
+        from safetensors.torch import load_file
+
+        weights, meta = self._paths(index)
+        if not meta.exists():
+            return None
+        layer.load_state_dict(load_file(str(weights), device=str(next(layer.parameters()).device)))
+        return LayerHealRecord(**json.loads(meta.read_text()))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _with_hidden(student_in: list[LayerBatch], teacher_in: list[LayerBatch]) -> list[LayerBatch]:
