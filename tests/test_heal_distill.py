@@ -101,8 +101,9 @@ def _kl_to_teacher(student, teacher, ids) -> float:
         DistillConfig(lr=5e-4, top_k=16, batch_size=4, micro_batch_size=2, epochs=2),
         DistillConfig(lr=5e-4, top_k=0, batch_size=4, epochs=2),
         DistillConfig(lr=3e-3, top_k=16, lora_rank=4, batch_size=4, epochs=2),
+        DistillConfig(lr=5e-4, top_k=16, batch_size=4, epochs=2, bf16=True),
     ],
-    ids=["top-k", "full-logits", "lora"],
+    ids=["top-k", "full-logits", "lora", "bf16-autocast"],
 )
 def test_distillation_lowers_the_held_out_kl_to_the_teacher(tiny, tmp_path, config):
     teacher, pruned, calib, held_out = tiny
@@ -115,6 +116,7 @@ def test_distillation_lowers_the_held_out_kl_to_the_teacher(tiny, tmp_path, conf
     assert type(healed) is type(pruned)  # LoRA merged back: the pruned model's own class and modules
     shapes = {k: v.shape for k, v in pruned.state_dict().items()}
     assert {k: v.shape for k, v in healed.state_dict().items()} == shapes
+    assert all(p.dtype == torch.float32 for p in healed.parameters())  # bf16 autocast keeps fp32 weights
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
 
 
