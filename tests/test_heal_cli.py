@@ -26,7 +26,8 @@ def pruned(tmp_path_factory):
         yield out
 
 
-HEAL = ["--mode", "layerwise", "--tokens", 512, "--calib-len", 64, "--steps", 6, "--lr", 3e-4, "--batch-size", 4, "--no-progress"]
+LAYERWISE = ["--mode", "layerwise", "--steps", 6, "--lr", 3e-4]
+HEAL = [*LAYERWISE, "--tokens", 512, "--calib-len", 64, "--batch-size", 4, "--no-progress"]
 
 
 def test_heal_writes_a_healed_folder_of_the_same_kind(pruned, tmp_path, monkeypatch):
