@@ -88,6 +88,7 @@ def test_heal_distill_writes_a_healed_folder_with_its_loss_curve(pruned, tmp_pat
     assert not any(".lora_" in k for k in b.state_dict())  # LoRA merged back
 
 
+@pytest.mark.slow
 def test_heal_runs_on_a_folder_llm_compressor_saved(tmp_path, monkeypatch, tiny_trained_dir):
     datasets = pytest.importorskip("datasets")
     from llmcompressor import oneshot

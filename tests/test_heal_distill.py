@@ -101,7 +101,9 @@ def _kl_to_teacher(student, teacher, ids) -> float:
         DistillConfig(lr=5e-4, top_k=16, batch_size=4, micro_batch_size=2, epochs=2),
         DistillConfig(lr=5e-4, top_k=0, batch_size=4, epochs=2),
         DistillConfig(lr=3e-3, top_k=16, lora_rank=4, batch_size=4, epochs=2),
-        DistillConfig(lr=5e-4, top_k=16, batch_size=4, epochs=2, bf16=True),
+        pytest.param(
+            DistillConfig(lr=5e-4, top_k=16, batch_size=4, epochs=2, bf16=True), marks=pytest.mark.slow
+        ),
     ],
     ids=["top-k", "full-logits", "lora", "bf16-autocast"],
 )
@@ -120,6 +122,7 @@ def test_distillation_lowers_the_held_out_kl_to_the_teacher(tiny, tmp_path, conf
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
 
 
+@pytest.mark.slow
 def test_finetuning_lowers_the_training_loss(tiny, tmp_path):
     _, pruned, calib, _ = tiny
     config = DistillConfig(loss="ce", lr=2e-3, batch_size=4)

@@ -38,6 +38,7 @@ def _kl(student, teacher, ids) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
+@pytest.mark.slow
 def test_in_walk_healing_keeps_the_widths_and_brings_the_model_closer_to_dense(tiny):
     from struprune_plugin.data import ensure_texts, sample_calibration, tokenize
 
